@@ -1,0 +1,312 @@
+"""Distillation divergences and EA-KD entropy weights, in pure PyTorch (no transformers import).
+
+Conventions shared by every function here:
+
+* logits have shape ``[..., V]`` (usually ``[B, T, V]``); the caller aligns student and teacher logits with the labels
+  (for a causal LM: ``logits[:, :-1]`` against ``labels[:, 1:]``) and slices both to a common vocabulary;
+* ``labels == -100`` (:data:`IGNORE_INDEX`) marks positions that carry no loss;
+* all arithmetic is done in float32 whatever the input dtype, so bf16/fp16 models get fp32 loss math.
+
+EA-KD (Entropy-based Adaptive Knowledge Distillation, arXiv 2311.13621) re-weights each position's distillation loss by
+
+    w = (H_T + H_T * H_S / H_ub) / 2,        H_ub = log |V|,
+
+where H_T and H_S are the teacher's and student's entropies of ``softmax(logits / tau')`` in nats. ``w`` is detached:
+it steers which positions the student learns from, it is not itself optimised.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
+GRANULARITIES = ("token", "sequence")
+DEFAULT_ENTROPY_TEMPERATURE = 2.0
+
+Divergence = Literal["fkl", "rkl", "skl", "srkl", "jsd", "tvd"]
+Granularity = Literal["token", "sequence"]
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+def _check_temperature(name: str, value: float) -> None:
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) summed over the last dimension; 0 * log 0 is taken as 0 (e.g. for -inf logits)."""
+    p = log_p.exp()
+    terms = p * (log_p - log_q)
+    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed stably in log space."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def _entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    p = log_p.exp()
+    terms = p * log_p
+    return -torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy in nats of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]``, any float dtype (computed in fp32).
+        temperature: softmax temperature, > 0.
+
+    Returns:
+        ``[...]`` fp32 entropies in ``[0, log V]``. Differentiable; callers that weight with it detach.
+    """
+    _check_temperature("temperature", temperature)
+    return _entropy_from_log_probs(_log_probs(logits, temperature))
+
+
+def divergence_from_log_probs(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    divergence: Divergence = "fkl",
+    skew_alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """The per-position divergence between two log-distributions ``[..., V]`` -> ``[...]``.
+
+    Split out of :func:`token_divergence` so the chunked loss can reuse the math on log-probabilities it already has.
+    See :func:`token_divergence` for the formulas.
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    log_s, log_t = student_log_probs, teacher_log_probs
+    if divergence == "fkl":
+        return _kl(log_t, log_s)
+    if divergence == "rkl":
+        return _kl(log_s, log_t)
+    if divergence in ("skl", "srkl"):
+        if not 0.0 < skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha must be in (0, 1), got {skew_alpha}")
+        if divergence == "skl":  # KL(p_T || a*p_T + (1-a)*p_S)
+            return _kl(log_t, _log_mixture(log_t, log_s, skew_alpha))
+        # KL(p_S || (1-a)*p_T + a*p_S)
+        return _kl(log_s, _log_mixture(log_s, log_t, skew_alpha))
+    if divergence == "jsd":
+        if not 0.0 < jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+        log_m = _log_mixture(log_t, log_s, jsd_beta)  # m = b*p_T + (1-b)*p_S
+        return jsd_beta * _kl(log_t, log_m) + (1.0 - jsd_beta) * _kl(log_s, log_m)
+    # tvd
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(-1)
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    divergence: Divergence = "fkl",
+    temperature: float = 1.0,
+    skew_alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """Per-position divergence between teacher and student distributions, summed over the vocabulary.
+
+    With ``p_T = softmax(teacher_logits / temperature)`` and ``p_S = softmax(student_logits / temperature)``:
+
+    * ``fkl``:  KL(p_T || p_S)  (forward KL, classic KD)
+    * ``rkl``:  KL(p_S || p_T)  (reverse KL, MiniLLM)
+    * ``skl``:  KL(p_T || a*p_T + (1-a)*p_S)   (skew forward KL, DistiLLM; a = ``skew_alpha``)
+    * ``srkl``: KL(p_S || (1-a)*p_T + a*p_S)   (skew reverse KL, DistiLLM)
+    * ``jsd``:  b*KL(p_T || m) + (1-b)*KL(p_S || m), m = b*p_T + (1-b)*p_S  (generalized JSD; b = ``jsd_beta``)
+    * ``tvd``:  1/2 * sum |p_T - p_S|  (total variation distance)
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` with the same shape.
+
+    Returns:
+        ``[...]`` fp32 divergences; differentiable with respect to both inputs.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first"
+        )
+    _check_temperature("temperature", temperature)
+    return divergence_from_log_probs(
+        _log_probs(student_logits, temperature),
+        _log_probs(teacher_logits, temperature),
+        divergence=divergence,
+        skew_alpha=skew_alpha,
+        jsd_beta=jsd_beta,
+    )
+
+
+def ea_weights_from_entropies(
+    teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """``w = (H_T + H_T * H_S / log V) / 2`` on already computed entropies (detached)."""
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 for EA weights (H_ub = log V), got {vocab_size}")
+    h_t = teacher_entropy.detach().float()
+    h_s = student_entropy.detach().float()
+    return 0.5 * (h_t + h_t * h_s / math.log(vocab_size))
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values [B, T]`` over the positions where ``mask [B, T]`` is true; rows without any give 0."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def ea_weights(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    granularity: Granularity = "token",
+) -> torch.Tensor:
+    """EA-KD weights ``w = (H_T + H_T * H_S / H_ub) / 2`` with ``H_ub = log V``, detached.
+
+    Args:
+        student_logits, teacher_logits: ``[B, T, V]`` (token granularity also accepts any ``[..., V]``).
+        labels: ``[B, T]``; positions with ``-100`` are excluded from the sequence averages. Token weights are
+            computed for every position; the loss ignores the masked ones.
+        temperature: the entropy temperature tau' of ``softmax(logits / tau')``.
+        granularity: ``"token"`` -> ``[B, T]`` (one weight per position); ``"sequence"`` -> ``[B]``: H_T and H_S are
+            first averaged over each sequence's loss positions, then combined by the same formula (a sequence without
+            any loss position gets weight 0).
+    """
+    _check_choice("granularity", granularity, GRANULARITIES)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    with torch.no_grad():
+        h_t = token_entropy(teacher_logits, temperature)
+        h_s = token_entropy(student_logits, temperature)
+        vocab_size = student_logits.shape[-1]
+        if granularity == "token":
+            return ea_weights_from_entropies(h_t, h_s, vocab_size)
+        if h_t.dim() != 2:
+            raise ValueError(f"sequence granularity needs [B, T, V] logits, got {tuple(student_logits.shape)}")
+        mask = torch.ones_like(h_t, dtype=torch.bool) if labels is None else labels != IGNORE_INDEX
+        return ea_weights_from_entropies(masked_sequence_mean(h_t, mask), masked_sequence_mean(h_s, mask), vocab_size)
+
+
+def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """N in ``sum / N``: the global token count when the Trainer gives one, else the local count, never below 1."""
+    if num_items_in_batch is None:
+        return num_loss_tokens.float().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(num_loss_tokens.device).float().clamp(min=1)
+    return torch.tensor(float(max(num_items_in_batch, 1)), device=num_loss_tokens.device)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    divergence: Divergence = "fkl",
+    temperature: float = 1.0,
+    ea: bool = True,
+    ea_granularity: Granularity = "token",
+    entropy_temperature: float | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    skew_alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The (EA-weighted) distillation loss ``tau^2 * sum_n w_n * d_n / N`` over positions with ``labels != -100``.
+
+    Args:
+        student_logits, teacher_logits: ``[B, T, V]``, aligned with ``labels`` and sliced to the same vocabulary.
+        labels: ``[B, T]``; ``-100`` marks positions without loss.
+        divergence: one of :data:`DIVERGENCES`, see :func:`token_divergence`.
+        temperature: tau of the divergence; the loss is multiplied by tau^2 so gradients keep their scale.
+        ea: weight each position by :func:`ea_weights` (``False``: every w is 1, plain KD).
+        ea_granularity: ``"token"`` or ``"sequence"`` (every position of a sequence shares its sequence weight).
+        entropy_temperature: tau' for the entropies, separate from tau; ``None`` -> 2.0, the paper's value for
+            transformer teachers.
+        num_items_in_batch: N, the global number of loss positions (over gradient-accumulation steps and processes),
+            as the HF Trainer passes it, so accumulated/distributed gradients equal one big batch's. ``None``: the
+            local count. A batch without loss positions gives 0 (never NaN).
+        return_stats: also return detached statistics over the loss positions: ``teacher_entropy``,
+            ``student_entropy`` (means, at tau'), ``ea_weight_mean/min/max`` and ``num_tokens``.
+
+    Returns:
+        A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
+    """
+    _check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    _check_temperature("temperature", temperature)
+    tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
+    _check_temperature("entropy_temperature", tau_e)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first"
+        )
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(student_logits.shape)}")
+
+    mask = labels != IGNORE_INDEX
+    # Work only on loss positions: at LLM scale the prompt and padding are a large share of B*T*V.
+    s_logits, t_logits = student_logits[mask], teacher_logits[mask]  # [N, V]
+    row_of_token = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+
+    log_s = _log_probs(s_logits, temperature)
+    log_t = _log_probs(t_logits.detach(), temperature)
+    per_token = divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+
+    need_entropies = ea or return_stats
+    if need_entropies:
+        with torch.no_grad():
+            same_tau = tau_e == temperature
+            h_t = _entropy_from_log_probs(log_t if same_tau else _log_probs(t_logits, tau_e))
+            h_s = _entropy_from_log_probs(log_s.detach() if same_tau else _log_probs(s_logits.detach(), tau_e))
+            weights = _weights_for_tokens(h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity)
+    if ea:
+        per_token = per_token * weights
+
+    num_tokens = mask.sum()
+    loss = (temperature**2) * per_token.sum() / loss_denominator(num_tokens, num_items_in_batch)
+    if not return_stats:
+        return loss
+    stats = {"num_tokens": num_tokens.detach()}
+    if num_tokens > 0:
+        stats.update(
+            teacher_entropy=h_t.mean(),
+            student_entropy=h_s.mean(),
+            ea_weight_mean=weights.mean(),
+            ea_weight_min=weights.min(),
+            ea_weight_max=weights.max(),
+        )
+    return loss, stats
+
+
+def _weights_for_tokens(
+    h_t: torch.Tensor,
+    h_s: torch.Tensor,
+    row_of_token: torch.Tensor,
+    num_rows: int,
+    vocab_size: int,
+    granularity: str,
+) -> torch.Tensor:
+    """EA weights for flattened loss tokens ``[N]``; sequence granularity averages the entropies per row first."""
+    if granularity == "token":
+        return ea_weights_from_entropies(h_t, h_s, vocab_size)
+    counts = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, torch.ones_like(h_t))
+    mean_t = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_t) / counts.clamp(min=1)
+    mean_s = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_s) / counts.clamp(min=1)
+    return ea_weights_from_entropies(mean_t, mean_s, vocab_size)[row_of_token]
