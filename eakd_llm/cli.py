@@ -1,0 +1,104 @@
+"""The ``eakd-llm`` command: ``train`` a recipe, ``prepare-tiny`` the tiny stack, print the ``config`` reference."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .config import ConfigError
+
+logger = logging.getLogger("eakd_llm")
+
+TRAIN_USAGE = "eakd-llm train RECIPE.yaml [--key value ...] [--debug]"
+
+
+def train_main(argv: Sequence[str]) -> int:
+    """``RECIPE.yaml [--key value ...]``: validate everything up front, then train. Exit 2 on a configuration error."""
+    argv = list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {TRAIN_USAGE}\n\nAny EAKDConfig key can be overridden; `eakd-llm config` lists them.")
+        return 0 if argv else 2
+    _setup_logging()
+    try:
+        from .recipe import load_recipe
+        from .train import run_training
+
+        config = load_recipe(argv[0], argv[1:])
+        run_training(config)
+    except ConfigError as err:
+        if debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        if debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def prepare_tiny_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eakd-llm prepare-tiny",
+        description="Write the offline tiny stack: synthetic instruction data, a locally trained tokenizer and "
+        "randomly initialised tiny Llama teacher and student folders that from_pretrained loads.",
+    )
+    parser.add_argument("--output-dir", default="runs/tiny", help="folder to write (default: runs/tiny)")
+    parser.add_argument("--num-train", type=int, default=4000, help="training records")
+    parser.add_argument("--num-validation", type=int, default=200, help="validation records")
+    parser.add_argument("--num-test", type=int, default=200, help="test records")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
+    args = parser.parse_args(list(argv))
+    from .synthetic import prepare_tiny_stack
+
+    paths = prepare_tiny_stack(
+        args.output_dir,
+        num_train=args.num_train,
+        num_validation=args.num_validation,
+        num_test=args.num_test,
+        seed=args.seed,
+    )
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def config_main(argv: Sequence[str]) -> int:
+    """Print the config reference (the distillation keys; TrainingArguments keys are accepted too)."""
+    from .reference import config_reference_markdown
+
+    print(config_reference_markdown())
+    return 0
+
+
+COMMANDS = {
+    "train": (train_main, "train a recipe: " + TRAIN_USAGE),
+    "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
+    "config": (config_main, "print the reference of the recipe keys"),
+}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"  {name:<14} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+        print("usage: eakd-llm COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\neakd-llm: error: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command, _ = COMMANDS[argv[0]]
+    return command(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`EAKDConfig`: the Trainer arguments plus everything a distillation run needs, validated up front."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import DIVERGENCES, GRANULARITIES
+
+DATASET_FORMATS = ("auto", "prompt_response", "messages", "instruction")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("error", "skip")
+
+
+class ConfigError(ValueError):
+    """A recipe, command line or dataset problem, reported before any training starts."""
+
+
+@dataclass
+class EAKDConfig(TrainingArguments):
+    """Arguments of an EA-KD distillation run (every `TrainingArguments` field is accepted too).
+
+    The loss is ``(1 - kd_ratio) * CE(student, ground truth) + kd_ratio * KD``, where KD is
+    :func:`eakd_llm.losses.distillation_loss` (EA-weighted when ``ea`` is true). ``kd_ratio: 0`` is plain supervised
+    fine-tuning and loads no teacher.
+    """
+
+    # ----- models -----
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student model: a local folder or a hub id (loaded with from_pretrained)."}
+    )
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Teacher model: a local folder or a hub id. Required when kd_ratio > 0; unused otherwise."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use; defaults to the student's (model_name_or_path)."}
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "Student weights dtype: auto (as saved), float32, bfloat16 or float16.", "choices": DTYPES},
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={"help": "Teacher weights dtype (auto, float32, bfloat16, float16); defaults to model_dtype."},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel passed to from_pretrained (e.g. sdpa, eager)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model/tokenizer code from the model folder or hub repo to run. Off unless needed."},
+    )
+    # ----- distillation -----
+    kd_ratio: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the KD term: loss = (1 - kd_ratio) * CE + kd_ratio * KD, in [0, 1]. "
+                  "0 = plain SFT (no teacher). Keep it below 1 with EA: EA alone starves confident tokens (EOS)."},
+    )
+    divergence: str = field(
+        default="fkl",
+        metadata={"help": "Divergence of the KD term: fkl, rkl, skl, srkl, jsd or tvd.", "choices": DIVERGENCES},
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature tau of the divergence (> 0); the KD term is scaled by tau^2."},
+    )
+    ea: bool = field(default=True, metadata={"help": "Weight the KD loss by EA-KD entropy weights (false: plain KD)."})
+    ea_granularity: str = field(
+        default="token",
+        metadata={"help": "EA weight per token, or per sequence (entropies averaged over its response tokens).",
+                  "choices": GRANULARITIES},
+    )
+    entropy_temperature: float = field(
+        default=2.0,
+        metadata={"help": "Temperature tau' of the entropies behind the EA weights (> 0), separate from tau. "
+                  "2.0 is the paper's value for transformer teachers."},
+    )
+    skew_alpha: float = field(
+        default=0.1, metadata={"help": "Skew alpha of the skl/srkl divergences, in (0, 1) (DistiLLM uses 0.1)."}
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight beta of the jsd divergence, in (0, 1)."})
+    nonfinite_logits: str = field(
+        default="error",
+        metadata={"help": "What to do when teacher or student logits contain NaN/inf: error (stop, naming the step) "
+                  "or skip (zero that batch's loss and log a warning).", "choices": NONFINITE_POLICIES},
+    )
+    # ----- data -----
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a hub dataset id, a local .json/.jsonl/.parquet file, or a folder of them "
+                  "(split files named <split>.jsonl etc.)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_eval_split: str | None = field(
+        default=None, metadata={"help": "Split to evaluate on (needs eval_strategy other than 'no')."}
+    )
+    dataset_format: str = field(
+        default="auto",
+        metadata={"help": "Record format: prompt_response (prompt/response columns), messages (chat, rendered with "
+                  "the tokenizer's chat template), instruction (instruction/input/response, MiniLLM prompt "
+                  "template), or auto (messages if that column exists, else instruction, else prompt_response).",
+                  "choices": DATASET_FORMATS},
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Prompt column (prompt_response format)."})
+    response_column: str = field(
+        default="response", metadata={"help": "Response column (prompt_response and instruction formats)."}
+    )
+    messages_column: str = field(default="messages", metadata={"help": "Chat messages column (messages format)."})
+    instruction_column: str = field(
+        default="instruction", metadata={"help": "Instruction column (instruction format)."}
+    )
+    context_column: str = field(
+        default="input", metadata={"help": "Optional context/input column of the instruction format (Dolly: context)."}
+    )
+    max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + response (>= 2)."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Maximum prompt tokens; longer prompts keep their end (>= 1, < max_length)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation records."})
+    # ----- LoRA -----
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter on the student instead of all weights."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (>= 1)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout, in [0, 1)."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (e.g. [q_proj, v_proj]); default: all linear layers."}
+    )
+    # ----- Trainer defaults changed for distillation -----
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept false: the collator needs the tokenized columns as they are."}
+    )
+    report_to: str | list[str] | None = field(
+        default="none", metadata={"help": "Integrations to report to (none, tensorboard, wandb, ...)."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log losses, entropies and EA weights every N steps."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """Check every distillation field; raise :class:`ConfigError` naming the field and the allowed values."""
+        _choice("divergence", self.divergence, DIVERGENCES)
+        _choice("ea_granularity", self.ea_granularity, GRANULARITIES)
+        _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        _choice("model_dtype", self.model_dtype, DTYPES)
+        if self.teacher_dtype is not None:
+            _choice("teacher_dtype", self.teacher_dtype, DTYPES)
+        _choice("nonfinite_logits", self.nonfinite_logits, NONFINITE_POLICIES)
+        _positive("temperature", self.temperature)
+        _positive("entropy_temperature", self.entropy_temperature)
+        _in_range("kd_ratio", self.kd_ratio, 0.0, 1.0, closed=True)
+        _in_range("skew_alpha", self.skew_alpha, 0.0, 1.0, closed=False)
+        _in_range("jsd_beta", self.jsd_beta, 0.0, 1.0, closed=False)
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length} with max_length "
+                f"{self.max_length}: a prompt that fills max_length leaves no room for the response"
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+        if self.use_peft:
+            if self.lora_r < 1:
+                raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+            _in_range("lora_dropout", self.lora_dropout, 0.0, 1.0, closed=False, low_closed=True)
+
+    def validate_for_training(self) -> None:
+        """Checks that only matter when a run is about to start (paths and data are given)."""
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required: the student model folder or hub id")
+        if self.kd_ratio > 0 and not self.teacher_model_name_or_path:
+            raise ConfigError(
+                f"teacher_model_name_or_path is required when kd_ratio > 0 (got kd_ratio={self.kd_ratio}); "
+                "set kd_ratio: 0 for plain SFT"
+            )
+        if not self.dataset_name:
+            raise ConfigError("dataset_name is required: a hub dataset id, a local data file or a folder")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, closed: bool, low_closed: bool | None = None) -> None:
+    low_ok = value >= low if (closed if low_closed is None else low_closed) else value > low
+    high_ok = value <= high if closed else value < high
+    if not (low_ok and high_ok):
+        left = "[" if (closed if low_closed is None else low_closed) else "("
+        right = "]" if closed else ")"
+        raise ConfigError(f"{name} must be in {left}{low:g}, {high:g}{right}, got {value}")

@@ -1,0 +1,263 @@
+"""Loading, rendering and tokenizing instruction data, and the padding collator.
+
+Three record formats are understood:
+
+* ``prompt_response``: a prompt column and a response column, used as they are;
+* ``messages``: chat turns ``[{"role": ..., "content": ...}, ...]`` ending with the assistant's answer, rendered with
+  the tokenizer's chat template;
+* ``instruction``: instruction / optional context / response records, rendered with the MiniLLM/DistiLLM prompt
+  template (the one the EA-KD, MiniLLM and DistiLLM papers train and evaluate with).
+
+Every example becomes ``input_ids`` and ``labels``, with ``-100`` on the prompt so the loss covers response tokens
+only; EOS is appended to the response so students learn to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .config import ConfigError, EAKDConfig
+from .losses import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE_WITH_CONTEXT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
+)
+PROMPT_TEMPLATE_NO_CONTEXT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+DATA_FILE_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def format_instruction_prompt(instruction: str, context: str | None = None) -> str:
+    """The MiniLLM/DistiLLM prompt for an instruction and its optional context."""
+    if context and context.strip():
+        return PROMPT_TEMPLATE_WITH_CONTEXT.format(instruction=instruction, context=context)
+    return PROMPT_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _local_data_files(path: str) -> tuple[str, dict[str, list[str]]]:
+    """Builder name and ``{split: files}`` for a local file (its split is ``train``) or a folder of split files."""
+    if os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in DATA_FILE_EXTENSIONS:
+            raise ConfigError(
+                f"dataset_name: unsupported file type {ext!r} ({path}); use one of {', '.join(DATA_FILE_EXTENSIONS)}"
+            )
+        return DATA_FILE_EXTENSIONS[ext], {"train": [path]}
+    files: dict[str, list[str]] = {}
+    builders = set()
+    for name in sorted(os.listdir(path)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() in DATA_FILE_EXTENSIONS:
+            files.setdefault(stem, []).append(os.path.join(path, name))
+            builders.add(DATA_FILE_EXTENSIONS[ext.lower()])
+    if not files:
+        raise ConfigError(f"dataset_name: folder {path} has no .jsonl, .json or .parquet files")
+    if len(builders) > 1:
+        raise ConfigError(f"dataset_name: folder {path} mixes json and parquet files; keep one kind")
+    return builders.pop(), files
+
+
+def load_split(dataset_name: str, split: str, dataset_config: str | None = None):
+    """Load one split of a hub dataset, a local data file or a folder of ``<split>.jsonl``-style files."""
+    import datasets
+
+    if os.path.exists(dataset_name):
+        builder, files = _local_data_files(dataset_name)
+        if split not in files:
+            raise ConfigError(
+                f"split {split!r} not found in {dataset_name}; available splits: {', '.join(sorted(files))}"
+            )
+        return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+    try:
+        return datasets.load_dataset(dataset_name, dataset_config, split=split)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise ConfigError(f"split {split!r} not found in dataset {dataset_name}: {err}") from err
+        raise
+    except FileNotFoundError as err:
+        raise ConfigError(
+            f"dataset_name: {dataset_name!r} is neither a local path nor a reachable hub dataset"
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def detect_format(columns: Sequence[str], config: EAKDConfig) -> str:
+    """The record format named by ``dataset_format``, or the one the columns imply when it is ``auto``."""
+    if config.dataset_format != "auto":
+        return config.dataset_format
+    if config.messages_column in columns:
+        return "messages"
+    if config.instruction_column in columns:
+        return "instruction"
+    return "prompt_response"
+
+
+def required_columns(fmt: str, config: EAKDConfig) -> list[str]:
+    if fmt == "messages":
+        return [config.messages_column]
+    if fmt == "instruction":
+        return [config.instruction_column, config.response_column]
+    return [config.prompt_column, config.response_column]
+
+
+def check_columns(columns: Sequence[str], fmt: str, config: EAKDConfig, split: str) -> None:
+    """Raise a :class:`ConfigError` naming the missing column, the key that sets it, and the columns present."""
+    keys = {
+        config.messages_column: "messages_column",
+        config.instruction_column: "instruction_column",
+        config.prompt_column: "prompt_column",
+        config.response_column: "response_column",
+    }
+    for column in required_columns(fmt, config):
+        if column not in columns:
+            raise ConfigError(
+                f"{split} data ({fmt} format) has no column {column!r} (set by {keys.get(column, 'config')}); "
+                f"columns present: {', '.join(columns)}"
+            )
+
+
+def render_example(record: Mapping[str, Any], fmt: str, config: EAKDConfig, tokenizer) -> tuple[str, str]:
+    """``(prompt_text, response_text)`` of one record in the given format."""
+    if fmt == "instruction":
+        context = record.get(config.context_column) or ""
+        prompt = format_instruction_prompt(str(record[config.instruction_column]), str(context))
+        return prompt, str(record[config.response_column])
+    if fmt == "prompt_response":
+        return str(record[config.prompt_column]), str(record[config.response_column])
+    messages = record[config.messages_column]
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ConfigError(
+            f"column {config.messages_column!r}: every conversation must end with an assistant message (the response "
+            f"to learn); got roles {[m.get('role') for m in messages or []]}"
+        )
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("the messages format needs a tokenizer with a chat_template; this tokenizer has none")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ConfigError(
+            "the chat template renders the conversation differently from its prompt plus generation prompt, so the "
+            "response cannot be separated; use the prompt_response format instead"
+        )
+    return prompt, full[len(prompt):]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def tokenize_example(
+    prompt: str,
+    response: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    prompt_has_special_tokens: bool = False,
+) -> dict[str, list[int]]:
+    """Token ids and labels of one example; the prompt is masked with -100 and EOS ends the response.
+
+    A prompt longer than ``max_prompt_length`` keeps its end (where the instruction meets ``### Response:``) and its
+    BOS; the response is then cut to fit ``max_length``.
+    """
+    # A chat template already writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
+    prompt_ids = tokenizer(prompt, add_special_tokens=not prompt_has_special_tokens)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in response_ids:
+        response_ids = response_ids + [eos]
+    if len(prompt_ids) > max_prompt_length:
+        bos = tokenizer.bos_token_id
+        head = prompt_ids[:1] if bos is not None and prompt_ids[0] == bos else []
+        prompt_ids = head + prompt_ids[len(prompt_ids) - (max_prompt_length - len(head)):]
+    response_ids = response_ids[: max(0, max_length - len(prompt_ids))]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+
+
+def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_samples: int | None = None):
+    """Tokenize a raw split into ``input_ids``/``labels``; drop examples with no response token left.
+
+    Raises :class:`ConfigError` for an empty split, a missing column, or when every response was truncated away.
+    """
+    if max_samples is not None:
+        raw = raw.select(range(min(max_samples, len(raw))))
+    if len(raw) == 0:
+        raise ConfigError(f"the {split} split of {config.dataset_name} is empty")
+    fmt = detect_format(raw.column_names, config)
+    check_columns(raw.column_names, fmt, config, split)
+    first = raw[0]
+    for column in required_columns(fmt, config):
+        if first[column] in (None, "", []):
+            raise ConfigError(f"{split} data: column {column!r} is empty in the first record")
+
+    def encode(record):
+        prompt, response = render_example(record, fmt, config, tokenizer)
+        return tokenize_example(
+            prompt,
+            response,
+            tokenizer,
+            config.max_length,
+            config.max_prompt_length,
+            prompt_has_special_tokens=fmt == "messages",
+        )
+
+    tokenized = raw.map(encode, remove_columns=raw.column_names, desc=f"Tokenizing {split}")
+    kept = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]), desc="Dropping empty")
+    dropped = len(tokenized) - len(kept)
+    if len(kept) == 0:
+        raise ConfigError(
+            f"every {split} example's response was truncated away (max_length={config.max_length}, "
+            f"max_prompt_length={config.max_prompt_length}); raise max_length or lower max_prompt_length"
+        )
+    if dropped:
+        logger.warning("%d of %d %s examples had no response token left after truncation and were dropped",
+                       dropped, len(tokenized), split)
+    return kept
+
+
+@dataclass
+class DistillationCollator:
+    """Right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(features), length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), length), dtype=torch.long),
+            "labels": torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            batch["input_ids"][row, :n] = torch.as_tensor(feature["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.as_tensor(feature["labels"])
+        return batch

@@ -1,0 +1,146 @@
+"""Loading students, teachers and tokenizers; teacher/student compatibility checks; LoRA."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from .config import ConfigError, EAKDConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str | None) -> str | torch.dtype:
+    """``"auto"`` stays a string for from_pretrained; other names become torch dtypes."""
+    if name is None or name == "auto":
+        return "auto"
+    return getattr(torch, name)
+
+
+def _remote_code_error(err: Exception, key: str, path: str) -> ConfigError | None:
+    text = str(err)
+    if "trust_remote_code" in text:
+        return ConfigError(
+            f"{key}={path!r} contains custom code that would run on load; trust_remote_code is off. Review the code, "
+            "then set trust_remote_code: true in the recipe to allow it"
+        )
+    return None
+
+
+def _check_exists(path: str, key: str) -> None:
+    # A path-like string that does not exist is almost always a typo, not a hub id: say so before the hub is asked.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "name" or "org/name"
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise ConfigError(f"{key}: {path!r} does not exist")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model_name_or_path"):
+    """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS is reused when the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    _check_exists(path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        message = f"{key}: cannot load a tokenizer from {path!r}: {err}"
+        raise _remote_code_error(err, key, path) or ConfigError(message) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str,
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    key: str = "model_name_or_path",
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with config errors turned into :class:`ConfigError`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(path, key)
+    kwargs = {"dtype": resolve_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        message = f"{key}: cannot load a model from {path!r}: {err}"
+        raise _remote_code_error(err, key, path) or ConfigError(message) from err
+
+
+def check_tokenizers_match(student_tokenizer, teacher_tokenizer, max_examples: int = 5) -> None:
+    """Teacher and student must map every token they share by id range to the same id.
+
+    KD compares distributions id by id, so a token with different ids in the two vocabularies would silently teach
+    the wrong thing. Extra tokens beyond the shorter vocabulary (added specials, padding) are allowed.
+    """
+    student_vocab = student_tokenizer.get_vocab()
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    shared = min(len(student_vocab), len(teacher_vocab))
+    teacher_by_id = {i: tok for tok, i in teacher_vocab.items()}
+    mismatches = []
+    for token, idx in student_vocab.items():
+        if idx < shared and teacher_by_id.get(idx) != token:
+            mismatches.append((idx, token, teacher_by_id.get(idx)))
+    if mismatches:
+        mismatches.sort()
+        shown = "; ".join(f"id {i}: student {s!r} vs teacher {t!r}" for i, s, t in mismatches[:max_examples])
+        raise ConfigError(
+            f"teacher and student tokenizers disagree on {len(mismatches)} of the {shared} shared token ids ({shown}). "
+            "EA-KD compares distributions token by token: use a teacher and a student from the same tokenizer family"
+        )
+    for name in ("eos_token_id", "bos_token_id"):
+        s_id, t_id = getattr(student_tokenizer, name, None), getattr(teacher_tokenizer, name, None)
+        if s_id is not None and t_id is not None and s_id != t_id:
+            raise ConfigError(f"teacher and student tokenizers have different {name}: {t_id} vs {s_id}")
+
+
+def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer=None) -> int:
+    """The vocabulary both models' logits are compared on.
+
+    Vocabularies that differ only by padding rows (e.g. Qwen2.5 7B's 152064 vs 0.5B's 151936, both above the
+    tokenizer's 151665 tokens) are aligned by keeping the first ``min`` rows, which holds every real token; anything
+    else is an error.
+    """
+    v_student, v_teacher = _config_vocab(student), _config_vocab(teacher)
+    shared = min(v_student, v_teacher)
+    if tokenizer is not None and shared < len(tokenizer):
+        raise ConfigError(
+            f"teacher vocabulary ({v_teacher}) and student vocabulary ({v_student}) differ by more than padding: the "
+            f"smaller one cannot hold all {len(tokenizer)} tokens of the tokenizer"
+        )
+    if v_student != v_teacher:
+        logger.info("aligning vocabularies: student %d, teacher %d -> comparing the first %d", v_student, v_teacher,
+                    shared)
+    return shared
+
+
+def _config_vocab(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab is None:
+        raise ConfigError(f"cannot read vocab_size from the config of {type(model).__name__}")
+    return int(vocab)
+
+
+def apply_lora(model: nn.Module, config: EAKDConfig) -> nn.Module:
+    """Wrap the student in a LoRA adapter (``peft``) as the config describes; only the adapter is trained."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora_config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear",
+    )
+    if config.gradient_checkpointing:
+        # Frozen embeddings would leave checkpointed blocks without an input that requires grad.
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config)

@@ -1,0 +1,88 @@
+"""The training entry point shared by ``eakd-llm train`` and ``scripts/distill.py``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import set_seed
+
+from .config import ConfigError, EAKDConfig
+from .data import build_dataset, load_split
+from .models import apply_lora, check_tokenizers_match, load_causal_lm, load_tokenizer
+from .trainer import EAKDTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_run(config: EAKDConfig) -> dict[str, Any]:
+    """Everything a run needs, loaded and checked before any training step: tokenizers, data, models.
+
+    The cheap checks come first (paths, tokenizers, data), the expensive ones (model weights) last, so a bad recipe
+    fails in seconds.
+    """
+    config.validate_for_training()
+    set_seed(config.seed)
+    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code,
+                               key="tokenizer_name_or_path" if config.tokenizer_name_or_path else "model_name_or_path")
+    if config.kd_ratio > 0:  # checked here, before data and weights are loaded
+        teacher_tokenizer = load_tokenizer(
+            config.teacher_model_name_or_path, config.trust_remote_code, key="teacher_model_name_or_path"
+        )
+        check_tokenizers_match(tokenizer, teacher_tokenizer)
+
+    train_dataset = build_dataset(
+        load_split(config.dataset_name, config.dataset_train_split, config.dataset_config),
+        config,
+        tokenizer,
+        split=config.dataset_train_split,
+        max_samples=config.max_train_samples,
+    )
+    eval_dataset = None
+    if config.dataset_eval_split:
+        eval_dataset = build_dataset(
+            load_split(config.dataset_name, config.dataset_eval_split, config.dataset_config),
+            config,
+            tokenizer,
+            split=config.dataset_eval_split,
+            max_samples=config.max_eval_samples,
+        )
+    elif config.eval_strategy != "no":
+        raise ConfigError(f"eval_strategy={config.eval_strategy.value!r} needs dataset_eval_split")
+
+    model = load_causal_lm(config.model_name_or_path, config.model_dtype, config.trust_remote_code,
+                           config.attn_implementation)
+    if config.use_peft:
+        model = apply_lora(model, config)
+    teacher = None
+    if config.kd_ratio > 0:
+        teacher = load_causal_lm(
+            config.teacher_model_name_or_path,
+            config.teacher_dtype or config.model_dtype,
+            config.trust_remote_code,
+            config.attn_implementation,
+            key="teacher_model_name_or_path",
+        )
+    return {
+        "model": model,
+        "teacher_model": teacher,
+        "processing_class": tokenizer,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+    }
+
+
+def run_training(config: EAKDConfig) -> EAKDTrainer:
+    """Prepare, train (resuming when ``resume_from_checkpoint`` is set), save the final model and its tokenizer."""
+    parts = prepare_run(config)
+    trainer = EAKDTrainer(args=config, **parts)
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if parts["eval_dataset"] is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer

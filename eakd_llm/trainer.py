@@ -1,0 +1,285 @@
+"""`EAKDTrainer`: a `transformers.Trainer` whose loss is ``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import defaultdict
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from .config import EAKDConfig
+from .data import DistillationCollator
+from .losses import IGNORE_INDEX, distillation_loss, loss_denominator
+from .models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+
+logger = logging.getLogger(__name__)
+
+# Statistics averaged over the steps between two log lines, then over processes; min/max keep their extremes.
+_MIN_KEYS = ("ea_weight_min",)
+_MAX_KEYS = ("ea_weight_max",)
+
+
+class EAKDTrainer(Trainer):
+    """Distils ``teacher_model`` into ``model`` with EA-KD (or plain KD / SFT, see :class:`EAKDConfig`).
+
+    The teacher is frozen (eval mode, no gradients, its own dtype) and run once per batch without gradient. Under
+    DeepSpeed ZeRO-3 it becomes an inference engine holding only this rank's parameter shards; under FSDP it is
+    sharded like the student; otherwise it is moved to the device as is (never wrapped in DDP: it has no gradients).
+
+    Logged every ``logging_steps``: ``ce_loss``, ``kd_loss`` (per loss token), ``teacher_entropy`` and
+    ``student_entropy`` (means at ``entropy_temperature`` over response tokens) and ``ea_weight_mean/min/max``.
+    """
+
+    # compute_loss divides by the global loss-token count, so the Trainer must not divide again by the number of
+    # accumulation steps (``loss_is_scaled_for_ga``, newer transformers; ``model_accepts_loss_kwargs``, older).
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str,
+        args: EAKDConfig,
+        teacher_model: nn.Module | str | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        teacher_processing_class=None,
+        data_collator=None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, EAKDConfig):
+            raise TypeError(f"args must be an EAKDConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            model = load_causal_lm(model, args.model_dtype, args.trust_remote_code, args.attn_implementation)
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
+            data_collator = DistillationCollator(processing_class.pad_token_id)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            data_collator=data_collator,
+            **kwargs,
+        )
+        self.model_accepts_loss_kwargs = True  # so the Trainer counts loss tokens and passes num_items_in_batch
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        self.teacher: nn.Module | None = None
+        self.vocab_size: int | None = None
+        if args.kd_ratio > 0:
+            if teacher_model is None:
+                raise ValueError(f"kd_ratio={args.kd_ratio} needs a teacher_model (kd_ratio 0 is plain SFT)")
+            if isinstance(teacher_model, str):
+                if teacher_processing_class is None:
+                    teacher_processing_class = load_tokenizer(
+                        teacher_model, args.trust_remote_code, key="teacher_model_name_or_path"
+                    )
+                teacher_model = load_causal_lm(
+                    teacher_model,
+                    args.teacher_dtype or args.model_dtype,
+                    args.trust_remote_code,
+                    args.attn_implementation,
+                    key="teacher_model_name_or_path",
+                )
+            if teacher_processing_class is not None and processing_class is not None:
+                check_tokenizers_match(processing_class, teacher_processing_class)
+            self.vocab_size = shared_vocab_size(self.accelerator.unwrap_model(model), teacher_model, processing_class)
+            self.teacher = self._prepare_teacher(teacher_model)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Teacher placement
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        teacher.eval()
+        teacher.requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            return _deepspeed_inference_engine(teacher, self.accelerator)
+        if self.is_fsdp_enabled:
+            return _fsdp_shard(teacher, self.accelerator)
+        return teacher.to(self.accelerator.device)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loss
+    # ------------------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        args: EAKDConfig = self.args
+        labels = inputs["labels"][:, 1:]  # position t predicts token t+1
+        forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        outputs = model(**forward_inputs, use_cache=False)
+        student_logits = outputs.logits[:, :-1]
+
+        num_tokens = (labels != IGNORE_INDEX).sum()
+        denominator = loss_denominator(num_tokens, num_items_in_batch)
+        ce_sum = F.cross_entropy(
+            student_logits.float().reshape(-1, student_logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        loss = (1.0 - args.kd_ratio) * ce_sum / denominator
+        stats: dict[str, torch.Tensor] = {"ce_loss": ce_sum.detach() / num_tokens.clamp(min=1)}
+
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward_inputs, use_cache=False).logits[:, :-1]
+            vocab = self.vocab_size
+            if not self._logits_finite(student_logits, teacher_logits):
+                return (loss * 0.0, outputs) if return_outputs else loss * 0.0
+            kd, kd_stats = distillation_loss(
+                student_logits[..., :vocab],
+                teacher_logits[..., :vocab],
+                labels,
+                divergence=args.divergence,
+                temperature=args.temperature,
+                ea=args.ea,
+                ea_granularity=args.ea_granularity,
+                entropy_temperature=args.entropy_temperature,
+                num_items_in_batch=denominator,
+                skew_alpha=args.skew_alpha,
+                jsd_beta=args.jsd_beta,
+                return_stats=True,
+            )
+            loss = loss + args.kd_ratio * kd
+            stats["kd_loss"] = kd.detach() * denominator / num_tokens.clamp(min=1)
+            stats.update({k: v for k, v in kd_stats.items() if k != "num_tokens"})
+
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The denominator counts every process's tokens while DDP averages gradients: undo the average.
+            loss = loss * self.accelerator.num_processes
+
+        if num_tokens > 0:
+            mode = "train" if model.training else "eval"
+            for key, value in stats.items():
+                self._metrics[mode][key].append(float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def _logits_finite(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> bool:
+        """Stop (``nonfinite_logits: error``) or skip the batch (``skip``) when any logit is NaN or infinite."""
+        bad = [name for name, t in (("teacher", teacher_logits), ("student", student_logits))
+               if not torch.isfinite(t).all()]
+        if not bad:
+            return True
+        message = f"non-finite {' and '.join(bad)} logits at step {self.state.global_step}"
+        if self.args.nonfinite_logits == "error":
+            raise FloatingPointError(
+                f"{message}; lower the learning rate, use bf16 instead of fp16, or set nonfinite_logits: skip"
+            )
+        logger.warning("%s: this batch contributes no loss (nonfinite_logits: skip)", message)
+        return False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logging
+    # ------------------------------------------------------------------------------------------------------------
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "train" if self.model.training else "eval"
+        if "loss" not in logs and "eval_loss" not in logs:  # e.g. the final train summary
+            return super().log(logs, *args, **kwargs)
+        metrics = self._reduce_metrics(self._metrics[mode])
+        if mode == "eval":
+            metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        logs = {**logs, **metrics}
+        self._metrics[mode].clear()
+        return super().log(logs, *args, **kwargs)
+
+    def _reduce_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+        """Aggregate the steps since the last log, then across processes (every rank calls ``log``)."""
+        keys = ("ce_loss", "kd_loss", "teacher_entropy", "student_entropy", "ea_weight_mean", *_MIN_KEYS, *_MAX_KEYS)
+        local = []
+        for key in keys:
+            values = metrics.get(key, [])
+            if not values:
+                local.append(math.nan)
+            elif key in _MIN_KEYS:
+                local.append(min(values))
+            elif key in _MAX_KEYS:
+                local.append(max(values))
+            else:
+                local.append(sum(values) / len(values))
+        table = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            table = self.accelerator.gather(table.unsqueeze(0))
+        else:
+            table = table.unsqueeze(0)
+        out = {}
+        for i, key in enumerate(keys):
+            column = table[:, i]
+            column = column[~torch.isnan(column)]
+            if column.numel() == 0:
+                continue
+            if key in _MIN_KEYS:
+                out[key] = column.min().item()
+            elif key in _MAX_KEYS:
+                out[key] = column.max().item()
+            else:
+                out[key] = column.mean().item()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded teachers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _deepspeed_inference_engine(teacher: nn.Module, accelerator) -> nn.Module:
+    """Wrap the frozen teacher in a DeepSpeed engine with the run's ZeRO settings (stage 3 shards it)."""
+    import deepspeed
+
+    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    zero = ds_config.setdefault("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage == 3:
+        hidden = getattr(getattr(teacher, "config", None), "hidden_size", None)
+        if hidden is not None:
+            # Numeric values for the "auto" bucket sizes, as the Trainer computes them for the student.
+            zero["reduce_bucket_size"] = hidden * hidden
+            zero["stage3_param_persistence_threshold"] = 10 * hidden
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
+    else:
+        zero["stage"] = 0  # ZeRO-1/2 only shard optimizer state and gradients, which a frozen teacher has not
+    for key in ("optimizer", "scheduler"):
+        ds_config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
+    """Shard the frozen teacher with the run's FSDP plugin (FSDP2 ``fully_shard`` or FSDP1 wrapping)."""
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, teacher)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    plugin.set_auto_wrap_policy(teacher)
+    return FSDP(
+        teacher,
+        sharding_strategy=plugin.sharding_strategy,
+        cpu_offload=plugin.cpu_offload,
+        auto_wrap_policy=plugin.auto_wrap_policy,
+        mixed_precision=plugin.mixed_precision_policy,
+        sync_module_states=plugin.sync_module_states,
+        backward_prefetch=plugin.backward_prefetch,
+        forward_prefetch=plugin.forward_prefetch,
+        use_orig_params=plugin.use_orig_params,
+        limit_all_gathers=plugin.limit_all_gathers,
+        device_id=accelerator.device,
+    )
