@@ -116,8 +116,10 @@ class EAKDConfig(TrainingArguments):
         default="input", metadata={"help": "Optional context/input column of the instruction format (Dolly: context)."}
     )
     max_length: int = field(default=512, metadata={"help": "Maximum tokens of prompt + response (>= 2)."})
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Maximum prompt tokens; longer prompts keep their end (>= 1, < max_length)."}
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Maximum prompt tokens, in [1, max_length); longer prompts keep their end. "
+                  "Default: max_length // 2 (256 of 512, as MiniLLM/DistiLLM)."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation records."})
@@ -160,6 +162,8 @@ class EAKDConfig(TrainingArguments):
         _in_range("jsd_beta", self.jsd_beta, 0.0, 1.0, closed=False)
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
         if not 1 <= self.max_prompt_length < self.max_length:
             raise ConfigError(
                 f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length} with max_length "

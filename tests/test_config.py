@@ -1,0 +1,204 @@
+"""EAKDConfig validation, recipe YAML loading, command-line overrides and the README config reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eakd_llm.config import ConfigError, EAKDConfig
+from eakd_llm.recipe import build_config, load_recipe, parse_overrides, read_yaml
+from eakd_llm.reference import README_BEGIN, README_END, config_reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("divergence", "kl", "divergence='kl' is not allowed; choose one of: fkl, rkl, skl, srkl, jsd, tvd"),
+        ("ea_granularity", "batch", "ea_granularity='batch' is not allowed; choose one of: token, sequence"),
+        ("dataset_format", "csv", "dataset_format='csv' is not allowed"),
+        ("model_dtype", "fp8", "model_dtype='fp8' is not allowed"),
+        ("teacher_dtype", "int4", "teacher_dtype='int4' is not allowed"),
+        ("nonfinite_logits", "ignore", "nonfinite_logits='ignore' is not allowed; choose one of: error, skip"),
+        ("temperature", 0.0, "temperature must be > 0"),
+        ("temperature", -1.0, "temperature must be > 0"),
+        ("entropy_temperature", 0.0, "entropy_temperature must be > 0"),
+        ("kd_ratio", 1.5, r"kd_ratio must be in [0, 1]"),
+        ("kd_ratio", -0.1, r"kd_ratio must be in [0, 1]"),
+        ("skew_alpha", 0.0, r"skew_alpha must be in (0, 1)"),
+        ("skew_alpha", 1.0, r"skew_alpha must be in (0, 1)"),
+        ("jsd_beta", 1.0, r"jsd_beta must be in (0, 1)"),
+        ("max_length", 1, "max_length must be >= 2"),
+        ("max_prompt_length", 512, "max_prompt_length must be in [1, max_length)"),
+        ("max_train_samples", 0, "max_train_samples must be >= 1"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(tmp_path, key, value, message):
+    with pytest.raises(ConfigError) as info:
+        EAKDConfig(output_dir=str(tmp_path), **{key: value})
+    assert message in str(info.value)
+
+
+def test_config_accepts_edges_and_keeps_distillation_defaults(tmp_path):
+    config = EAKDConfig(output_dir=str(tmp_path), kd_ratio=0.0)
+    assert config.kd_ratio == 0.0
+    assert EAKDConfig(output_dir=str(tmp_path), kd_ratio=1.0).kd_ratio == 1.0
+    assert config.entropy_temperature == 2.0  # the paper's tau' for transformer teachers
+    assert config.trust_remote_code is False
+    assert config.remove_unused_columns is False
+    assert config.ea is True and config.ea_granularity == "token" and config.divergence == "fkl"
+
+
+def test_lora_checks_only_when_peft_is_on(tmp_path):
+    EAKDConfig(output_dir=str(tmp_path), lora_r=0)  # ignored without use_peft
+    with pytest.raises(ConfigError, match="lora_r must be >= 1"):
+        EAKDConfig(output_dir=str(tmp_path), use_peft=True, lora_r=0)
+    with pytest.raises(ConfigError, match=r"lora_dropout must be in \[0, 1\)"):
+        EAKDConfig(output_dir=str(tmp_path), use_peft=True, lora_dropout=1.0)
+
+
+def test_validate_for_training_requires_paths(tmp_path):
+    with pytest.raises(ConfigError, match="model_name_or_path is required"):
+        EAKDConfig(output_dir=str(tmp_path)).validate_for_training()
+    with pytest.raises(ConfigError, match="teacher_model_name_or_path is required when kd_ratio > 0"):
+        EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", dataset_name="d").validate_for_training()
+    with pytest.raises(ConfigError, match="dataset_name is required"):
+        EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", kd_ratio=0.0).validate_for_training()
+    # SFT needs no teacher
+    EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", kd_ratio=0.0, dataset_name="d").validate_for_training()
+
+
+def test_every_distillation_field_has_help():
+    import dataclasses
+
+    from eakd_llm.reference import distillation_fields
+
+    fields = distillation_fields()
+    assert len(fields) >= 30
+    for f in fields:
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+    names = {f.name for f in dataclasses.fields(EAKDConfig)}
+    for required in ("model_name_or_path", "teacher_model_name_or_path", "divergence", "temperature",
+                     "entropy_temperature", "ea", "ea_granularity", "kd_ratio", "skew_alpha", "jsd_beta",
+                     "max_length", "max_prompt_length", "model_dtype", "trust_remote_code", "use_peft", "lora_r",
+                     "lora_alpha", "lora_dropout", "lora_target_modules", "dataset_name"):
+        assert required in names
+
+
+# ----- recipes and overrides -----
+
+
+def test_overrides_parse_yaml_scalars_and_flags():
+    parsed = parse_overrides(
+        ["--kd_ratio", "0.3", "--ea=false", "--use_peft", "--lora_target_modules", "[q_proj, v_proj]",
+         "--output-dir", "out", "--run_name", "007"]
+    )
+    assert parsed == {
+        "kd_ratio": 0.3,
+        "ea": False,
+        "use_peft": True,
+        "lora_target_modules": ["q_proj", "v_proj"],
+        "output_dir": "out",
+        "run_name": 7,  # YAML reads it as a number ...
+    }
+    # ... and the field type turns it back into what the field needs, or refuses.
+    with pytest.raises(ConfigError, match="run_name expects"):
+        build_config({"output_dir": "out", "run_name": 7})
+    with pytest.raises(ConfigError, match="expected --key value"):
+        parse_overrides(["kd_ratio", "0.3"])
+
+
+def test_unknown_key_suggests_the_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'kd_ration' in recipe; did you mean 'kd_ratio'"):
+        build_config({"output_dir": str(tmp_path), "kd_ration": 0.5})
+    with pytest.raises(ConfigError, match="unknown key 'totally_unrelated'") as info:
+        build_config({"output_dir": str(tmp_path), "totally_unrelated": 1})
+    assert "did you mean" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"kd_ratio": "abc"}, "kd_ratio expects float, got 'abc'"),
+        ({"max_length": 1.5}, "max_length expects int, got 1.5"),
+        ({"ea": "maybe"}, "ea expects bool, got 'maybe'"),
+        ({"lora_r": True}, "lora_r expects int, got True"),
+        ({"lora_target_modules": 3}, "lora_target_modules expects list[str] or null, got 3"),
+        ({"divergence": ["fkl"]}, "divergence expects str, got ['fkl']"),
+    ],
+)
+def test_wrong_types_are_reported_with_the_key(tmp_path, values, message):
+    with pytest.raises(ConfigError) as info:
+        build_config({"output_dir": str(tmp_path), **values})
+    assert message in str(info.value)
+
+
+def test_lossless_conversions(tmp_path):
+    config = build_config({"output_dir": str(tmp_path), "kd_ratio": 1, "max_length": 64.0, "ea": "false",
+                           "lora_target_modules": "q_proj", "learning_rate": 1e-4, "eval_strategy": "steps",
+                           "dataset_eval_split": "validation"})
+    assert config.kd_ratio == 1.0 and isinstance(config.kd_ratio, float)
+    assert config.max_length == 64 and isinstance(config.max_length, int)
+    assert config.ea is False
+    assert config.lora_target_modules == ["q_proj"]
+    assert config.eval_strategy == "steps"
+
+
+def test_recipe_file_with_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'out'}\nkd_ratio: 0.5\ndivergence: rkl\n")
+    config = load_recipe(str(recipe), ["--divergence", "jsd", "--jsd_beta", "0.3"])
+    assert config.divergence == "jsd" and config.jsd_beta == 0.3 and config.kd_ratio == 0.5
+    with pytest.raises(ConfigError, match="unknown key 'tempreature' in the command line; did you mean 'temperature'"):
+        load_recipe(str(recipe), ["--tempreature", "2"])
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("output_dir: out\nkd_ratio: 0.5\ndivergence: [fkl\nea: true\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line \d+"):
+        read_yaml(str(recipe))
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml(str(missing))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        read_yaml(str(listy))
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text("output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(str(recipe))
+
+
+def test_output_dir_required(tmp_path):
+    with pytest.raises(ConfigError, match="output_dir is required"):
+        build_config({"kd_ratio": 0.5})
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml")
+                                          if "accelerate_configs" not in str(p)))
+def test_every_shipped_recipe_validates(recipe):
+    import torch
+
+    # GPU recipes ask for bf16, which TrainingArguments refuses on a machine without a GPU.
+    config = load_recipe(str(REPO / recipe), [] if torch.cuda.is_available() else ["--bf16", "false"])
+    assert config.output_dir
+    assert config.model_name_or_path
+    assert config.dataset_name
+    if config.kd_ratio > 0:
+        assert config.teacher_model_name_or_path
+        assert config.kd_ratio < 1, "EA/KD recipes keep a CE term (see the README on starvation)"
+
+
+def test_readme_embeds_the_generated_config_reference():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
+    assert readme[start:end].strip() == config_reference_markdown().strip(), (
+        "README config reference is stale: regenerate it with `eakd-llm config`"
+    )

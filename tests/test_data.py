@@ -1,0 +1,220 @@
+"""Data formats, loss masks, truncation, column errors and the collator."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eakd_llm.config import ConfigError, EAKDConfig
+from eakd_llm.data import (
+    PROMPT_TEMPLATE_NO_CONTEXT,
+    DistillationCollator,
+    build_dataset,
+    format_instruction_prompt,
+    load_split,
+    tokenize_example,
+)
+from eakd_llm.losses import IGNORE_INDEX
+from eakd_llm.synthetic import train_tokenizer
+
+TEXTS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+    "Name a fruit. apple banana cherry. Convert the word to uppercase. APPLE. hello world, how are you?",
+    "user assistant system the a an is of to and in",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return train_tokenizer(TEXTS * 20, vocab_size=400, output_dir=str(tmp_path_factory.mktemp("tok")))
+
+
+def _config(tmp_path, **kwargs) -> EAKDConfig:
+    return EAKDConfig(output_dir=str(tmp_path / "out"), dataset_name=str(tmp_path / "data"), **kwargs)
+
+
+def _write(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def _decode_response(tokenizer, example):
+    ids = [i for i, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert ids == [label for label in example["labels"] if label != IGNORE_INDEX]
+    return ids
+
+
+def test_instruction_template_matches_minillm():
+    assert format_instruction_prompt("Say hi.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nSay hi.\n\n### Response:\n"
+    )
+    assert format_instruction_prompt("Say hi.", "to Bob") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n"
+        "### Input:\nto Bob\n\n### Response:\n"
+    )
+    assert format_instruction_prompt("Say hi.", "  ") == PROMPT_TEMPLATE_NO_CONTEXT.format(instruction="Say hi.")
+
+
+def test_tokenize_masks_prompt_and_appends_eos(tokenizer):
+    example = tokenize_example("Name a fruit.", " apple", tokenizer, max_length=64, max_prompt_length=32)
+    prompt_ids = tokenizer("Name a fruit.")["input_ids"]
+    assert prompt_ids[0] == tokenizer.bos_token_id
+    n = len(prompt_ids)
+    assert example["input_ids"][:n] == prompt_ids
+    assert example["labels"][:n] == [IGNORE_INDEX] * n
+    response = example["labels"][n:]
+    assert response[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(response[:-1]) == " apple"
+    assert len(example["input_ids"]) == len(example["labels"])
+
+
+def test_truncation_keeps_prompt_end_with_bos_and_cuts_response(tokenizer):
+    prompt = "hello world, " * 30 + "### Response:\n"
+    example = tokenize_example(prompt, " apple banana cherry " * 10, tokenizer, max_length=40, max_prompt_length=12)
+    assert len(example["input_ids"]) == 40
+    prompt_part = [i for i, label in zip(example["input_ids"], example["labels"]) if label == IGNORE_INDEX]
+    assert len(prompt_part) == 12
+    assert prompt_part[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(prompt_part[1:]).endswith("### Response:\n")
+    assert sum(label != IGNORE_INDEX for label in example["labels"]) == 28  # response cut to fit, EOS lost
+
+
+def test_instruction_format_end_to_end(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [
+        {"instruction": "Convert the word to uppercase.", "input": "apple", "output": "APPLE"},
+        {"instruction": "Name a fruit.", "input": "", "output": "banana"},
+    ])
+    config = _config(tmp_path, response_column="output")
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    assert dataset.column_names == ["input_ids", "labels"]
+    first = dataset[0]
+    text = tokenizer.decode(first["input_ids"], skip_special_tokens=True)
+    assert text == format_instruction_prompt("Convert the word to uppercase.", "apple") + "APPLE"
+    assert tokenizer.decode(_decode_response(tokenizer, first), skip_special_tokens=True) == "APPLE"
+    second = tokenizer.decode(dataset[1]["input_ids"], skip_special_tokens=True)
+    assert "### Input:" not in second and second.endswith("### Response:\nbanana")
+
+
+def test_dolly_columns(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [
+        {"instruction": "Say hi.", "context": "to Bob", "response": "hi Bob", "category": "open_qa"},
+    ])
+    config = _config(tmp_path, context_column="context")
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    assert "### Input:\nto Bob" in tokenizer.decode(dataset[0]["input_ids"])
+
+
+def test_prompt_response_format_and_single_file(tmp_path, tokenizer):
+    path = tmp_path / "pairs.jsonl"
+    _write(path, [{"question": "hello world", "answer": " how are you?"}])
+    config = EAKDConfig(output_dir=str(tmp_path / "o"), dataset_name=str(path), prompt_column="question",
+                        response_column="answer")
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    example = dataset[0]
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=True) == "hello world how are you?"
+    assert tokenizer.decode(_decode_response(tokenizer, example), skip_special_tokens=True) == " how are you?"
+
+
+def test_parquet_files(tmp_path, tokenizer):
+    import datasets
+
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_list([{"prompt": "hello", "response": " world"}]).to_parquet(
+        str(tmp_path / "data" / "train.parquet")
+    )
+    config = _config(tmp_path)
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    assert len(dataset) == 1
+
+
+def test_messages_format_uses_chat_template(tmp_path, tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "apple"},
+    ]
+    _write(tmp_path / "data" / "train.jsonl", [{"messages": messages}])
+    config = _config(tmp_path)
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    example = dataset[0]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tokenizer.decode(example["input_ids"]) == full
+    response = tokenizer.decode(_decode_response(tokenizer, example))
+    assert response == full[len(prompt):]
+    assert "apple" in response
+    assert example["labels"][-1] == tokenizer.eos_token_id or tokenizer.eos_token_id in example["labels"]
+    # The template writes its own special tokens: no extra BOS in front.
+    assert example["input_ids"] == tokenizer(full, add_special_tokens=False)["input_ids"] or (
+        tokenizer.eos_token_id in example["input_ids"]
+    )
+
+
+def test_messages_must_end_with_assistant(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    config = _config(tmp_path)
+    with pytest.raises(ConfigError, match="must end with an assistant message"):
+        build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+
+
+def test_missing_column_names_the_columns_present(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [{"instruction": "Say hi.", "answer": "hi"}])
+    config = _config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    message = str(info.value)
+    assert "no column 'response' (set by response_column)" in message
+    assert "columns present: instruction, answer" in message
+
+
+def test_missing_split_lists_available(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(ConfigError, match="split 'validation' not found .* available splits: train"):
+        load_split(str(tmp_path / "data"), "validation")
+
+
+def test_empty_first_value_and_all_truncated(tmp_path, tokenizer):
+    _write(tmp_path / "data" / "train.jsonl", [{"prompt": "hello", "response": ""}])
+    config = _config(tmp_path)
+    with pytest.raises(ConfigError, match="column 'response' is empty in the first record"):
+        build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+
+    _write(tmp_path / "long" / "train.jsonl", [{"prompt": "hello world, " * 40, "response": "apple"}] * 3)
+    config = EAKDConfig(output_dir=str(tmp_path / "o"), dataset_name=str(tmp_path / "long"), max_length=8,
+                        max_prompt_length=7)
+    dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    assert len(dataset) == 3  # one response token survives
+    config = EAKDConfig(output_dir=str(tmp_path / "o"), dataset_name=str(tmp_path / "long"), max_length=8,
+                        max_prompt_length=7)
+    config.max_length = 7  # bypass validation to reach the data check
+    with pytest.raises(ConfigError, match="every train example's response was truncated away"):
+        build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+
+
+def test_empty_dataset(tmp_path, tokenizer):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
+    config = _config(tmp_path)
+    raw = load_split(config.dataset_name, "train").select([])
+    with pytest.raises(ConfigError, match="split of .* is empty"):
+        build_dataset(raw, config, tokenizer)
+
+
+def test_collator_pads_right_and_masks():
+    collator = DistillationCollator(pad_token_id=0, pad_to_multiple_of=4)
+    batch = collator([
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+    ])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, -100, -100, -100],
+                                        [-100, -100, 7, 8, 9, -100, -100, -100]]
+    assert batch["input_ids"].dtype == torch.long
