@@ -135,6 +135,11 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool):
             return _MISSING
+        if isinstance(value, str):  # PyYAML reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                return _MISSING
         return float(value) if isinstance(value, (int, float)) else _MISSING
     if annotation is str:
         return value if isinstance(value, str) else _MISSING

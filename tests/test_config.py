@@ -144,6 +144,9 @@ def test_lossless_conversions(tmp_path):
     assert config.ea is False
     assert config.lora_target_modules == ["q_proj"]
     assert config.eval_strategy == "steps"
+    # PyYAML reads exponents without a dot ("1e-5") as strings; float keys still take them.
+    config = build_config({"output_dir": str(tmp_path), **parse_overrides(["--learning_rate", "1e-5"])})
+    assert config.learning_rate == 1e-5
 
 
 def test_recipe_file_with_overrides(tmp_path):

@@ -1,0 +1,215 @@
+"""EAKDTrainer: loss composition, vocabulary alignment, tokenizer checks, accumulation, logging, non-finite logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from eakd_llm.config import ConfigError, EAKDConfig
+from eakd_llm.data import DistillationCollator
+from eakd_llm.losses import ea_weights, token_divergence
+from eakd_llm.models import check_tokenizers_match, load_tokenizer, shared_vocab_size
+from eakd_llm.synthetic import tiny_llama_config, train_tokenizer
+from eakd_llm.train import prepare_run
+from eakd_llm.trainer import EAKDTrainer
+
+
+def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        model_name_or_path=tiny_stack["student"],
+        teacher_model_name_or_path=tiny_stack["teacher"],
+        dataset_name=tiny_stack["data_dir"],
+        response_column="output",
+        max_length=96,
+        max_prompt_length=64,
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    values.update(overrides)
+    return EAKDConfig(**values)
+
+
+def _trainer(tiny_stack, tmp_path, **overrides) -> EAKDTrainer:
+    config = _config(tiny_stack, tmp_path, **overrides)
+    return EAKDTrainer(args=config, **prepare_run(config))
+
+
+def _batch(trainer: EAKDTrainer, n: int = 4) -> dict[str, torch.Tensor]:
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def _reference_loss(student, teacher, batch, config: EAKDConfig, vocab: int) -> torch.Tensor:
+    """(1 - r) * CE + r * tau^2 * sum(w * d) / N, assembled from the public per-token functions."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    with torch.no_grad():
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(s[mask], labels[mask])
+    d = token_divergence(s[..., :vocab], t[..., :vocab], config.divergence, config.temperature)
+    if config.ea:
+        w = ea_weights(s[..., :vocab], t[..., :vocab], labels, config.entropy_temperature, config.ea_granularity)
+        if config.ea_granularity == "sequence":
+            w = w[:, None].expand_as(d)
+    else:
+        w = torch.ones_like(d)
+    kd = config.temperature**2 * (w * d)[mask].sum() / mask.sum()
+    return (1 - config.kd_ratio) * ce + config.kd_ratio * kd
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"kd_ratio": 0.5, "ea": True, "ea_granularity": "token"},
+        {"kd_ratio": 0.3, "ea": True, "ea_granularity": "sequence", "divergence": "rkl", "temperature": 2.0},
+        {"kd_ratio": 1.0, "ea": False, "divergence": "jsd"},
+        {"kd_ratio": 0.5, "ea": True, "entropy_temperature": 1.0, "divergence": "tvd"},
+    ],
+)
+def test_compute_loss_matches_reference(tiny_stack, tmp_path, overrides):
+    trainer = _trainer(tiny_stack, tmp_path, **overrides)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_needs_no_teacher_and_is_cross_entropy(tiny_stack, tmp_path):
+    trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.0, teacher_model_name_or_path=None)
+    assert trainer.teacher is None
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    hf_loss = trainer.model(**batch).loss  # transformers' own shifted causal-LM cross-entropy
+    torch.testing.assert_close(loss, hf_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_is_frozen_and_not_wrapped(tiny_stack, tmp_path):
+    trainer = _trainer(tiny_stack, tmp_path)
+    assert isinstance(trainer.teacher, LlamaForCausalLM)
+    assert not trainer.teacher.training
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    batch = _batch(trainer)
+    trainer.compute_loss(trainer.model, batch).backward()
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    assert any(p.grad is not None for p in trainer.model.parameters())
+
+
+def test_kd_without_teacher_is_an_error(tiny_stack, tmp_path):
+    config = _config(tiny_stack, tmp_path)
+    parts = prepare_run(config)
+    parts["teacher_model"] = None
+    with pytest.raises(ValueError, match="needs a teacher_model"):
+        EAKDTrainer(args=config, **parts)
+
+
+def test_padded_teacher_vocabulary_is_aligned(tiny_stack, tmp_path):
+    """Extra padding rows in the teacher's output layer (like Qwen2.5 7B vs 0.5B) must not change the loss."""
+    config = _config(tiny_stack, tmp_path, kd_ratio=0.5)
+    parts = prepare_run(config)
+    vocab = parts["model"].config.vocab_size
+    reference = EAKDTrainer(args=config, **parts)
+    batch = _batch(reference)
+    expected = reference.compute_loss(reference.model, batch)
+
+    padded = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"])
+    padded.resize_token_embeddings(vocab + 24)
+    with torch.no_grad():
+        padded.lm_head.weight[vocab:] = 50.0  # padding rows that would dominate the softmax if they were compared
+    parts["teacher_model"] = padded
+    trainer = EAKDTrainer(args=config, **parts)
+    assert trainer.vocab_size == vocab
+    torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vocabulary_smaller_than_tokenizer_is_an_error(tiny_stack):
+    tokenizer = load_tokenizer(tiny_stack["student"])
+    student = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    small = LlamaForCausalLM(tiny_llama_config("teacher", vocab_size=len(tokenizer) - 10))
+    with pytest.raises(ConfigError, match="differ by more than padding"):
+        shared_vocab_size(student, small, tokenizer)
+    assert shared_vocab_size(student, student, tokenizer) == len(tokenizer)
+
+
+def test_tokenizer_mismatch_is_an_error(tiny_stack, tmp_path):
+    student_tok = load_tokenizer(tiny_stack["student"])
+    check_tokenizers_match(student_tok, load_tokenizer(tiny_stack["teacher"]))
+    other = train_tokenizer(["completely different words zebra quantum xylophone"] * 50, vocab_size=300)
+    with pytest.raises(ConfigError, match="tokenizers disagree on .* shared token ids"):
+        check_tokenizers_match(student_tok, other)
+
+
+def test_tokenizer_mismatch_fails_before_training(tiny_stack, tmp_path):
+    other_dir = tmp_path / "other_teacher"
+    other = train_tokenizer(["completely different words zebra quantum xylophone"] * 50, vocab_size=300)
+    model = LlamaForCausalLM(tiny_llama_config("teacher", vocab_size=len(other)))
+    model.save_pretrained(other_dir)
+    other.save_pretrained(other_dir)
+    with pytest.raises(ConfigError, match="tokenizers disagree"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(other_dir)))
+
+
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_gradient_accumulation_equals_one_big_batch(tiny_stack, tmp_path, granularity):
+    """One SGD step on 8 sequences equals 2 accumulated micro-batches of 4 (same data, global token count)."""
+    common = dict(optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1,
+                  weight_decay=0.0, ea_granularity=granularity, kd_ratio=0.5)
+    big = _trainer(tiny_stack, tmp_path / "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, **common)
+    small = _trainer(tiny_stack, tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                     **common)
+    before = {k: v.clone() for k, v in big.model.state_dict().items()}
+    big.train()
+    small.train()
+    moved = 0.0
+    for (name, p_big), p_small in zip(big.model.state_dict().items(), small.model.state_dict().values()):
+        torch.testing.assert_close(p_small, p_big, rtol=1e-4, atol=1e-6, msg=f"{name} differs")
+        moved = max(moved, (p_big - before[name]).abs().max().item())
+    assert moved > 1e-4  # the step really changed the weights
+
+
+def test_logs_losses_entropies_and_weights(tiny_stack, tmp_path):
+    trainer = _trainer(tiny_stack, tmp_path, max_steps=4, logging_steps=2, kd_ratio=0.5)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for key in ("ce_loss", "kd_loss", "teacher_entropy", "student_entropy", "ea_weight_mean", "ea_weight_min",
+                    "ea_weight_max"):
+            assert key in entry and math.isfinite(entry[key]), key
+        assert 0 <= entry["ea_weight_min"] <= entry["ea_weight_mean"] <= entry["ea_weight_max"]
+        vocab = trainer.vocab_size
+        assert 0 <= entry["teacher_entropy"] <= math.log(vocab) + 1e-6
+        # w <= (H_T + H_T) / 2 = H_T pointwise; with tau' = 2 the weights are bounded by log V.
+        assert entry["ea_weight_max"] <= math.log(vocab) + 1e-6
+        # The logged total is the mix of the logged parts.
+        assert entry["loss"] == pytest.approx(0.5 * entry["ce_loss"] + 0.5 * entry["kd_loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_nonfinite_teacher_logits(tiny_stack, tmp_path, policy):
+    trainer = _trainer(tiny_stack, tmp_path, nonfinite_logits=policy)
+    with torch.no_grad():
+        trainer.teacher.lm_head.weight[0, 0] = float("nan")
+    batch = _batch(trainer)
+    if policy == "error":
+        with pytest.raises(FloatingPointError, match="non-finite teacher logits at step 0"):
+            trainer.compute_loss(trainer.model, batch)
+    else:
+        loss = trainer.compute_loss(trainer.model, batch)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(p.grad is None or torch.all(p.grad == 0) for p in trainer.model.parameters())
+
+
+def test_collator_is_built_from_the_tokenizer(tiny_stack, tmp_path):
+    trainer = _trainer(tiny_stack, tmp_path)
+    assert isinstance(trainer.data_collator, DistillationCollator)
+    assert trainer.data_collator.pad_token_id == trainer.processing_class.pad_token_id
