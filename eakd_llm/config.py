@@ -141,6 +141,10 @@ class EAKDConfig(TrainingArguments):
         default="none", metadata={"help": "Integrations to report to (none, tensorboard, wandb, ...)."}
     )
     logging_steps: float = field(default=10, metadata={"help": "Log losses, entropies and EA weights every N steps."})
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation keeps only losses, not full-vocabulary logits (which would fill memory)."},
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -33,3 +33,20 @@ def config_reference_markdown() -> str:
     rows.append("Every `transformers.TrainingArguments` key (learning_rate, max_steps, per_device_train_batch_size, "
                 "gradient_accumulation_steps, bf16, gradient_checkpointing, save_steps, seed, ...) is accepted too.")
     return "\n".join(rows)
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the generated block of the README; True when it changed."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start = text.index(README_BEGIN) + len(README_BEGIN)
+    end = text.index(README_END)
+    new = text[:start] + "\n" + config_reference_markdown() + "\n" + text[end:]
+    if new != text:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m eakd_llm.reference  (after changing a field or its help)
+    print("README.md updated" if update_readme() else "README.md already up to date")
