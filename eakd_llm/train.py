@@ -15,11 +15,11 @@ from .trainer import EAKDTrainer
 logger = logging.getLogger(__name__)
 
 
-def prepare_run(config: EAKDConfig) -> dict[str, Any]:
+def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]:
     """Everything a run needs, loaded and checked before any training step: tokenizers, data, models.
 
     The cheap checks come first (paths, tokenizers, data), the expensive ones (model weights) last, so a bad recipe
-    fails in seconds.
+    fails in seconds. ``teacher_model``: an already loaded teacher to reuse (e.g. across the runs of a sweep).
     """
     config.validate_for_training()
     set_seed(config.seed)
@@ -54,8 +54,8 @@ def prepare_run(config: EAKDConfig) -> dict[str, Any]:
                            config.attn_implementation)
     if config.use_peft:
         model = apply_lora(model, config)
-    teacher = None
-    if config.kd_ratio > 0:
+    teacher = teacher_model if config.kd_ratio > 0 else None
+    if config.kd_ratio > 0 and teacher is None:
         teacher = load_causal_lm(
             config.teacher_model_name_or_path,
             config.teacher_dtype or config.model_dtype,
