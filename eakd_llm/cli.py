@@ -1,4 +1,4 @@
-"""The ``eakd-llm`` command: ``train`` a recipe, ``prepare-tiny`` the tiny stack, print the ``config`` reference."""
+"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``prepare-tiny`` and the ``config`` reference."""
 
 from __future__ import annotations
 
@@ -76,8 +76,22 @@ def config_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def demo_main(argv: Sequence[str]) -> int:
+    from .demo import demo_main as run
+
+    return run(argv)
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    from .evaluation import eval_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
+    "demo": (demo_main, "the embedded default: teacher, SFT/KD/EA-KD students, table and plots (offline, CPU)"),
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
+    "eval": (eval_main, "score a model or LoRA adapter on instruction benchmarks (ROUGE-L, exact match)"),
     "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
     "config": (config_main, "print the reference of the recipe keys"),
 }

@@ -1,0 +1,768 @@
+"""Instruction-following benchmark evaluation, as MiniLLM / DistiLLM (and the EA-KD paper) run it.
+
+The protocol (MiniLLM ``evaluate_main.py`` / ``rouge_metric.py``, microsoft/LMOps):
+
+* every benchmark record is a templated prompt plus one or more acceptable reference answers
+  (:func:`load_eval_records`; raw ``instruction``/``input``/``output`` records are rendered with the same prompt
+  template as training, :func:`eakd_llm.data.format_instruction_prompt`);
+* responses are sampled (``do_sample``, temperature 1, top-p 1, no top-k, ``no_repeat_ngram_size`` 6, prompt + response
+  at most 512 tokens, prompts at most 256) in left-padded batches (:func:`generate_responses`);
+* each response is scored with ROUGE-L F-measure (``rouge_score``, Porter stemming) and exact match after light
+  normalisation, the best over the record's references, averaged over records and reported x100 (:func:`score`);
+* the whole generation + scoring is repeated for the seeds 10, 20, 30, 40, 50 and reported as mean ± std
+  (:func:`evaluate_model`).
+
+ROUGE-L is computed through ``evaluate`` with the local metric module :data:`ROUGE_L_METRIC_PATH`, so no Hub access is
+needed. ``eakd-llm eval`` / ``scripts/evaluate.py`` is :func:`eval_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import string
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from .config import ConfigError
+from .data import format_instruction_prompt, load_split, tokenize_example
+from .losses import IGNORE_INDEX
+from .metrics import ROUGE_L_METRIC_PATH
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_NAMES",
+    "DEFAULT_SEEDS",
+    "EVAL_FORMATS",
+    "ROUGE_L_METRIC_PATH",
+    "EvalRecord",
+    "GenerationSettings",
+    "build_eval_parser",
+    "encode_prompt",
+    "eval_main",
+    "evaluate_model",
+    "exact_match",
+    "generate_responses",
+    "load_eval_records",
+    "load_model_for_eval",
+    "load_rouge_l_metric",
+    "normalize_answer",
+    "results_markdown",
+    "rouge_l",
+    "score",
+    "score_examples",
+]
+
+DEFAULT_SEEDS: tuple[int, ...] = (10, 20, 30, 40, 50)
+BENCHMARKS: tuple[str, ...] = ("dolly", "self_inst", "vicuna", "sni", "unni")
+BENCHMARK_NAMES: dict[str, str] = {
+    "dolly": "DollyEval",
+    "self_inst": "SelfInst",
+    "vicuna": "VicunaEval",
+    "sni": "S-NI",
+    "unni": "UnNI",
+}
+EVAL_FORMATS: tuple[str, ...] = ("auto", "raw", "processed")
+METRICS: tuple[str, ...] = ("rougeL", "exact_match")
+METRIC_NAMES: dict[str, str] = {"rougeL": "ROUGE-L", "exact_match": "EM"}
+
+
+@dataclass
+class GenerationSettings:
+    """How responses are generated; the defaults are MiniLLM's evaluation settings.
+
+    ``max_prompt_length``: prompts longer than this many tokens keep their end (where the instruction meets
+    ``### Response:``) and their BOS, exactly as training truncates them (:func:`eakd_llm.data.tokenize_example`).
+    ``max_length``: prompt + response tokens; each record may generate ``max_length - len(prompt)`` tokens, further
+    capped by ``max_new_tokens`` when it is set. (MiniLLM left-pads every prompt to ``max_prompt_length`` and so gives
+    every record ``max_length - max_prompt_length`` = 256 new tokens; ``max_new_tokens=256`` reproduces that cap.)
+    ``do_sample=False`` is greedy decoding. ``top_k=0`` disables top-k filtering, ``top_p=1.0`` nucleus filtering.
+    ``batch_size`` prompts are generated together (left-padded).
+    """
+
+    max_prompt_length: int = 256
+    max_length: int = 512
+    max_new_tokens: int | None = None
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    no_repeat_ngram_size: int = 6
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values generation cannot work with."""
+        if self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
+        if self.max_length <= self.max_prompt_length:
+            raise ConfigError(
+                f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}): it counts "
+                "the prompt and the generated tokens together"
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be at least 1 (or unset), got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables top-k filtering), got {self.top_k}")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError(f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}")
+
+
+@dataclass
+class EvalRecord:
+    """One benchmark record: the fully templated prompt and the acceptable answers (at least one)."""
+
+    prompt: str
+    references: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading benchmark records
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _read_json_records(path: str) -> list[dict[str, Any]]:
+    """Records of a ``.jsonl`` file (one object a line) or a ``.json`` file (a list, or ``{"data": [...]}``)."""
+    with open(path, encoding="utf-8") as f:
+        if path.lower().endswith(".jsonl"):
+            records = []
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ConfigError(f"{path}:{number}: not valid JSON: {err}") from err
+        else:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}: not valid JSON: {err}") from err
+            records = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ConfigError(f"{path}: expected JSON objects (one per record)")
+    return records
+
+
+def _split_file(folder: str, split: str) -> str:
+    for ext in (".jsonl", ".json"):
+        candidate = os.path.join(folder, split + ext)
+        if os.path.isfile(candidate):
+            return candidate
+    present = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jsonl", ".json")))
+    raise ConfigError(
+        f"split {split!r} not found in {folder} (no {split}.jsonl or {split}.json); "
+        f"files present: {', '.join(present) or 'none'}"
+    )
+
+
+def _load_raw_records(source: str, split: str) -> list[dict[str, Any]]:
+    if os.path.isfile(source):
+        if not source.lower().endswith((".jsonl", ".json")):
+            raise ConfigError(f"{source}: evaluation data must be a .jsonl or .json file (or a folder of them)")
+        return _read_json_records(source)
+    if os.path.isdir(source):
+        return _read_json_records(_split_file(source, split))
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ConfigError(f"evaluation data {source!r} does not exist")
+    # A hub dataset id (needs network access or a populated datasets cache).
+    return [dict(row) for row in load_split(source, split)]
+
+
+def load_eval_records(
+    source: str,
+    split: str = "test",
+    fmt: str = "auto",
+    instruction_column: str = "instruction",
+    context_column: str = "input",
+    output_column: str = "output",
+    prompt_column: str = "prompt",
+    max_samples: int | None = None,
+    references_column: str = "references",
+) -> list[EvalRecord]:
+    """Benchmark records from a ``.jsonl``/``.json`` file, a folder of ``<split>.jsonl`` files, or a Hub dataset id.
+
+    Formats, as MiniLLM/DistiLLM release their benchmarks:
+
+    * ``raw``: ``instruction_column``, optional ``context_column`` and ``output_column``; the prompt is rendered with
+      the training template (:func:`eakd_llm.data.format_instruction_prompt`);
+    * ``processed``: ``prompt_column`` already templated (MiniLLM's ``<n>`` newline markers are turned back into
+      newlines, as its ``PromptDataset`` does) and ``output_column``;
+    * ``auto``: ``processed`` when ``prompt_column`` is present, else ``raw``.
+
+    References: ``references_column`` when present (a list of acceptable answers, e.g. the synthetic tiny splits),
+    else ``output_column``, a string or a list of strings. ``max_samples`` keeps the first records. A missing column
+    raises :class:`ConfigError` naming the columns present.
+    """
+    if fmt not in EVAL_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(EVAL_FORMATS)}; got {fmt!r}")
+    rows = _load_raw_records(os.path.expanduser(source), split)
+    if max_samples is not None:
+        if max_samples < 1:
+            raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
+        rows = rows[:max_samples]
+    if not rows:
+        raise ConfigError(f"evaluation data {source!r} ({split}) has no records")
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    if fmt == "auto":
+        fmt = "processed" if prompt_column in columns else "raw"
+    text_column = prompt_column if fmt == "processed" else instruction_column
+    option = "prompt_column" if fmt == "processed" else "instruction_column"
+    if text_column not in columns:
+        raise ConfigError(
+            f"evaluation data {source!r} ({fmt} format) has no column {text_column!r} (set by {option}); "
+            f"columns present: {', '.join(columns)}"
+        )
+    if output_column not in columns and references_column not in columns:
+        raise ConfigError(
+            f"evaluation data {source!r} has no reference column: neither {output_column!r} (set by output_column) "
+            f"nor {references_column!r}; columns present: {', '.join(columns)}"
+        )
+
+    records: list[EvalRecord] = []
+    for index, row in enumerate(rows):
+        if fmt == "processed":
+            prompt = str(row.get(prompt_column) or "").replace("<n>", "\n")
+        else:
+            context = row.get(context_column)
+            prompt = format_instruction_prompt(str(row.get(instruction_column) or ""), str(context or ""))
+        if not prompt.strip():
+            raise ConfigError(f"evaluation data {source!r}: record {index} has an empty {text_column!r}")
+        value = row.get(references_column)
+        if value in (None, "", []):
+            value = row.get(output_column)
+        references = [str(v) for v in value] if isinstance(value, list) else [] if value is None else [str(value)]
+        if not references:
+            raise ConfigError(
+                f"evaluation data {source!r}: record {index} has no reference answer "
+                f"(columns {output_column!r} / {references_column!r})"
+            )
+        records.append(EvalRecord(prompt=prompt, references=references))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop ``string.punctuation``, collapse whitespace: SQuAD v1.1 normalisation WITHOUT article removal.
+
+    This follows MiniLLM's ``minillm/rouge_metric.py`` (microsoft/LMOps, imported by ``minillm/evaluate_main.py`` as
+    ``from rouge_metric import compute_metrics``; read from the sarvex/LMOps mirror, commit 09c2374): its
+    ``normalize_answer`` is "adapted ... from Squad v1.1 evaluation, without removing the articles", i.e.
+    ``white_space_fix(remove_punc(lower(s)))``, and ``exact_match`` compares the two normalised strings. Leading and
+    trailing whitespace disappear with the whitespace collapsing.
+    """
+    exclude = set(string.punctuation)
+    return " ".join("".join(ch for ch in text.lower() if ch not in exclude).split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised reference, else 0.0."""
+    normalized = normalize_answer(prediction)
+    return float(any(normalized == normalize_answer(ref) for ref in references))
+
+
+def _writable(folder: str) -> bool:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _hf_home() -> str:
+    """``$HF_HOME`` when set (honoured as is); else the default cache when writable; else a temporary folder.
+
+    In the last case ``HF_HOME`` is set for this process so that libraries imported later use it too.
+    """
+    if os.environ.get("HF_HOME"):
+        return os.path.expanduser(os.environ["HF_HOME"])
+    default = os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "huggingface")
+    if _writable(default):
+        return default
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    fallback = os.path.join(tempfile.gettempdir(), f"eakd-llm-hf-home-{user}")
+    os.makedirs(fallback, exist_ok=True)
+    logger.info("default Hugging Face cache %s is not writable; using HF_HOME=%s", default, fallback)
+    os.environ["HF_HOME"] = fallback
+    return fallback
+
+
+@lru_cache(maxsize=1)
+def load_rouge_l_metric():
+    """The local ROUGE-L ``evaluate`` metric (:data:`ROUGE_L_METRIC_PATH`), loaded once, offline.
+
+    ``evaluate.load`` copies the module into its modules cache and imports it from there; both that cache and the
+    metric's data folder must be writable. An existing ``HF_HOME`` (or ``HF_MODULES_CACHE``) is honoured; otherwise
+    the default cache is used when writable, else a temporary folder. Nothing is downloaded, so ``HF_HUB_OFFLINE=1``
+    and ``HF_DATASETS_OFFLINE=1`` are fine. Results are kept in memory (no arrow cache files).
+    """
+    home = _hf_home()
+    import evaluate
+
+    if not hasattr(evaluate, "load"):
+        raise ConfigError(
+            f"`import evaluate` found {getattr(evaluate, '__file__', evaluate)!r} instead of the Hugging Face evaluate "
+            "library: a file or folder named evaluate shadows it on sys.path"
+        )
+    modules_cache = str(evaluate.config.HF_MODULES_CACHE)
+    if not _writable(modules_cache):  # evaluate was imported before HF_HOME pointed somewhere writable
+        evaluate.config.HF_MODULES_CACHE = type(evaluate.config.HF_MODULES_CACHE)(os.path.join(home, "modules"))
+    metrics_cache = str(evaluate.config.HF_METRICS_CACHE)
+    if not _writable(metrics_cache):
+        metrics_cache = os.path.join(home, "metrics")
+    return evaluate.load(ROUGE_L_METRIC_PATH, keep_in_memory=True, cache_dir=metrics_cache)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[float]:
+    """Per-prediction ROUGE-L F-measure, the max over its references, in [0, 1] (through the local metric)."""
+    if not predictions:
+        return []
+    result = load_rouge_l_metric().compute(
+        predictions=list(predictions), references=[list(refs) for refs in references]
+    )
+    return [float(v) for v in result["rougeL_per_example"]]
+
+
+def score_examples(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Per-record ``{"rougeL": [...], "exact_match": [...]}`` in [0, 100] (best over each record's references)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists")
+    for index, refs in enumerate(references):
+        if isinstance(refs, str) or not refs:
+            raise ValueError(f"references[{index}] must be a non-empty list of strings, got {refs!r}")
+    return {
+        "rougeL": [100.0 * v for v in rouge_l(predictions, references)],
+        "exact_match": [100.0 * exact_match(p, refs) for p, refs in zip(predictions, references)],
+    }
+
+
+def score(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """``{"rougeL": .., "exact_match": ..}`` in [0, 100], as MiniLLM's ``compute_metrics``.
+
+    Both are the best score over each record's references, averaged over records and multiplied by 100. ROUGE-L is
+    the ``rouge_score`` F-measure with Porter stemming (through ``evaluate`` and the local metric module); exact match
+    compares :func:`normalize_answer` forms. Values are not rounded (MiniLLM rounds to 4 decimals for display).
+    """
+    if not predictions:
+        raise ValueError("no predictions to score")
+    per_example = score_examples(predictions, references)
+    return {name: float(np.mean(values)) for name, values in per_example.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
+    """Prompt token ids with the tokenizer's special tokens (BOS), truncated exactly as training truncates prompts.
+
+    :func:`eakd_llm.data.tokenize_example` is the single source of the rule (a long prompt keeps its end and its
+    BOS); the response is empty here, so its ``max_length`` only has to exceed ``max_prompt_length``.
+    """
+    example = tokenize_example(prompt, "", tokenizer, max_prompt_length + 1, max_prompt_length)
+    prompt_length = sum(1 for label in example["labels"] if label == IGNORE_INDEX)
+    return example["input_ids"][:prompt_length]
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = tokenizer.eos_token_id
+    if ids is None:
+        ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _generation_config(
+    settings: GenerationSettings, eos_ids: list[int], pad_id: int, max_new_tokens: int
+) -> transformers.GenerationConfig:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": settings.do_sample,
+        "num_beams": 1,
+        "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+        "eos_token_id": (eos_ids[0] if len(eos_ids) == 1 else eos_ids) or None,
+        "pad_token_id": pad_id,
+    }
+    if settings.do_sample:
+        # top_k=0 is passed as is: transformers adds no TopKLogitsWarper when top_k == 0 (nor a top-p warper for
+        # top_p=1.0, nor a temperature warper for 1.0), i.e. pure ancestral sampling, as MiniLLM's `--top-k 0`.
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
+    return transformers.GenerationConfig(**kwargs)
+
+
+class _RowBudget(transformers.StoppingCriteria):
+    """Row ``i`` is finished once it has ``budgets[i]`` new tokens; rows of one batch may have different budgets."""
+
+    def __init__(self, prompt_width: int, budgets: Sequence[int]):
+        self.prompt_width = prompt_width
+        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        return self.budgets.to(input_ids.device) <= generated
+
+
+def generate_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
+    """One response per prompt: left-padded batches through ``model.generate`` with ``settings``, seeded.
+
+    ``torch.manual_seed(seed)`` and ``transformers.set_seed(seed)`` are called before the first batch, so the same
+    model, prompts, settings and seed give the same responses (on the same device). Prompts are tokenized with the
+    tokenizer's special tokens (BOS) and truncated to ``settings.max_prompt_length`` as training does
+    (:func:`encode_prompt`), then left-padded with the tokenizer's pad id (the tokenizer itself is not modified).
+    Each record generates at most ``max_length - len(prompt)`` tokens (and at most ``max_new_tokens`` when set); its
+    new tokens are cut at the first EOS, decoded with ``skip_special_tokens=True`` and stripped.
+
+    The checkpoint's own ``generation_config`` (e.g. a hub model's default temperature or repetition penalty) is set
+    aside during generation so every model is decoded by the same protocol; EOS and pad ids come from the tokenizer.
+    The model is put in eval mode for the call (its training flag is restored afterwards).
+    """
+    settings.validate()
+    torch.manual_seed(seed)
+    transformers.set_seed(seed)
+    if not prompts:
+        return []
+    eos_ids = _eos_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = eos_ids[0] if eos_ids else 0
+    device = _model_device(model)
+    encoded = [encode_prompt(tokenizer, prompt, settings.max_prompt_length) for prompt in prompts]
+
+    was_training = model.training
+    saved_generation_config = getattr(model, "generation_config", None)
+    model.eval()
+    if saved_generation_config is not None:
+        model.generation_config = transformers.GenerationConfig()
+    responses: list[str] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(encoded), settings.batch_size):
+                batch = encoded[start:start + settings.batch_size]
+                width = max(len(ids) for ids in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
+                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, width - len(ids):] = 1
+                budgets = [settings.max_length - len(ids) for ids in batch]
+                if settings.max_new_tokens is not None:
+                    budgets = [min(b, settings.max_new_tokens) for b in budgets]
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=_generation_config(settings, eos_ids, pad_id, max(budgets)),
+                    stopping_criteria=transformers.StoppingCriteriaList([_RowBudget(width, budgets)]),
+                )
+                sequences = output.sequences if hasattr(output, "sequences") else output
+                for row, budget in enumerate(budgets):
+                    new_tokens = sequences[row, width:width + budget].tolist()
+                    for index, token in enumerate(new_tokens):
+                        if token in eos_ids:
+                            new_tokens = new_tokens[:index]
+                            break
+                    responses.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    finally:
+        if saved_generation_config is not None:
+            model.generation_config = saved_generation_config
+        model.train(was_training)
+    return responses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation over datasets and seeds
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    datasets: Mapping[str, list[EvalRecord]],
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    settings: GenerationSettings | None = None,
+    output_dir: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Generate and score every dataset once per seed; report mean ± std over the seeds.
+
+    Returns ``{dataset: {"rougeL": {"mean": m, "std": s, "per_seed": {seed: v}}, "exact_match": {...},
+    "num_records": n}}`` with values in [0, 100]. ``std`` is the POPULATION standard deviation over the seeds
+    (``numpy.std``, ``ddof=0``; 0 for a single seed). Generation is re-seeded before each dataset x seed
+    (:func:`generate_responses`), so a dataset's numbers do not depend on which datasets come before it.
+
+    With ``output_dir``: ``predictions_<dataset>_seed<seed>.jsonl`` (prompt, references, prediction and the record's
+    scores), ``results.json`` (``{"results": <the returned dict>, "seeds": [...], "settings": {...}}``) and
+    ``results.md`` (:func:`results_markdown`).
+    """
+    settings = settings or GenerationSettings()
+    settings.validate()
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("at least one seed is needed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct, got {seeds}")
+    if not datasets:
+        raise ConfigError("no evaluation dataset given")
+    if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    for name, records in datasets.items():
+        if not records:
+            raise ConfigError(f"evaluation dataset {name!r} has no records")
+        prompts = [r.prompt for r in records]
+        references = [list(r.references) for r in records]
+        per_seed: dict[str, dict[int, float]] = {metric: {} for metric in METRICS}
+        for seed in seeds:
+            logger.info("evaluating %s (%d records), seed %d", name, len(records), seed)
+            predictions = generate_responses(model, tokenizer, prompts, settings, seed)
+            per_example = score_examples(predictions, references)
+            for metric in METRICS:
+                per_seed[metric][seed] = float(np.mean(per_example[metric]))
+            if output_dir is not None:
+                path = os.path.join(output_dir, f"predictions_{_file_safe(name)}_seed{seed}.jsonl")
+                with open(path, "w", encoding="utf-8") as f:
+                    for i, (record, prediction) in enumerate(zip(records, predictions)):
+                        row = {"prompt": record.prompt, "references": record.references, "prediction": prediction}
+                        row.update({metric: per_example[metric][i] for metric in METRICS})
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        results[name] = {
+            metric: {
+                "mean": float(np.mean(list(per_seed[metric].values()))),
+                "std": float(np.std(list(per_seed[metric].values()), ddof=0)),
+                "per_seed": per_seed[metric],
+            }
+            for metric in METRICS
+        }
+        results[name]["num_records"] = len(records)
+        logger.info(
+            "%s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f", name, results[name]["rougeL"]["mean"],
+            results[name]["rougeL"]["std"], results[name]["exact_match"]["mean"], results[name]["exact_match"]["std"],
+        )
+
+    if output_dir is not None:
+        with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
+            json.dump({"results": results, "seeds": seeds, "settings": asdict(settings)}, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+            f.write(results_markdown(results) + "\n")
+    return results
+
+
+def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table, one row per dataset: ROUGE-L and EM as ``mean ± std`` over the seeds, records, seeds."""
+    lines = [
+        "| dataset | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " | records | seeds |",
+        "|---|" + "---:|" * len(METRICS) + "---:|---:|",
+    ]
+    for name, result in results.items():
+        cells = [f"{result[m]['mean']:.2f} ± {result[m]['std']:.2f}" for m in METRICS]
+        seeds = len(result[METRICS[0]]["per_seed"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['num_records']} | {seeds} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a model to evaluate
+# ----------------------------------------------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_model_for_eval(
+    path: str,
+    dtype: str | None = "auto",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    base_model: str | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """``(model, tokenizer)`` ready for generation, from a full model folder / hub id or a LoRA adapter folder.
+
+    A folder with ``adapter_config.json`` is a ``peft`` adapter: its base model (``base_model`` when given, else
+    the adapter config's ``base_model_name_or_path``; a relative path that does not exist from the working directory
+    is also tried relative to the adapter folder) is loaded with :func:`eakd_llm.models.load_causal_lm`, the adapter
+    applied and merged (``merge_and_unload``) so generation runs at full speed. The tokenizer comes from the adapter
+    folder when it has one, else from the base model (:func:`eakd_llm.models.load_tokenizer`). The model is moved to
+    ``device`` (default: CUDA when available, else CPU) and put in eval mode.
+    """
+    from .models import load_causal_lm, load_tokenizer
+
+    local = os.path.expanduser(path)
+    adapter_config_path = os.path.join(local, "adapter_config.json")
+    if os.path.isdir(local) and os.path.isfile(adapter_config_path):
+        from peft import PeftModel
+
+        with open(adapter_config_path, encoding="utf-8") as f:
+            adapter_config = json.load(f)
+        base = base_model or adapter_config.get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{adapter_config_path} names no base_model_name_or_path; pass the base model explicitly")
+        if not base_model and not os.path.exists(base) and os.path.exists(os.path.join(local, base)):
+            base = os.path.join(local, base)
+        logger.info("%s is a LoRA adapter on %s; merging it", path, base)
+        model = load_causal_lm(base, dtype=dtype, trust_remote_code=trust_remote_code, key="base model")
+        has_tokenizer = any(os.path.isfile(os.path.join(local, name)) for name in _TOKENIZER_FILES)
+        tokenizer = load_tokenizer(local if has_tokenizer else base, trust_remote_code=trust_remote_code, key="model")
+        model = PeftModel.from_pretrained(model, local).merge_and_unload()
+    else:
+        model = load_causal_lm(local if os.path.exists(local) else path, dtype=dtype,
+                               trust_remote_code=trust_remote_code, key="model")
+        tokenizer = load_tokenizer(local if os.path.exists(local) else path, trust_remote_code=trust_remote_code,
+                                   key="model")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+EVAL_USAGE = "eakd-llm eval --model PATH --data NAME=SOURCE [--data NAME=SOURCE ...] --output-dir DIR [options]"
+_GENERIC_STEMS = {"test", "valid", "validation", "dev", "train", "data", "eval"}
+
+
+def _parse_data_arg(value: str) -> tuple[str, str]:
+    """``NAME=SOURCE``; a bare SOURCE is named after its file (or its folder for generic names like valid.jsonl)."""
+    if "=" in value and not os.path.exists(value):
+        name, source = value.split("=", 1)
+        if not name or not source:
+            raise ConfigError(f"--data expects NAME=SOURCE, got {value!r}")
+        return name, source
+    stripped = value.rstrip("/")
+    stem = os.path.splitext(os.path.basename(stripped))[0]
+    if stem.lower() in _GENERIC_STEMS and os.path.dirname(stripped):
+        stem = os.path.basename(os.path.dirname(stripped))
+    return stem or "data", value
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    defaults = GenerationSettings()
+    parser = argparse.ArgumentParser(
+        prog="eakd-llm eval",
+        description="Evaluate a model (or a LoRA adapter) on instruction benchmarks with the MiniLLM/DistiLLM "
+        "protocol: sampled responses scored with ROUGE-L and exact match against each record's references, "
+        "mean ± std over seeds.",
+    )
+    parser.add_argument("--model", required=True, help="model folder, hub id, or LoRA adapter folder")
+    parser.add_argument("--base-model", default=None, help="base model of a LoRA adapter (default: from its config)")
+    parser.add_argument(
+        "--data", action="append", required=True, metavar="NAME=SOURCE",
+        help="a benchmark: NAME=FILE.jsonl, NAME=FOLDER (reads <split>.jsonl) or NAME=HUB_ID; repeatable. Standard "
+        f"names: {', '.join(BENCHMARKS)}",
+    )
+    parser.add_argument("--split", default="test", help="split read from folders and hub datasets (default: test)")
+    parser.add_argument("--format", default="auto", choices=EVAL_FORMATS,
+                        help="raw (instruction/input/output), processed (prompt/output) or auto (default)")
+    parser.add_argument("--instruction-column", default="instruction")
+    parser.add_argument("--context-column", default="input")
+    parser.add_argument("--output-column", default="output")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--references-column", default="references")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N records of each dataset")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
+                        help=f"generation seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0 disables top-k filtering (default)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=defaults.no_repeat_ngram_size)
+    parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
+    parser.add_argument("--max-length", type=int, default=defaults.max_length, help="prompt + response tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--output-dir", required=True, help="where predictions and results are written")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="raise errors with their traceback")
+    return parser
+
+
+def eval_main(argv: Sequence[str]) -> int:
+    """``eakd-llm eval``: load the model and the benchmarks, evaluate, write results, print the markdown table.
+
+    Returns 0, or 2 with a one-line ``eakd-llm: error: ...`` on stderr for a configuration error.
+    """
+    args = build_eval_parser().parse_args(list(argv))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        settings = GenerationSettings(
+            max_prompt_length=args.max_prompt_length,
+            max_length=args.max_length,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=not args.greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            batch_size=args.batch_size,
+        )
+        settings.validate()
+        datasets: dict[str, list[EvalRecord]] = {}
+        for value in args.data:
+            name, source = _parse_data_arg(value)
+            if name in datasets:
+                raise ConfigError(f"dataset name {name!r} given twice in --data")
+            datasets[name] = load_eval_records(
+                source,
+                split=args.split,
+                fmt=args.format,
+                instruction_column=args.instruction_column,
+                context_column=args.context_column,
+                output_column=args.output_column,
+                prompt_column=args.prompt_column,
+                max_samples=args.max_samples,
+                references_column=args.references_column,
+            )
+        model, tokenizer = load_model_for_eval(
+            args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=args.device,
+            base_model=args.base_model,
+        )
+        results = evaluate_model(model, tokenizer, datasets, seeds=args.seeds, settings=settings,
+                                 output_dir=args.output_dir)
+    except ConfigError as err:
+        if args.debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    print(results_markdown(results))
+    return 0
