@@ -63,6 +63,7 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
             config.attn_implementation,
             key="teacher_model_name_or_path",
         )
+    _check_token_ids(train_dataset, model, teacher)
     return {
         "model": model,
         "teacher_model": teacher,
@@ -70,6 +71,21 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
     }
+
+
+def _check_token_ids(dataset, model, teacher, num_examples: int = 1000) -> None:
+    """Token ids beyond a model's embedding table would fail deep inside the first forward pass: say so now."""
+    sample = dataset.select(range(min(num_examples, len(dataset))))["input_ids"]
+    max_id = max(max(ids) for ids in sample)
+    for key, m in (("model_name_or_path", model), ("teacher_model_name_or_path", teacher)):
+        if m is None:
+            continue
+        rows = m.get_input_embeddings().weight.shape[0]
+        if max_id >= rows:
+            raise ConfigError(
+                f"the tokenized data has token id {max_id} but the model of {key} embeds only {rows} tokens: the "
+                "tokenizer does not belong to this model (or added tokens need resize_token_embeddings)"
+            )
 
 
 def run_training(config: EAKDConfig) -> EAKDTrainer:

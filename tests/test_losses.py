@@ -695,3 +695,18 @@ def test_shape_mismatch(batch):
         distillation_loss(s, t, labels[:, :-1])
     with pytest.raises(ValueError):
         distillation_loss(s, t, labels[:1])
+
+
+@pytest.mark.parametrize("temperature", [0.05, 20.0])
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "skl", "srkl", "jsd", "tvd"])
+def test_extreme_temperatures_stay_finite(temperature, divergence):
+    torch.manual_seed(0)
+    student = (torch.randn(2, 5, 50) * 30).requires_grad_(True)
+    teacher = torch.randn(2, 5, 50) * 30
+    labels = torch.randint(0, 50, (2, 5))
+    for tau_e in (0.05, 20.0):
+        loss = distillation_loss(student, teacher, labels, divergence=divergence, temperature=temperature,
+                                 entropy_temperature=tau_e, ea_granularity="sequence")
+        assert torch.isfinite(loss)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(grad).all()

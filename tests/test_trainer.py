@@ -213,3 +213,12 @@ def test_collator_is_built_from_the_tokenizer(tiny_stack, tmp_path):
     trainer = _trainer(tiny_stack, tmp_path)
     assert isinstance(trainer.data_collator, DistillationCollator)
     assert trainer.data_collator.pad_token_id == trainer.processing_class.pad_token_id
+
+
+def test_tokens_beyond_the_embedding_table_fail_before_training(tiny_stack, tmp_path):
+    tokenizer = load_tokenizer(tiny_stack["student"])
+    folder = tmp_path / "small_student"
+    LlamaForCausalLM(tiny_llama_config("student", vocab_size=len(tokenizer) // 2)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with pytest.raises(ConfigError, match="has token id .* embeds only"):
+        prepare_run(_config(tiny_stack, tmp_path, kd_ratio=0.0, model_name_or_path=str(folder)))
