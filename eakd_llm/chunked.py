@@ -1,0 +1,715 @@
+"""A fused, chunked EA-KD loss that never materialises full-vocabulary logits (pure PyTorch).
+
+:func:`fused_distillation_loss` takes the final hidden states and the ``lm_head`` weights of the student and the
+teacher instead of their logits, and computes exactly
+
+    loss = (1 - r) * CE_sum / N  +  r * tau^2 * sum_n w_n * d_n / N            (r = ``kd_ratio``)
+
+which is ``(1 - r) * CE_sum / N + r * eakd_llm.losses.distillation_loss(s_logits[..., :V], t_logits[..., :V], labels,
+..., num_items_in_batch=N)`` with ``s_logits = softcap_s(scale_s * (student_hidden @ student_weight.T + student_bias))``
+(and the same for the teacher), ``CE_sum`` the summed cross-entropy of the full student logits over the loss tokens,
+``d_n`` the per-token divergence at temperature tau over the shared vocabulary ``V``, ``w_n`` the (detached) EA weight
+``(H_T + H_T * H_S / log V) / 2`` from the entropies at tau' (or 1 without EA), and ``N = num_items_in_batch`` or the
+local number of loss tokens (at least 1).
+
+Layout (Liger ``chunked_loss`` style): the chunking machinery (:class:`_FusedDistillationFunction`,
+:func:`_fused_forward`, :func:`_plan_chunks`, the projection helpers) is separate from the per-chunk maths
+(:func:`_chunk_terms`), which calls the same :mod:`eakd_llm.losses` helpers that ``distillation_loss`` calls, so both
+paths run the same per-token formulas.
+
+Memory: positions without a loss token are dropped before projecting (``[B, T, H] -> [N, H]``); the ``N`` loss tokens
+are processed in chunks of ``chunk_size``, and for each chunk the fp32 ``[c, V]`` logits of both models, the loss and
+the gradient of the chunk's loss with respect to the student logits are computed, then immediately projected back to
+the gradients of the student hidden chunk (``[c, H_s]``) and of the student weight/bias (accumulated in fp32). So the
+extra peak memory is ``O(chunk_size * V)`` (a handful of fp32 ``[c, V]`` temporaries) plus the fp32 ``[V_s, H_s]``
+weight-gradient accumulator and the ``[N, H_s]`` hidden-gradient buffer, never ``O(N * V)``. The backward pass only
+scales the stored gradients by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# The validators and the log-softmax/entropy helpers are the private ones distillation_loss itself uses, so both paths
+# raise the same messages and run bit-identical per-token maths.
+from .losses import (
+    DEFAULT_ENTROPY_TEMPERATURE,
+    DIVERGENCES,
+    GRANULARITIES,
+    IGNORE_INDEX,
+    _check_choice,
+    _check_temperature,
+    _entropy_from_log_probs,
+    _log_probs,
+    _weights_for_tokens,
+    divergence_from_log_probs,
+    ea_weights_from_entropies,
+    loss_denominator,
+)
+
+__all__ = ["fused_distillation_loss"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def fused_distillation_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    kd_ratio: float = 0.5,
+    divergence: str = "fkl",
+    temperature: float = 1.0,
+    ea: bool = True,
+    ea_granularity: str = "token",
+    entropy_temperature: float | None = None,
+    skew_alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    chunk_size: int = 1024,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD`` from hidden states and ``lm_head`` weights, chunk by chunk.
+
+    Equal (up to fp32 summation order) to computing full logits ``z = scale * (hidden @ weight.T + bias)`` (then
+    ``softcap * tanh(z / softcap)`` if a softcap is given) for both models and::
+
+        (1 - kd_ratio) * F.cross_entropy(z_s, labels, reduction="sum") / N
+            + kd_ratio * distillation_loss(z_s[..., :V], z_t[..., :V], labels, ..., num_items_in_batch=N)
+
+    but the peak extra memory is ``O(chunk_size * V)`` instead of ``O(B * T * V)``.
+
+    Args:
+        student_hidden: ``[B, T, H_s]`` final hidden states of the student (after the final norm), already aligned with
+            ``labels``: position ``t`` predicts ``labels[:, t]`` (for a causal LM: ``hidden[:, :-1]`` against
+            ``input_ids[:, 1:]``). Gradients flow back into it (hence into the backbone / LoRA adapters).
+        student_weight: ``[V_s, H_s]`` student ``lm_head`` weight (tied embeddings are fine). Gets a gradient when it
+            requires one. Must be the full weight: a ZeRO-3 / FSDP shard (``numel() == 0``, a ``DTensor``) raises a
+            ``ValueError``; gather it once per step and pass the gathered tensor.
+        teacher_hidden: ``[B, T, H_t]`` final hidden states of the teacher, aligned like the student's (``None`` when
+            ``kd_ratio == 0``). Gets no gradient.
+        teacher_weight: ``[V_t, H_t]`` teacher ``lm_head`` weight (``None`` when ``kd_ratio == 0``). Gets no gradient.
+        labels: ``[B, T]`` targets; ``-100`` marks positions without loss.
+        student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` ``lm_head`` biases.
+        vocab_size: ``V``, the shared vocabulary of the KD term: the first ``V`` columns of both models' logits
+            (``None``: ``min(V_s, V_t)``, i.e. vocabularies differing only by padding rows). CE always uses all ``V_s``
+            student columns.
+        kd_ratio: ``r`` in ``[0, 1]``; 0 is plain SFT (teacher unused), 1 is pure KD (no CE term).
+        divergence, temperature, ea, ea_granularity, entropy_temperature, skew_alpha, jsd_beta: as in
+            :func:`eakd_llm.losses.distillation_loss`.
+        num_items_in_batch: ``N``, the global loss-token count (gradient accumulation / several processes); ``None``:
+            the local count. A batch without loss tokens gives 0 (no NaN) and zero gradients.
+        student_logit_scale, teacher_logit_scale: multipliers applied to the logits (models with a ``logit_scale``).
+        student_softcap, teacher_softcap: Gemma-2-style final logit softcapping ``c * tanh(z / c)`` (after the scale).
+        chunk_size: number of loss tokens per chunk (>= 1); the loss maths keeps about 10-15 fp32 ``[chunk_size, V_s]``
+            temporaries alive at its peak (measured on CPU), so e.g. 1024 x 151,936 -> 6-9 GB, 256 -> a quarter.
+        return_stats: also return detached statistics: those of ``distillation_loss`` (``teacher_entropy``,
+            ``student_entropy``, ``ea_weight_mean/min/max``, ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss
+            token (``kd_loss`` includes tau^2 and the EA weights, as the trainer logs it).
+
+    Returns:
+        A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
+
+    Precision: all softmax/divergence/entropy maths is fp32. The projections are fp32 GEMMs (bf16/fp16 weights are
+    upcast once per call, hidden states chunk by chunk) except on CUDA with bf16/fp16 inputs (or under an active
+    low-precision autocast), where they are low-precision GEMMs with fp32 outputs (``out_dtype``, or the low-precision
+    logits upcast where unsupported), as an HF ``lm_head`` would compute them; the weight gradient is always
+    accumulated in fp32.
+
+    Cost: one pass over the chunks. Per chunk of ``c`` tokens: the student projection (``c * V_s * H_s`` MACs), the
+    teacher projection (``c * V * H_t``) and, when gradients are needed, the hidden and weight gradients
+    (``2 * c * V_s * H_s``) -- the GEMMs of the full-logits path, but on the loss tokens only (the full path also
+    projects prompt and padding positions), plus a backward of the chunk's loss maths done inside the forward. Without
+    gradients (evaluation) only the forward part runs. Kept between forward and backward: the fp32 gradients of the
+    student hidden states ``[N, H_s]``, weight ``[V_s, H_s]`` (when it requires grad) and bias.
+
+    Sequence granularity: every token of a row shares the weight of the row's *mean* entropies, so a row's weight is
+    known only after all its tokens have been projected. Chunks are therefore cut at row boundaries (a chunk never
+    splits a row unless that row alone has more than ``chunk_size`` loss tokens); a row that fits in a chunk gets its
+    weight from the entropies of that same chunk's logits before the chunk's gradient is taken: no extra cost. A row
+    longer than ``chunk_size`` spans several chunks; since the weight is a detached scalar per row, the KD gradient of
+    its non-final chunks is accumulated *unweighted* into side accumulators (fp32 ``[V_s, H_s]`` weight gradient,
+    ``[V_s]`` bias gradient, ``[N, H_s]`` hidden gradient, allocated only when such a row exists) and scaled by the row
+    weight once the row's last chunk is done. With ``0 < kd_ratio < 1`` the (unweighted) CE gradient of those tokens
+    must be kept apart, which costs a second backward of the chunk's loss maths (elementwise, ``O(c * V_s)``) and one
+    more hidden- and weight-gradient GEMM (``2 * c * V_s * H_s``) for those tokens only; with ``kd_ratio == 1`` it
+    costs nothing. The alternative, a no-grad pre-pass that stores only the ``[N]`` entropies H_T, H_S of the long rows'
+    tokens, must recompute both projections for them (``c * V * (H_s + H_t)``) plus two more log-softmaxes (the teacher
+    logits themselves cannot be cached, they are ``[N, V]``): dearer whenever ``H_t >= H_s`` and never cheaper at
+    ``kd_ratio == 1``. Tip: a ``chunk_size`` of at least the longest row's loss-token count makes sequence granularity
+    free.
+    """
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    _check_temperature("temperature", temperature)
+    tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
+    _check_temperature("entropy_temperature", tau_e)
+    if divergence in ("skl", "srkl") and not 0.0 < skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must be in (0, 1), got {skew_alpha}")
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
+        if value is not None and (not value > 0 or not math.isfinite(value)):
+            raise ValueError(f"{name} must be None or a finite number > 0, got {value}")
+
+    use_teacher = kd_ratio > 0
+    _check_weight("student_weight", student_weight)
+    _check_shapes("student", student_hidden, student_weight, student_bias, labels)
+    if use_teacher:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError(f"kd_ratio={kd_ratio} needs teacher_hidden and teacher_weight (kd_ratio 0 is plain SFT)")
+        _check_weight("teacher_weight", teacher_weight)
+        _check_shapes("teacher", teacher_hidden, teacher_weight, teacher_bias, labels)
+        v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+        if vocab_size is None:
+            vocab_size = min(v_s, v_t)
+        if not 2 <= vocab_size <= min(v_s, v_t):
+            raise ValueError(
+                f"vocab_size must be in [2, min(V_s, V_t)] = [2, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}), "
+                f"got {vocab_size}"
+            )
+        devices = {t.device for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, labels)}
+    else:
+        vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
+        devices = {t.device for t in (student_hidden, student_weight, labels)}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+    spec = _LossSpec(
+        kd_ratio=float(kd_ratio),
+        use_teacher=use_teacher,
+        divergence=divergence,
+        temperature=float(temperature),
+        entropy_temperature=float(tau_e),
+        ea=bool(ea),
+        granularity=ea_granularity,
+        skew_alpha=float(skew_alpha),
+        jsd_beta=float(jsd_beta),
+        vocab_size=int(vocab_size),
+        student_logit_scale=float(student_logit_scale),
+        teacher_logit_scale=float(teacher_logit_scale),
+        student_softcap=student_softcap,
+        teacher_softcap=teacher_softcap,
+        need_ce=kd_ratio < 1 or return_stats,
+        need_entropies=use_teacher and (ea or return_stats),
+        autocast_dtype=_autocast_dtype(student_hidden.device.type),
+    )
+
+    # Drop the positions without loss before projecting anything: [B, T, H] -> [N, H].
+    mask = labels != IGNORE_INDEX
+    num_tokens = mask.sum()
+    denominator = loss_denominator(num_tokens, num_items_in_batch)
+    targets = labels[mask]
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    h_s = student_hidden[mask]
+    h_t = teacher_hidden[mask] if use_teacher else None
+    w_t = teacher_weight[: spec.vocab_size] if use_teacher else None  # padding rows beyond V never enter the KD term
+    b_t = teacher_bias[: spec.vocab_size] if use_teacher and teacher_bias is not None else None
+
+    grad_enabled = torch.is_grad_enabled()
+    needs = tuple(
+        grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+    )
+    stats_out: dict[str, torch.Tensor] = {}
+    loss = _FusedDistillationFunction.apply(
+        h_s,
+        student_weight,
+        student_bias,
+        h_t,
+        w_t,
+        b_t,
+        targets,
+        rows,
+        labels.shape[0],
+        denominator,
+        spec,
+        chunk_size,
+        needs,
+        stats_out,
+    )
+    if not return_stats:
+        return loss
+
+    count = num_tokens.clamp(min=1)
+    stats: dict[str, torch.Tensor] = {"num_tokens": num_tokens.detach(), "ce_loss": stats_out["ce_sum"] / count}
+    if use_teacher:
+        stats["kd_loss"] = spec.temperature**2 * stats_out["kd_sum"] / count
+        if int(num_tokens) > 0:
+            h_t_all, h_s_all = stats_out["teacher_entropy"], stats_out["student_entropy"]
+            weights = _weights_for_tokens(
+                h_t_all, h_s_all, rows, labels.shape[0], spec.vocab_size, spec.granularity
+            )
+            stats.update(
+                teacher_entropy=h_t_all.mean(),
+                student_entropy=h_s_all.mean(),
+                ea_weight_mean=weights.mean(),
+                ea_weight_min=weights.min(),
+                ea_weight_max=weights.max(),
+            )
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:  # device types without autocast support
+        return None
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _check_weight(name: str, weight: torch.Tensor) -> None:
+    gather = (
+        "gather the full lm_head weight once per step (DeepSpeed: deepspeed.zero.GatheredParameters([weight]); "
+        "FSDP2: weight.full_tensor(); FSDP1: FSDP.summon_full_params) and pass the gathered tensor"
+    )
+    if _is_dtensor(weight):
+        raise ValueError(
+            f"{name} is a DTensor (an FSDP2/tensor-parallel shard of shape {tuple(weight.shape)}); {gather}"
+        )
+    zero3_shard = hasattr(weight, "ds_id") and tuple(weight.shape) != tuple(getattr(weight, "ds_shape", ()))
+    if weight.numel() == 0 or zero3_shard:
+        raise ValueError(
+            f"{name} has shape {tuple(weight.shape)} ({weight.numel()} elements): it looks like a ZeRO-3/FSDP shard, "
+            f"not the full [V, H] weight; {gather}"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{name} must be a [V, H] matrix, got shape {tuple(weight.shape)}")
+
+
+def _check_shapes(
+    who: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> None:
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, T], got shape {tuple(labels.shape)}")
+    if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(labels.shape):
+        raise ValueError(
+            f"{who}_hidden must be [B, T, H] aligned with labels {tuple(labels.shape)}, got {tuple(hidden.shape)}"
+        )
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{who}_hidden has hidden size {hidden.shape[-1]} but {who}_weight {tuple(weight.shape)} expects "
+            f"{weight.shape[1]}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{who}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if not hidden.is_floating_point() or not weight.is_floating_point():
+        raise ValueError(f"{who}_hidden and {who}_weight must be floating point, got {hidden.dtype}, {weight.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-chunk maths
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LossSpec:
+    kd_ratio: float
+    use_teacher: bool
+    divergence: str
+    temperature: float
+    entropy_temperature: float
+    ea: bool
+    granularity: str
+    skew_alpha: float
+    jsd_beta: float
+    vocab_size: int
+    student_logit_scale: float
+    teacher_logit_scale: float
+    student_softcap: float | None
+    teacher_softcap: float | None
+    need_ce: bool  # compute the CE values (the loss has a CE term, or the stats report it)
+    need_entropies: bool  # compute H_T, H_S (EA weights or stats)
+    autocast_dtype: torch.dtype | None  # the caller's autocast dtype for this device (None: autocast off)
+
+
+@dataclass
+class _ChunkTerms:
+    ce: torch.Tensor | None  # [c] per-token cross-entropy on the full student vocabulary
+    divergence: torch.Tensor | None  # [c] per-token divergence at tau on the shared vocabulary
+    teacher_entropy: torch.Tensor | None  # [c] at tau', detached
+    student_entropy: torch.Tensor | None  # [c] at tau', detached
+
+
+def _transform_logits(logits: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """``z -> scale * z``, then ``softcap * tanh(z / softcap)`` when a softcap is given."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _chunk_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: _LossSpec,
+    ce_grad: bool,
+) -> _ChunkTerms:
+    """The per-token loss terms of one chunk, from raw fp32 projections (differentiable in ``student_logits``).
+
+    Args:
+        student_logits: ``[c, V_s]`` (or ``[c, V]`` when no CE is needed) fp32 ``h_s @ W_s.T + b_s``.
+        teacher_logits: ``[c, V]`` fp32 ``h_t @ W_t[:V].T + b_t[:V]`` or ``None`` without teacher.
+        targets: ``[c]`` labels (all valid).
+        ce_grad: keep the CE term in the graph (else it is computed detached, for the stats only).
+
+    With ``z_s, z_t`` the transformed logits (scale, softcap), ``log p = log_softmax(z[:, :V] / tau)``:
+    ``ce = -log_softmax(z_s)[target]``, ``divergence = divergence_from_log_probs(log p_S, log p_T)``, and the entropies
+    ``H = -sum p' log p'`` of ``p' = softmax(z[:, :V] / tau')`` (reusing ``log p`` when ``tau' == tau``).
+    """
+    z_s = _transform_logits(student_logits, spec.student_logit_scale, spec.student_softcap)
+
+    def cross_entropy(log_probs: torch.Tensor | None) -> torch.Tensor | None:
+        if not spec.need_ce:
+            return None
+        if log_probs is not None:  # log_softmax(z_s) already computed for the KD term (tau 1, same vocabulary)
+            return -(log_probs if ce_grad else log_probs.detach()).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return F.cross_entropy(z_s if ce_grad else z_s.detach(), targets, reduction="none")
+
+    if teacher_logits is None:
+        return _ChunkTerms(cross_entropy(None), None, None, None)
+    with torch.no_grad():
+        z_t = _transform_logits(teacher_logits, spec.teacher_logit_scale, spec.teacher_softcap)
+        log_t = _log_probs(z_t, spec.temperature)
+    z_s_kd = z_s[:, : spec.vocab_size] if z_s.shape[-1] != spec.vocab_size else z_s
+    log_s = _log_probs(z_s_kd, spec.temperature)
+    ce = cross_entropy(log_s if spec.temperature == 1.0 and z_s_kd is z_s else None)
+    per_token = divergence_from_log_probs(
+        log_s, log_t, spec.divergence, skew_alpha=spec.skew_alpha, jsd_beta=spec.jsd_beta
+    )
+    h_t = h_s = None
+    if spec.need_entropies:
+        with torch.no_grad():
+            if spec.entropy_temperature == spec.temperature:
+                h_t, h_s = _entropy_from_log_probs(log_t), _entropy_from_log_probs(log_s.detach())
+            else:
+                h_t = _entropy_from_log_probs(_log_probs(z_t, spec.entropy_temperature))
+                h_s = _entropy_from_log_probs(_log_probs(z_s_kd.detach(), spec.entropy_temperature))
+    return _ChunkTerms(ce, per_token, h_t, h_s)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Projections (fp32 results whatever the input dtype)
+# ----------------------------------------------------------------------------------------------------------------------
+
+_OUT_DTYPE_SUPPORTED: bool | None = None  # does torch.mm(..., out_dtype=float32) work for bf16/fp16 on CUDA?
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32; ``a``, ``b`` share one dtype. Low precision: fp32 output without rounding when possible."""
+    global _OUT_DTYPE_SUPPORTED
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and _OUT_DTYPE_SUPPORTED is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE_SUPPORTED = True
+            return out
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_SUPPORTED = False
+    return (a @ b).float()
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` without rounding the product to the inputs' low-precision dtype."""
+    global _OUT_DTYPE_SUPPORTED
+    if a.dtype in _LOW_PRECISION and a.is_cuda and _OUT_DTYPE_SUPPORTED is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _OUT_DTYPE_SUPPORTED = True
+            return
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_SUPPORTED = False
+    acc.addmm_(a.float(), b.float())
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
+    """GEMM dtype: low precision only on CUDA (bf16/fp16 inputs or the caller's low-precision autocast), else fp32."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if autocast_dtype in _LOW_PRECISION:
+        dtype = autocast_dtype
+    return dtype if hidden.is_cuda and dtype in _LOW_PRECISION else torch.float32
+
+
+class _Projection:
+    """``z = h @ W.T + b`` on chunks of rows, with the matching backward, all results in fp32.
+
+    The weight is cast to the compute dtype once per call (a no-op when it already has it).
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, autocast_dtype: torch.dtype | None
+    ) -> None:
+        self.dtype = _compute_dtype(hidden, weight, autocast_dtype)
+        self.hidden = hidden
+        self.weight = weight.detach().to(self.dtype)
+        self.bias = None if bias is None else bias.detach().float()
+
+    def chunk(self, start: int, end: int) -> torch.Tensor:
+        return self.hidden[start:end].detach().to(self.dtype)
+
+    def forward(self, h: torch.Tensor, cols: int) -> torch.Tensor:
+        """``[c, cols]`` fp32 logits over the first ``cols`` vocabulary rows."""
+        logits = _mm_fp32(h, self.weight[:cols].t())
+        if self.bias is not None:
+            logits = logits + self.bias[:cols]
+        return logits
+
+    def backward(
+        self,
+        grad_logits: torch.Tensor,
+        h: torch.Tensor,
+        grad_hidden: torch.Tensor | None,
+        grad_weight: torch.Tensor | None,
+        grad_bias: torch.Tensor | None,
+    ) -> None:
+        """Accumulate ``dL/dh = dz @ W``, ``dL/dW += dz.T @ h``, ``dL/db += sum dz`` (fp32) for ``dz [c, cols]``."""
+        cols = grad_logits.shape[-1]
+        if grad_hidden is not None:
+            grad_hidden += _mm_fp32(grad_logits.to(self.dtype), self.weight[:cols])
+        if grad_weight is not None:
+            _addmm_fp32_(grad_weight[:cols], grad_logits.t().to(self.dtype), h)
+        if grad_bias is not None:
+            grad_bias[:cols] += grad_logits.sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Chunking machinery
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _plan_chunks(row_starts: list[int], chunk_size: int, keep_rows_whole: bool) -> list[tuple[int, int]]:
+    """``[start, end)`` token ranges of at most ``chunk_size`` tokens covering ``[0, N)``.
+
+    ``row_starts[r]`` is the index of row ``r``'s first token (``row_starts[-1] == N``; empty rows repeat a value).
+    ``keep_rows_whole``: end a chunk at a row boundary rather than inside a row, unless the row starts at the chunk's
+    start (a row longer than ``chunk_size``, which must be split). Such a split row's non-final chunks then hold only
+    that row's tokens.
+    """
+    num_tokens = row_starts[-1]
+    chunks = []
+    start = 0
+    while start < num_tokens:
+        end = min(start + chunk_size, num_tokens)
+        if keep_rows_whole and end < num_tokens:
+            row_start = row_starts[bisect.bisect_right(row_starts, end) - 1]  # start of the row holding token `end`
+            if start < row_start < end:
+                end = row_start
+        chunks.append((start, end))
+        start = end
+    return chunks
+
+
+def _fused_forward(
+    h_s: torch.Tensor,
+    w_s: torch.Tensor,
+    b_s: torch.Tensor | None,
+    h_t: torch.Tensor | None,
+    w_t: torch.Tensor | None,
+    b_t: torch.Tensor | None,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    num_rows: int,
+    denominator: torch.Tensor,
+    spec: _LossSpec,
+    chunk_size: int,
+    needs: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...], dict[str, torch.Tensor]]:
+    """Loss, gradients (fp32; ``None`` where not needed) and ``[N]`` statistics buffers, one chunk at a time."""
+    device = h_s.device
+    num_tokens, _ = h_s.shape
+    v_s, vocab = w_s.shape[0], spec.vocab_size
+    need_h, need_w, need_b = needs
+    need_grad = any(needs)
+    ce_in_loss = spec.kd_ratio < 1
+    kd_in_loss = spec.use_teacher
+
+    student = _Projection(h_s, w_s, b_s, spec.autocast_dtype)
+    teacher = _Projection(h_t, w_t, b_t, spec.autocast_dtype) if kd_in_loss else None
+    student_cols = v_s if spec.need_ce else vocab  # pure KD without stats needs only the shared columns
+
+    zero = torch.zeros((), device=device, dtype=torch.float32)
+    denominator = denominator.to(device=device, dtype=torch.float32)
+    ce_coef = (1.0 - spec.kd_ratio) / denominator
+    kd_coef = spec.kd_ratio * spec.temperature**2 / denominator
+    ce_sum, kd_sum = zero.clone(), zero.clone()
+
+    grad_h = torch.zeros(num_tokens, h_s.shape[1], device=device) if need_h else None
+    grad_w = torch.zeros(w_s.shape, device=device) if need_w else None
+    grad_b = torch.zeros(v_s, device=device) if need_b else None
+
+    h_t_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
+    h_s_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
+
+    counts = torch.bincount(rows, minlength=num_rows)
+    row_starts = [0, *torch.cumsum(counts, 0).tolist()]
+    by_sequence = kd_in_loss and spec.ea and spec.granularity == "sequence"
+    if by_sequence:
+        row_count = counts.float().clamp(min=1)
+        row_sum_t = torch.zeros(num_rows, device=device)
+        row_sum_s = torch.zeros(num_rows, device=device)
+    # Side accumulators for the KD part of a row longer than chunk_size (its weight is known at its last chunk).
+    pending_row: int | None = None
+    pending_start = 0
+    pending_kd = zero.clone()
+    pend_h = pend_w = pend_b = None
+    pending_allocated = False
+
+    chunks = _plan_chunks(row_starts, chunk_size, keep_rows_whole=by_sequence)
+    # Function.forward runs without grad mode: the per-chunk maths needs it to differentiate w.r.t. the logits.
+    with torch.enable_grad() if need_grad else contextlib.nullcontext():
+        for start, end in chunks:
+            hs_chunk = student.chunk(start, end)
+            with torch.no_grad():
+                s_logits = student.forward(hs_chunk, student_cols)
+                t_logits = teacher.forward(teacher.chunk(start, end), vocab) if teacher is not None else None
+            s_logits.requires_grad_(need_grad)
+            terms = _chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad=ce_in_loss and need_grad)
+            if spec.need_entropies:
+                h_t_all[start:end] = terms.teacher_entropy
+                h_s_all[start:end] = terms.student_entropy
+
+            # EA weights of this chunk's tokens (None: all 1); `pending`: a long row continuing after this chunk.
+            weights, pending = None, False
+            if kd_in_loss and spec.ea:
+                if spec.granularity == "token":
+                    weights = ea_weights_from_entropies(terms.teacher_entropy, terms.student_entropy, vocab)
+                else:
+                    chunk_rows = rows[start:end]
+                    row_sum_t.index_add_(0, chunk_rows, terms.teacher_entropy)
+                    row_sum_s.index_add_(0, chunk_rows, terms.student_entropy)
+                    last_row = bisect.bisect_right(row_starts, end - 1) - 1
+                    pending = row_starts[last_row + 1] > end
+                    if pending:
+                        if pending_row is None:
+                            pending_row, pending_start = last_row, row_starts[last_row]
+                    else:  # every row of this chunk ends in it: their weights are final
+                        row_weights = ea_weights_from_entropies(row_sum_t / row_count, row_sum_s / row_count, vocab)
+                        weights = row_weights[chunk_rows]
+
+            ce_chunk = terms.ce.sum() if terms.ce is not None else None
+            kd_chunk = None
+            if kd_in_loss:
+                kd_chunk = (terms.divergence * weights).sum() if weights is not None else terms.divergence.sum()
+            if ce_chunk is not None:
+                ce_sum += ce_chunk.detach()
+            if kd_chunk is not None:
+                if pending:
+                    pending_kd += kd_chunk.detach()
+                else:
+                    kd_sum += kd_chunk.detach()
+
+            if need_grad:
+                g_h = grad_h[start:end] if grad_h is not None else None
+                if not pending:
+                    total = ce_coef * ce_chunk if ce_in_loss else None
+                    if kd_in_loss:
+                        total = kd_coef * kd_chunk if total is None else total + kd_coef * kd_chunk
+                    (d_logits,) = torch.autograd.grad(total, s_logits)
+                    student.backward(d_logits, hs_chunk, g_h, grad_w, grad_b)
+                else:
+                    if not pending_allocated:
+                        pending_allocated = True
+                        pend_h = torch.zeros_like(grad_h) if need_h else None
+                        pend_w = torch.zeros_like(grad_w) if need_w else None
+                        pend_b = torch.zeros_like(grad_b) if need_b else None
+                    if ce_in_loss:  # CE is not row-weighted: keep its gradient apart from the KD one
+                        (d_ce,) = torch.autograd.grad(ce_coef * ce_chunk, s_logits, retain_graph=True)
+                        student.backward(d_ce, hs_chunk, g_h, grad_w, grad_b)
+                    (d_kd,) = torch.autograd.grad(kd_coef * kd_chunk, s_logits)
+                    p_h = pend_h[start:end] if pend_h is not None else None
+                    student.backward(d_kd, hs_chunk, p_h, pend_w, pend_b)
+            # Free this chunk's [c, V] tensors before the next chunk allocates its own.
+            terms = s_logits = t_logits = d_logits = d_ce = d_kd = None
+
+            if by_sequence and not pending and pending_row is not None:
+                # The long row ended in this chunk: scale its deferred KD contributions by its weight.
+                row_weight = row_weights[pending_row]
+                kd_sum += row_weight * pending_kd
+                pending_kd.zero_()
+                if need_grad:
+                    if pend_h is not None:
+                        grad_h[pending_start:start] += row_weight * pend_h[pending_start:start]
+                    if pend_w is not None:
+                        grad_w.add_(pend_w, alpha=float(row_weight))
+                        pend_w.zero_()
+                    if pend_b is not None:
+                        grad_b.add_(pend_b, alpha=float(row_weight))
+                        pend_b.zero_()
+                pending_row = None
+
+    loss = ce_coef * ce_sum if ce_in_loss else zero.clone()
+    if kd_in_loss:
+        loss = loss + kd_coef * kd_sum
+    buffers = {"ce_sum": ce_sum, "kd_sum": kd_sum}
+    if spec.need_entropies:
+        buffers.update(teacher_entropy=h_t_all, student_entropy=h_s_all)
+    return loss, (grad_h, grad_w, grad_b), buffers
+
+
+class _FusedDistillationFunction(torch.autograd.Function):
+    """Runs :func:`_fused_forward` (losses *and* gradients) in ``forward``; ``backward`` scales the stored gradients.
+
+    Only the student hidden states, weight and bias are differentiable inputs; the teacher gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator, spec, chunk_size, needs,
+                stats_out):
+        # GEMM dtypes are chosen explicitly (spec.autocast_dtype holds the caller's autocast state): no autocast inside.
+        with torch.autocast(device_type=h_s.device.type, enabled=False):
+            loss, grads, buffers = _fused_forward(
+                h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator, spec, chunk_size, needs
+            )
+        stats_out.update(buffers)
+        ctx.grads = grads
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        out = []
+        for grad, dtype in zip(ctx.grads, ctx.dtypes):
+            out.append(None if grad is None else (grad * grad_output).to(dtype))
+        ctx.grads = None
+        return (*out, None, None, None, None, None, None, None, None, None, None, None)
