@@ -81,6 +81,15 @@ class EAKDConfig(TrainingArguments):
         default=0.1, metadata={"help": "Skew alpha of the skl/srkl divergences, in (0, 1) (DistiLLM uses 0.1)."}
     )
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight beta of the jsd divergence, in (0, 1)."})
+    fused_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute CE and KD chunk by chunk from the final hidden states, never holding "
+                  "full-vocabulary logits (same loss and gradients). Falls back to full logits where unsupported "
+                  "(sharded student head, LoRA on lm_head)."},
+    )
+    loss_chunk_size: int = field(
+        default=1024, metadata={"help": "Response tokens per chunk of the fused loss (>= 1); memory ~ chunk x V."}
+    )
     nonfinite_logits: str = field(
         default="error",
         metadata={"help": "What to do when teacher or student logits contain NaN/inf: error (stop, naming the step) "
@@ -164,6 +173,8 @@ class EAKDConfig(TrainingArguments):
         _in_range("kd_ratio", self.kd_ratio, 0.0, 1.0, closed=True)
         _in_range("skew_alpha", self.skew_alpha, 0.0, 1.0, closed=False)
         _in_range("jsd_beta", self.jsd_beta, 0.0, 1.0, closed=False)
+        if self.loss_chunk_size < 1:
+            raise ConfigError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         if self.max_prompt_length is None:

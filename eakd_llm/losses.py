@@ -47,10 +47,13 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) summed over the last dimension; 0 * log 0 is taken as 0 (e.g. for -inf logits)."""
+    """KL(p || q) summed over the last dimension; 0 * log 0 is taken as 0 (e.g. for -inf logits).
+
+    Only exact zeros are masked, so a NaN anywhere still propagates to the loss and is caught, never hidden.
+    """
     p = log_p.exp()
     terms = p * (log_p - log_q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return torch.where(p == 0, torch.zeros_like(terms), terms).sum(-1)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
@@ -61,7 +64,7 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> t
 def _entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     p = log_p.exp()
     terms = p * log_p
-    return -torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return -torch.where(p == 0, torch.zeros_like(terms), terms).sum(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

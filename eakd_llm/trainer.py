@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import logging
 import math
 from collections import defaultdict
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from .chunked import fused_distillation_loss
 from .config import EAKDConfig
 from .data import DistillationCollator
 from .losses import IGNORE_INDEX, distillation_loss, loss_denominator
@@ -118,14 +121,49 @@ class EAKDTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        """``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD`` over response tokens, divided by the global token count.
+
+        The fused chunked path (:func:`eakd_llm.chunked.fused_distillation_loss`) is used when the config asks for it
+        and the models allow it; it never holds full-vocabulary logits. Otherwise both models' logits are computed.
+        """
         args: EAKDConfig = self.args
         labels = inputs["labels"][:, 1:]  # position t predicts token t+1
         forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        outputs = model(**forward_inputs, use_cache=False)
-        student_logits = outputs.logits[:, :-1]
-
         num_tokens = (labels != IGNORE_INDEX).sum()
         denominator = loss_denominator(num_tokens, num_items_in_batch)
+
+        if (not return_outputs or args.prediction_loss_only) and self._fused_supported(model):
+            loss, stats, outputs = self._fused_loss(model, forward_inputs, labels, denominator)
+        else:
+            loss, stats, outputs = self._full_logits_loss(model, forward_inputs, labels, denominator)
+
+        if loss is None:  # a non-finite batch skipped by ``nonfinite_logits: skip``
+            loss = _zero_loss(model)
+        else:
+            if args.average_tokens_across_devices and num_items_in_batch is not None:
+                # The denominator counts every process's tokens while DDP averages gradients: undo the average.
+                loss = loss * self.accelerator.num_processes
+            if num_tokens > 0:
+                mode = "train" if model.training else "eval"
+                for key, value in stats.items():
+                    if key != "num_tokens":
+                        self._metrics[mode][key].append(float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def _full_logits_loss(self, model, forward_inputs, labels, denominator):
+        """The reference path: full logits of both models, :func:`eakd_llm.losses.distillation_loss`."""
+        args: EAKDConfig = self.args
+        outputs = model(**forward_inputs, use_cache=False)
+        student_logits = outputs.logits[:, :-1]
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**forward_inputs, use_cache=False).logits[:, :-1]
+        named = (("teacher", teacher_logits), ("student", student_logits))
+        if not self._finite_or_skip([n for n, t in named if t is not None and not torch.isfinite(t).all()]):
+            return None, {}, outputs
+
+        num_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
         ce_sum = F.cross_entropy(
             student_logits.float().reshape(-1, student_logits.shape[-1]),
             labels.reshape(-1),
@@ -133,14 +171,9 @@ class EAKDTrainer(Trainer):
             reduction="sum",
         )
         loss = (1.0 - args.kd_ratio) * ce_sum / denominator
-        stats: dict[str, torch.Tensor] = {"ce_loss": ce_sum.detach() / num_tokens.clamp(min=1)}
-
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(**forward_inputs, use_cache=False).logits[:, :-1]
+        stats: dict[str, torch.Tensor] = {"ce_loss": ce_sum.detach() / num_tokens}
+        if teacher_logits is not None:
             vocab = self.vocab_size
-            if not self._logits_finite(student_logits, teacher_logits):
-                return (loss * 0.0, outputs) if return_outputs else loss * 0.0
             kd, kd_stats = distillation_loss(
                 student_logits[..., :vocab],
                 teacher_logits[..., :vocab],
@@ -156,23 +189,91 @@ class EAKDTrainer(Trainer):
                 return_stats=True,
             )
             loss = loss + args.kd_ratio * kd
-            stats["kd_loss"] = kd.detach() * denominator / num_tokens.clamp(min=1)
-            stats.update({k: v for k, v in kd_stats.items() if k != "num_tokens"})
+            stats["kd_loss"] = kd.detach() * denominator / num_tokens
+            stats.update(kd_stats)
+        return loss, stats, outputs
 
-        if args.average_tokens_across_devices and num_items_in_batch is not None:
-            # The denominator counts every process's tokens while DDP averages gradients: undo the average.
-            loss = loss * self.accelerator.num_processes
+    def _fused_supported(self, model: nn.Module) -> bool:
+        """Fused path: plain ``nn.Linear`` heads we can read whole, and a model that can skip its own projection."""
+        if not self.args.fused_loss:
+            return False
+        if self.is_fsdp_enabled or _deepspeed_zero3():
+            return False  # a sharded student head would need its gradient routed through the engine: full path
+        student = _causal_lm(model)
+        head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
+        if type(head) is not nn.Linear:  # e.g. a LoRA-adapted lm_head
+            return False
+        if "logits_to_keep" not in inspect.signature(student.forward).parameters:
+            return False
+        if self.teacher is not None:
+            teacher = _causal_lm(self.teacher)
+            if not hasattr(teacher, "get_output_embeddings"):
+                return False
+            if not isinstance(teacher.get_output_embeddings(), nn.Linear):
+                return False
+        return True
 
-        if num_tokens > 0:
-            mode = "train" if model.training else "eval"
-            for key, value in stats.items():
-                self._metrics[mode][key].append(float(value))
-        return (loss, outputs) if return_outputs else loss
+    def _fused_loss(self, model, forward_inputs, labels, denominator):
+        """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
+        args: EAKDConfig = self.args
+        # logits_to_keep=1: the model projects one position only; the loss projects the response positions itself.
+        outputs = model(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        student_hidden = outputs.hidden_states[-1][:, :-1]
+        student = _causal_lm(model)
+        s_head = student.get_output_embeddings()
+        s_scale, s_cap = _logit_transform(student)
+        teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
+        gather = contextlib.nullcontext()
+        t_hidden = t_weight = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            teacher = _causal_lm(self.teacher)
+            t_head = teacher.get_output_embeddings()
+            t_weight, t_bias = t_head.weight, t_head.bias
+            if hasattr(t_weight, "full_tensor"):  # FSDP2-sharded teacher head: gathered once for this step
+                t_weight = t_weight.full_tensor()
+                t_bias = t_bias.full_tensor() if t_bias is not None else None
+            elif hasattr(t_weight, "ds_id"):  # ZeRO-3 teacher engine: gathered once for this step
+                import deepspeed
 
-    def _logits_finite(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> bool:
+                gather = deepspeed.zero.GatheredParameters([p for p in (t_weight, t_bias) if p is not None])
+            t_scale, t_cap = _logit_transform(teacher)
+            t_hidden = t_out.hidden_states[-1][:, :-1]
+            teacher_kwargs = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
+                                  teacher_logit_scale=t_scale, teacher_softcap=t_cap)
+        with gather:
+            loss, stats = fused_distillation_loss(
+                student_hidden,
+                s_head.weight,
+                labels=labels,
+                student_bias=s_head.bias,
+                vocab_size=self.vocab_size,
+                kd_ratio=args.kd_ratio,
+                divergence=args.divergence,
+                temperature=args.temperature,
+                ea=args.ea,
+                ea_granularity=args.ea_granularity,
+                entropy_temperature=args.entropy_temperature,
+                skew_alpha=args.skew_alpha,
+                jsd_beta=args.jsd_beta,
+                num_items_in_batch=denominator,
+                student_logit_scale=s_scale,
+                student_softcap=s_cap,
+                chunk_size=args.loss_chunk_size,
+                return_stats=True,
+                **teacher_kwargs,
+            )
+            if not torch.isfinite(loss):
+                suspects = (("teacher", (t_hidden, t_weight)), ("student", (student_hidden, s_head.weight)))
+                bad = [name for name, tensors in suspects
+                       if any(t is not None and not torch.isfinite(t).all() for t in tensors)]
+                if not self._finite_or_skip(bad or ["student"]):
+                    return None, {}, outputs
+        return loss, stats, outputs
+
+    def _finite_or_skip(self, bad: list[str]) -> bool:
         """Stop (``nonfinite_logits: error``) or skip the batch (``skip``) when any logit is NaN or infinite."""
-        bad = [name for name, t in (("teacher", teacher_logits), ("student", student_logits))
-               if not torch.isfinite(t).all()]
         if not bad:
             return True
         message = f"non-finite {' and '.join(bad)} logits at step {self.state.global_step}"
@@ -230,6 +331,41 @@ class EAKDTrainer(Trainer):
             else:
                 out[key] = column.mean().item()
         return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The causal-LM module under DDP / DeepSpeed / FSDP1 wrappers and a PEFT wrapper."""
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) that the model applies to its logits after the projection (1, None for most models)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling  # Granite divides its logits
+    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+
+
+def _deepspeed_zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - very old transformers
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
+def _zero_loss(model: nn.Module) -> torch.Tensor:
+    """A zero loss whose gradients are exactly zero, even if activations or weights hold NaN."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.reshape(-1)[0] for p in params) * 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -710,3 +710,14 @@ def test_extreme_temperatures_stay_finite(temperature, divergence):
         assert torch.isfinite(loss)
         (grad,) = torch.autograd.grad(loss, student)
         assert torch.isfinite(grad).all()
+
+
+def test_nan_logits_propagate_instead_of_being_masked():
+    """A NaN logit must surface as a NaN loss (so the trainer can report it), not be silently zeroed."""
+    student = torch.randn(1, 3, 8)
+    teacher = torch.randn(1, 3, 8)
+    teacher[0, 1, 2] = float("nan")
+    labels = torch.zeros(1, 3, dtype=torch.long)
+    for divergence in ("fkl", "rkl", "skl", "srkl", "jsd", "tvd"):
+        assert torch.isnan(distillation_loss(student, teacher, labels, divergence=divergence, ea=False))
+    assert torch.isnan(token_entropy(teacher)[0, 1])

@@ -75,12 +75,26 @@ def _reference_loss(student, teacher, batch, config: EAKDConfig, vocab: int) -> 
         {"kd_ratio": 0.5, "ea": True, "entropy_temperature": 1.0, "divergence": "tvd"},
     ],
 )
-def test_compute_loss_matches_reference(tiny_stack, tmp_path, overrides):
-    trainer = _trainer(tiny_stack, tmp_path, **overrides)
+@pytest.mark.parametrize("fused", [True, False])
+def test_compute_loss_matches_reference(tiny_stack, tmp_path, overrides, fused, monkeypatch):
+    trainer = _trainer(tiny_stack, tmp_path, fused_loss=fused, loss_chunk_size=7, **overrides)
+    paths = []
+    for name in ("_fused_loss", "_full_logits_loss"):
+        original = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda *a, _o=original, _n=name: (paths.append(_n), _o(*a))[1])
     batch = _batch(trainer)
     loss = trainer.compute_loss(trainer.model, batch)
+    assert paths == ["_fused_loss" if fused else "_full_logits_loss"]
     expected = _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # and the gradients of the student agree with the reference's
+    grads = torch.autograd.grad(loss, list(trainer.model.parameters()))
+    expected_grads = torch.autograd.grad(
+        _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size),
+        list(trainer.model.parameters()),
+    )
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_sft_needs_no_teacher_and_is_cross_entropy(tiny_stack, tmp_path):
@@ -157,11 +171,11 @@ def test_tokenizer_mismatch_fails_before_training(tiny_stack, tmp_path):
         prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(other_dir)))
 
 
-@pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_gradient_accumulation_equals_one_big_batch(tiny_stack, tmp_path, granularity):
+@pytest.mark.parametrize(("granularity", "fused"), [("token", True), ("sequence", True), ("token", False)])
+def test_gradient_accumulation_equals_one_big_batch(tiny_stack, tmp_path, granularity, fused):
     """One SGD step on 8 sequences equals 2 accumulated micro-batches of 4 (same data, global token count)."""
     common = dict(optim="sgd", learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1,
-                  weight_decay=0.0, ea_granularity=granularity, kd_ratio=0.5)
+                  weight_decay=0.0, ea_granularity=granularity, kd_ratio=0.5, fused_loss=fused)
     big = _trainer(tiny_stack, tmp_path / "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, **common)
     small = _trainer(tiny_stack, tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2,
                      **common)
@@ -193,9 +207,10 @@ def test_logs_losses_entropies_and_weights(tiny_stack, tmp_path):
         assert entry["loss"] == pytest.approx(0.5 * entry["ce_loss"] + 0.5 * entry["kd_loss"], rel=0.05)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("policy", ["error", "skip"])
-def test_nonfinite_teacher_logits(tiny_stack, tmp_path, policy):
-    trainer = _trainer(tiny_stack, tmp_path, nonfinite_logits=policy)
+def test_nonfinite_teacher_logits(tiny_stack, tmp_path, policy, fused):
+    trainer = _trainer(tiny_stack, tmp_path, nonfinite_logits=policy, fused_loss=fused)
     with torch.no_grad():
         trainer.teacher.lm_head.weight[0, 0] = float("nan")
     batch = _batch(trainer)
