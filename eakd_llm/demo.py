@@ -93,11 +93,11 @@ def _slug(name: str) -> str:
 
 
 class CachedTeacher(nn.Module):
-    """A frozen teacher whose logits are remembered per batch (keyed by the token ids and mask).
+    """A frozen teacher whose final hidden states are remembered per batch (keyed by the token ids and mask).
 
-    Runs with the same seed see the same batches, so a sweep pays the teacher's forward pass once. Logits are kept
-    in float16 on the CPU, and served in float16 on a miss too, so a run computes the same loss whether or not its
-    batches were cached.
+    Runs with the same seed see the same batches, so a sweep pays the teacher's backbone once. Only the final hidden
+    states ``[B, T, H]`` are kept (H is far smaller than the vocabulary); logits, when asked for, are projected from
+    them with the teacher's own head, so cached and uncached batches give identical values.
     """
 
     def __init__(self, teacher: nn.Module) -> None:
@@ -111,21 +111,29 @@ class CachedTeacher(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.teacher.get_output_embeddings()
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.teacher.get_input_embeddings()
+
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                **kwargs: Any) -> SimpleNamespace:
         digest = hashlib.blake2b(input_ids.cpu().numpy().tobytes(), digest_size=16)
         digest.update(attention_mask.cpu().numpy().tobytes())
         digest.update(str(tuple(input_ids.shape)).encode())
         key = digest.digest()
-        logits = self.cache.get(key)
-        if logits is None:
+        hidden = self.cache.get(key)
+        if hidden is None:
             self.misses += 1
-            logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-            logits = logits.to(torch.float16).cpu()
-            self.cache[key] = logits
+            kwargs["output_hidden_states"] = True
+            out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
+            hidden = out.hidden_states[-1].cpu()
+            self.cache[key] = hidden
         else:
             self.hits += 1
-        return SimpleNamespace(logits=logits.to(input_ids.device).float())
+        hidden = hidden.to(input_ids.device)
+        # logits_to_keep=1 is how the fused loss asks for hidden states only; otherwise give full logits.
+        logits = None if logits_to_keep == 1 else self.teacher.get_output_embeddings()(hidden)
+        return SimpleNamespace(logits=logits, hidden_states=(hidden,))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,8 +28,12 @@ def test_cached_teacher_returns_the_same_logits_and_counts_hits(tiny_stack):
     assert (cached.hits, cached.misses) == (1, 1)
     torch.testing.assert_close(first, second)
     with torch.no_grad():
-        direct = teacher(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(first, direct, atol=2e-2, rtol=1e-3)  # stored in float16
+        direct = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(first, direct.logits, atol=1e-5, rtol=1e-5)
+    # the fused loss asks for hidden states only
+    hidden_only = cached(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    assert hidden_only.logits is None
+    torch.testing.assert_close(hidden_only.hidden_states[-1], direct.hidden_states[-1])
     cached(input_ids=ids, attention_mask=torch.ones_like(mask))  # another mask is another batch
     assert cached.misses == 2
 
