@@ -142,6 +142,11 @@ class EAKDConfig(TrainingArguments):
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names to adapt (e.g. [q_proj, v_proj]); default: all linear layers."}
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "Resume from this checkpoint folder, or 'last' for the newest checkpoint-N in output_dir "
+                  "(optimizer, scheduler, RNG and data position are restored)."},
+    )
     # ----- Trainer defaults changed for distillation -----
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept false: the collator needs the tokenized columns as they are."}

@@ -84,7 +84,15 @@ def load_split(dataset_name: str, split: str, dataset_config: str | None = None)
             raise ConfigError(
                 f"split {split!r} not found in {dataset_name}; available splits: {', '.join(sorted(files))}"
             )
-        return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+        for path in files[split]:
+            if os.path.getsize(path) == 0:
+                raise ConfigError(f"the {split} split of {dataset_name} is empty: {path} has no records")
+        try:
+            return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
+        except Exception as err:  # malformed JSON lines, unreadable parquet, ...: name the file, not the internals
+            raise ConfigError(
+                f"cannot read the {split} split from {', '.join(files[split])}: {type(err).__name__}: {err}"
+            ) from err
     try:
         return datasets.load_dataset(dataset_name, dataset_config, split=split)
     except ValueError as err:

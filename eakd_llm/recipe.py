@@ -39,6 +39,9 @@ def read_yaml(path: str) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} at line {context_mark.line + 1})"
         raise ConfigError(f"recipe {path!r} is not valid YAML{where}: {problem}") from err
     if data is None:
         return {}

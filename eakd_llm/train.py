@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from transformers import set_seed
 
 from .config import ConfigError, EAKDConfig
 from .data import build_dataset, load_split
-from .models import apply_lora, check_tokenizers_match, load_causal_lm, load_tokenizer
+from .models import apply_lora, check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
 from .trainer import EAKDTrainer
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
             config.attn_implementation,
             key="teacher_model_name_or_path",
         )
+    if teacher is not None:
+        shared_vocab_size(model, teacher, tokenizer)  # the vocabulary check names the real problem first
     _check_token_ids(train_dataset, model, teacher)
     return {
         "model": model,
@@ -90,9 +93,18 @@ def _check_token_ids(dataset, model, teacher, num_examples: int = 1000) -> None:
 
 def run_training(config: EAKDConfig) -> EAKDTrainer:
     """Prepare, train (resuming when ``resume_from_checkpoint`` is set), save the final model and its tokenizer."""
+    resume = config.resume_from_checkpoint
+    if resume == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if resume is None:
+            raise ConfigError(f"resume_from_checkpoint: last, but {config.output_dir} holds no checkpoint-N folder")
+    elif resume is not None and not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder")
     parts = prepare_run(config)
     trainer = EAKDTrainer(args=config, **parts)
-    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

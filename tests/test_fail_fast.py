@@ -1,0 +1,148 @@
+"""Every bad recipe, model or dataset stops `eakd-llm train` before training with one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import LlamaForCausalLM
+
+from eakd_llm.cli import train_main
+from eakd_llm.synthetic import tiny_llama_config, train_tokenizer
+
+
+def _recipe(tiny_stack, tmp_path: Path, **changes) -> Path:
+    values = {
+        "model_name_or_path": tiny_stack["student"],
+        "teacher_model_name_or_path": tiny_stack["teacher"],
+        "dataset_name": tiny_stack["data_dir"],
+        "response_column": "output",
+        "kd_ratio": 0.5,
+        "max_length": 96,
+        "max_prompt_length": 64,
+        "max_steps": 1,
+        "use_cpu": True,
+        "save_strategy": "no",
+        "output_dir": str(tmp_path / "out"),
+    }
+    for key, value in changes.items():
+        if value is None:
+            values.pop(key, None)
+        else:
+            values[key] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _data(tmp_path: Path, records, name="data") -> str:
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    with open(folder / "train.jsonl", "w") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+    return str(folder)
+
+
+def _fails(capsys, argv, expected: str) -> None:
+    assert train_main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("eakd-llm: error:")]
+    assert len(lines) == 1, err
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def _other_tokenizer_model(tmp_path: Path) -> str:
+    folder = tmp_path / "other_teacher"
+    tokenizer = train_tokenizer(["completely different words zebra quantum xylophone"] * 50, vocab_size=300)
+    LlamaForCausalLM(tiny_llama_config("teacher", vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _small_vocab_teacher(tiny_stack, tmp_path: Path) -> str:
+    """Same tokenizer, but an output layer that cannot hold all of its tokens."""
+    from eakd_llm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_stack["teacher"])
+    folder = tmp_path / "small_teacher"
+    LlamaForCausalLM(tiny_llama_config("teacher", vocab_size=len(tokenizer) - 7)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def _remote_code_model(tiny_stack, tmp_path: Path) -> str:
+    folder = tmp_path / "remote_code"
+    folder.mkdir()
+    config = json.loads((Path(tiny_stack["student"]) / "config.json").read_text())
+    config.update(model_type="my_custom_lm", auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_custom.py").write_text("raise RuntimeError('this must never be executed')\n")
+    for name in Path(tiny_stack["student"]).iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (folder / name.name).write_bytes(name.read_bytes())
+    return str(folder)
+
+
+CASES = {
+    "unknown key": (lambda s, t: ([_recipe(s, t), "--kd_ration", "0.5"], "unknown key 'kd_ration' in the command line; "
+                                  "did you mean 'kd_ratio'?")),
+    "unknown key in recipe": (lambda s, t: ([_recipe(s, t, tempreature=2.0)], "unknown key 'tempreature' in recipe")),
+    "wrong type": (lambda s, t: ([_recipe(s, t), "--kd_ratio", "half"], "kd_ratio expects float, got 'half'")),
+    "temperature <= 0": (lambda s, t: ([_recipe(s, t), "--temperature", "0"], "temperature must be > 0")),
+    "kd_ratio > 1": (lambda s, t: ([_recipe(s, t), "--kd_ratio", "1.5"], "kd_ratio must be in [0, 1]")),
+    "skew_alpha outside (0,1)": (lambda s, t: ([_recipe(s, t), "--skew_alpha", "1"], "skew_alpha must be in (0, 1)")),
+    "jsd_beta outside (0,1)": (lambda s, t: ([_recipe(s, t), "--jsd_beta", "0"], "jsd_beta must be in (0, 1)")),
+    "unknown divergence": (lambda s, t: ([_recipe(s, t), "--divergence", "kl"], "divergence='kl' is not allowed; "
+                                         "choose one of: fkl, rkl, skl, srkl, jsd, tvd")),
+    "unknown granularity": (lambda s, t: ([_recipe(s, t), "--ea_granularity", "batch"],
+                                          "ea_granularity='batch' is not allowed")),
+    "missing model": (lambda s, t: ([_recipe(s, t, model_name_or_path=str(t / "no" / "such" / "student"))],
+                                    "model_name_or_path: ")),
+    "missing teacher": (lambda s, t: ([_recipe(s, t, teacher_model_name_or_path=str(t / "no" / "such" / "teacher"))],
+                                      "teacher_model_name_or_path: ")),
+    "teacher not given": (lambda s, t: ([_recipe(s, t, teacher_model_name_or_path=None)],
+                                        "teacher_model_name_or_path is required when kd_ratio > 0")),
+    "tokenizer mismatch": (lambda s, t: ([_recipe(s, t, teacher_model_name_or_path=_other_tokenizer_model(t))],
+                                         "tokenizers disagree")),
+    "vocabulary beyond padding": (lambda s, t: ([_recipe(s, t, teacher_model_name_or_path=_small_vocab_teacher(s, t))],
+                                                "differ by more than padding")),
+    "missing column": (lambda s, t: ([_recipe(s, t, response_column="answer")],
+                                     "no column 'answer' (set by response_column); columns present: instruction")),
+    "empty column": (lambda s, t: ([_recipe(s, t, dataset_name=_data(t, [{"prompt": "hi", "response": ""}]),
+                                            response_column="response")],
+                                   "column 'response' is empty in the first record")),
+    "empty dataset": (lambda s, t: ([_recipe(s, t, dataset_name=_data(t, []))], "split of")),
+    "missing split": (lambda s, t: ([_recipe(s, t, dataset_eval_split="dev", eval_strategy="steps")],
+                                    "split 'dev' not found")),
+    "yaml syntax": (lambda s, t: ([_bad_yaml(t)], "while parsing a flow sequence at line 3")),
+    "trust_remote_code off": (lambda s, t: ([_recipe(s, t, model_name_or_path=_remote_code_model(s, t),
+                                                     kd_ratio=0.0, teacher_model_name_or_path=None)],
+                                            "trust_remote_code is off")),
+    "resume from nothing": (lambda s, t: ([_recipe(s, t), "--resume_from_checkpoint", "last"],
+                                          "holds no checkpoint-N folder")),
+}
+
+
+def _bad_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name_or_path: x\nkd_ratio: 0.5\ndivergence: [fkl\noutput_dir: out\n")
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_fast_with_one_clear_line(tiny_stack, tmp_path, capsys, case):
+    argv, expected = CASES[case](tiny_stack, tmp_path)
+    _fails(capsys, argv, expected)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_debug_flag_shows_the_traceback(tiny_stack, tmp_path):
+    from eakd_llm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="kd_ratio must be in"):
+        train_main([str(_recipe(tiny_stack, tmp_path)), "--kd_ratio", "2", "--debug"])
