@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -15,6 +16,28 @@ import yaml
 from .config import ConfigError, EAKDConfig
 
 _MISSING = object()
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 scalars: only true/false are booleans (``eval_strategy: no`` stays the
+    string "no", not False) and exponents need no dot (``1e-5`` is a float, not a string)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=RecipeLoader)  # noqa: S506 - RecipeLoader is a SafeLoader
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
@@ -29,10 +52,10 @@ def _field_types() -> dict[str, Any]:
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """``yaml.safe_load`` of a recipe; syntax errors name the line, and the top level must be a mapping."""
+    """Safe YAML 1.2 load of a recipe; syntax errors name the line, and the top level must be a mapping."""
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = _load(handle)
     except FileNotFoundError as err:
         raise ConfigError(f"recipe {path!r} does not exist") from err
     except yaml.YAMLError as err:
@@ -67,7 +90,7 @@ def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
             else:
                 value = "true"
         try:
-            overrides[key] = yaml.safe_load(value) if value != "" else ""
+            overrides[key] = _load(value) if value != "" else ""
         except yaml.YAMLError:
             overrides[key] = value
         i += 1

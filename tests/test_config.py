@@ -205,3 +205,12 @@ def test_readme_embeds_the_generated_config_reference():
     assert readme[start:end].strip() == config_reference_markdown().strip(), (
         "README config reference is stale: regenerate it with `eakd-llm config`"
     )
+
+
+def test_yaml_12_scalars_no_is_a_string_and_exponents_are_floats(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path}\neval_strategy: no\nlearning_rate: 2e-5\nea: false\n")
+    config = load_recipe(str(recipe), ["--save_strategy", "no", "--warmup_steps", "1e1"])
+    assert config.eval_strategy == "no" and config.save_strategy == "no"
+    assert config.learning_rate == 2e-5 and config.ea is False
+    assert config.warmup_steps == 10
