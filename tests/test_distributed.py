@@ -1,0 +1,127 @@
+"""Several processes on CPU (gloo) and crash recovery: the real script under `accelerate launch`, and SIGKILL + resume.
+
+Select with ``pytest -m distributed``; they run in CI too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _args(tiny_stack, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(REPO / "scripts" / "distill.py"), str(REPO / "recipes" / "tiny" / "eakd_token.yaml"),
+        "--model_name_or_path", tiny_stack["student"], "--teacher_model_name_or_path", tiny_stack["teacher"],
+        "--dataset_name", tiny_stack["data_dir"], "--output_dir", str(output_dir),
+        "--logging_steps", "1", "--disable_tqdm", "true", "--eval_strategy", "no",
+        "--max_length", "96", "--max_prompt_length", "64", *extra,
+    ]
+
+
+def _single(tiny_stack, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *_args(tiny_stack, output_dir, *extra)], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _launch(tiny_stack, output_dir: Path, processes: int, *extra: str) -> None:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), *_args(tiny_stack, output_dir, *extra)]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _losses(output_dir: Path) -> list[float]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def _assert_same_weights(a: Path, b: Path, exact: bool, name: str = "model.safetensors") -> None:
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if exact:
+            assert torch.equal(wa[key], wb[key]), key
+        else:
+            torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_ddp_two_processes_match_one_process(tiny_stack, tmp_path):
+    """Global batch 8: 1 process x 8, 2 processes x 4, and 2 processes x 2 x 2 accumulation steps."""
+    steps = ["--max_steps", "4", "--save_strategy", "no"]
+    _single(tiny_stack, tmp_path / "one", "--per_device_train_batch_size", "8", *steps)
+    _launch(tiny_stack, tmp_path / "ddp", 2, "--per_device_train_batch_size", "4", *steps)
+    _launch(tiny_stack, tmp_path / "ddp_ga", 2, "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "2", *steps)
+    reference = _losses(tmp_path / "one")
+    assert len(reference) == 4
+    for run in ("ddp", "ddp_ga"):
+        losses = _losses(tmp_path / run)
+        assert losses == pytest.approx(reference, rel=1e-5), (run, losses, reference)
+        _assert_same_weights(tmp_path / "one", tmp_path / run, exact=False)
+
+
+def _kill_after_checkpoint(command: list[str], checkpoint: Path, timeout: float = 300) -> None:
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (checkpoint / "trainer_state.json").exists():
+            if process.poll() is not None:
+                raise AssertionError(f"run ended before {checkpoint.name}: {process.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {checkpoint.name} after {timeout} s")
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sigkilled_run_resumes_to_the_same_result(tiny_stack, tmp_path, lora):
+    extra = ["--max_steps", "40", "--save_steps", "8", "--save_total_limit", "10", "--save_strategy", "steps",
+             "--per_device_train_batch_size", "8"]
+    if lora:
+        extra += ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8"]
+    _single(tiny_stack, tmp_path / "straight", *extra)
+
+    crashed = tmp_path / "crashed"
+    _kill_after_checkpoint([sys.executable, *_args(tiny_stack, crashed, *extra)], crashed / "checkpoint-8")
+    assert not (crashed / "trainer_state.json").exists()  # it really died before the end
+    _single(tiny_stack, crashed, *extra, "--resume_from_checkpoint", str(crashed / "checkpoint-8"))
+
+    straight_losses, resumed_losses = _losses(tmp_path / "straight"), _losses(crashed)
+    assert len(straight_losses) == 40
+    # the resumed state carries the log of steps 1-8 from the checkpoint, then logs steps 9-40 again
+    assert resumed_losses == straight_losses
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    _assert_same_weights(tmp_path / "straight", crashed, exact=True, name=weights)
