@@ -83,7 +83,8 @@ def _check_token_ids(dataset, model, teacher, num_examples: int = 1000) -> None:
     for key, m in (("model_name_or_path", model), ("teacher_model_name_or_path", teacher)):
         if m is None:
             continue
-        rows = m.get_input_embeddings().weight.shape[0]
+        weight = m.get_input_embeddings().weight
+        rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]  # ZeRO-3 partitions: full shape
         if max_id >= rows:
             raise ConfigError(
                 f"the tokenized data has token id {max_id} but the model of {key} embeds only {rows} tokens: the "

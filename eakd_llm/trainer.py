@@ -105,7 +105,7 @@ class EAKDTrainer(Trainer):
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
-            return _deepspeed_inference_engine(teacher, self.accelerator)
+            return _deepspeed_inference_engine(teacher, self.accelerator, self.args)
         if self.is_fsdp_enabled:
             return _fsdp_shard(teacher, self.accelerator)
         return teacher.to(self.accelerator.device)
@@ -373,7 +373,7 @@ def _zero_loss(model: nn.Module) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _deepspeed_inference_engine(teacher: nn.Module, accelerator) -> nn.Module:
+def _deepspeed_inference_engine(teacher: nn.Module, accelerator, args: EAKDConfig) -> nn.Module:
     """Wrap the frozen teacher in a DeepSpeed engine with the run's ZeRO settings (stage 3 shards it)."""
     import deepspeed
 
@@ -391,6 +391,13 @@ def _deepspeed_inference_engine(teacher: nn.Module, accelerator) -> nn.Module:
         zero["stage"] = 0  # ZeRO-1/2 only shard optimizer state and gradients, which a frozen teacher has not
     for key in ("optimizer", "scheduler"):
         ds_config.pop(key, None)
+    # Batch sizes mean nothing to a forward-only engine, but DeepSpeed checks that they agree with the world size:
+    # give it the per-device size and let it derive the global one.
+    ds_config.pop("train_batch_size", None)
+    for key, value in (("train_micro_batch_size_per_gpu", args.per_device_train_batch_size),
+                       ("gradient_accumulation_steps", args.gradient_accumulation_steps)):
+        if not isinstance(ds_config.get(key), int):
+            ds_config[key] = value
     engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
     engine.eval()
     return engine
