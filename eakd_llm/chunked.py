@@ -36,21 +36,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# The validators and the log-softmax/entropy helpers are the private ones distillation_loss itself uses, so both paths
-# raise the same messages and run bit-identical per-token maths.
+# The validators and the log-softmax/entropy helpers are the ones distillation_loss itself uses, so both paths raise
+# the same messages and run bit-identical per-token maths.
 from .losses import (
     DEFAULT_ENTROPY_TEMPERATURE,
-    DIVERGENCES,
     GRANULARITIES,
     IGNORE_INDEX,
-    _check_choice,
-    _check_temperature,
-    _entropy_from_log_probs,
-    _log_probs,
-    _weights_for_tokens,
+    check_choice,
+    check_divergence_params,
+    check_temperature,
     divergence_from_log_probs,
     ea_weights_from_entropies,
+    entropy_from_log_probs,
+    log_probs,
     loss_denominator,
+    weights_for_tokens,
 )
 
 __all__ = ["fused_distillation_loss"]
@@ -159,15 +159,11 @@ def fused_distillation_loss(
     ``kd_ratio == 1``. Tip: a ``chunk_size`` of at least the longest row's loss-token count makes sequence granularity
     free.
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("ea_granularity", ea_granularity, GRANULARITIES)
-    _check_temperature("temperature", temperature)
+    check_divergence_params(divergence, skew_alpha, jsd_beta)
+    check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    check_temperature("temperature", temperature)
     tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
-    _check_temperature("entropy_temperature", tau_e)
-    if divergence in ("skl", "srkl") and not 0.0 < skew_alpha < 1.0:
-        raise ValueError(f"skew_alpha must be in (0, 1), got {skew_alpha}")
-    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+    check_temperature("entropy_temperature", tau_e)
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -263,7 +259,7 @@ def fused_distillation_loss(
         stats["kd_loss"] = spec.temperature**2 * stats_out["kd_sum"] / count
         if int(num_tokens) > 0:
             h_t_all, h_s_all = stats_out["teacher_entropy"], stats_out["student_entropy"]
-            weights = _weights_for_tokens(
+            weights = weights_for_tokens(
                 h_t_all, h_s_all, rows, labels.shape[0], spec.vocab_size, spec.granularity
             )
             stats.update(
@@ -410,9 +406,9 @@ def _chunk_terms(
         return _ChunkTerms(cross_entropy(None), None, None, None)
     with torch.no_grad():
         z_t = _transform_logits(teacher_logits, spec.teacher_logit_scale, spec.teacher_softcap)
-        log_t = _log_probs(z_t, spec.temperature)
+        log_t = log_probs(z_t, spec.temperature)
     z_s_kd = z_s[:, : spec.vocab_size] if z_s.shape[-1] != spec.vocab_size else z_s
-    log_s = _log_probs(z_s_kd, spec.temperature)
+    log_s = log_probs(z_s_kd, spec.temperature)
     ce = cross_entropy(log_s if spec.temperature == 1.0 and z_s_kd is z_s else None)
     per_token = divergence_from_log_probs(
         log_s, log_t, spec.divergence, skew_alpha=spec.skew_alpha, jsd_beta=spec.jsd_beta
@@ -421,10 +417,10 @@ def _chunk_terms(
     if spec.need_entropies:
         with torch.no_grad():
             if spec.entropy_temperature == spec.temperature:
-                h_t, h_s = _entropy_from_log_probs(log_t), _entropy_from_log_probs(log_s.detach())
+                h_t, h_s = entropy_from_log_probs(log_t), entropy_from_log_probs(log_s.detach())
             else:
-                h_t = _entropy_from_log_probs(_log_probs(z_t, spec.entropy_temperature))
-                h_s = _entropy_from_log_probs(_log_probs(z_s_kd.detach(), spec.entropy_temperature))
+                h_t = entropy_from_log_probs(log_probs(z_t, spec.entropy_temperature))
+                h_s = entropy_from_log_probs(log_probs(z_s_kd.detach(), spec.entropy_temperature))
     return _ChunkTerms(ce, per_token, h_t, h_s)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -217,8 +218,8 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be > 0, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _in_range(name: str, value: float, low: float, high: float, closed: bool, low_closed: bool | None = None) -> None:

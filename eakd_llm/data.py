@@ -234,7 +234,8 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
         )
 
     tokenized = raw.map(encode, remove_columns=raw.column_names, desc=f"Tokenizing {split}")
-    kept = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"]), desc="Dropping empty")
+    # labels[0] is never a target (nothing precedes it): an example needs a response token after the first position.
+    kept = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"][1:]), desc="Dropping empty")
     dropped = len(tokenized) - len(kept)
     if len(kept) == 0:
         raise ConfigError(

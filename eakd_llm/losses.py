@@ -32,17 +32,26 @@ Divergence = Literal["fkl", "rkl", "skl", "srkl", "jsd", "tvd"]
 Granularity = Literal["token", "sequence"]
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
 
 
-def _check_temperature(name: str, value: float) -> None:
+def check_temperature(name: str, value: float) -> None:
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def check_divergence_params(divergence: str, skew_alpha: float, jsd_beta: float) -> None:
+    """The divergence is known and the parameter it uses (skew alpha or JSD beta) is in (0, 1)."""
+    check_choice("divergence", divergence, DIVERGENCES)
+    if divergence in ("skl", "srkl") and not 0.0 < skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must be in (0, 1), got {skew_alpha}")
+    if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
+
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits.float() / temperature, dim=-1)
 
 
@@ -61,7 +70,7 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> t
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
-def _entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+def entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
     p = log_p.exp()
     terms = p * log_p
     return -torch.where(p == 0, torch.zeros_like(terms), terms).sum(-1)
@@ -77,8 +86,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     Returns:
         ``[...]`` fp32 entropies in ``[0, log V]``. Differentiable; callers that weight with it detach.
     """
-    _check_temperature("temperature", temperature)
-    return _entropy_from_log_probs(_log_probs(logits, temperature))
+    check_temperature("temperature", temperature)
+    return entropy_from_log_probs(log_probs(logits, temperature))
 
 
 def divergence_from_log_probs(
@@ -93,22 +102,17 @@ def divergence_from_log_probs(
     Split out of :func:`token_divergence` so the chunked loss can reuse the math on log-probabilities it already has.
     See :func:`token_divergence` for the formulas.
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
+    check_divergence_params(divergence, skew_alpha, jsd_beta)
     log_s, log_t = student_log_probs, teacher_log_probs
     if divergence == "fkl":
         return _kl(log_t, log_s)
     if divergence == "rkl":
         return _kl(log_s, log_t)
-    if divergence in ("skl", "srkl"):
-        if not 0.0 < skew_alpha < 1.0:
-            raise ValueError(f"skew_alpha must be in (0, 1), got {skew_alpha}")
-        if divergence == "skl":  # KL(p_T || a*p_T + (1-a)*p_S)
-            return _kl(log_t, _log_mixture(log_t, log_s, skew_alpha))
-        # KL(p_S || (1-a)*p_T + a*p_S)
+    if divergence == "skl":  # KL(p_T || a*p_T + (1-a)*p_S)
+        return _kl(log_t, _log_mixture(log_t, log_s, skew_alpha))
+    if divergence == "srkl":  # KL(p_S || (1-a)*p_T + a*p_S)
         return _kl(log_s, _log_mixture(log_s, log_t, skew_alpha))
     if divergence == "jsd":
-        if not 0.0 < jsd_beta < 1.0:
-            raise ValueError(f"jsd_beta must be in (0, 1), got {jsd_beta}")
         log_m = _log_mixture(log_t, log_s, jsd_beta)  # m = b*p_T + (1-b)*p_S
         return jsd_beta * _kl(log_t, log_m) + (1.0 - jsd_beta) * _kl(log_s, log_m)
     # tvd
@@ -145,10 +149,10 @@ def token_divergence(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
             f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first"
         )
-    _check_temperature("temperature", temperature)
+    check_temperature("temperature", temperature)
     return divergence_from_log_probs(
-        _log_probs(student_logits, temperature),
-        _log_probs(teacher_logits, temperature),
+        log_probs(student_logits, temperature),
+        log_probs(teacher_logits, temperature),
         divergence=divergence,
         skew_alpha=skew_alpha,
         jsd_beta=jsd_beta,
@@ -190,7 +194,7 @@ def ea_weights(
             first averaged over each sequence's loss positions, then combined by the same formula (a sequence without
             any loss position gets weight 0).
     """
-    _check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("granularity", granularity, GRANULARITIES)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
@@ -251,10 +255,10 @@ def distillation_loss(
     Returns:
         A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
     """
-    _check_choice("ea_granularity", ea_granularity, GRANULARITIES)
-    _check_temperature("temperature", temperature)
+    check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    check_temperature("temperature", temperature)
     tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
-    _check_temperature("entropy_temperature", tau_e)
+    check_temperature("entropy_temperature", tau_e)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
@@ -268,17 +272,17 @@ def distillation_loss(
     s_logits, t_logits = student_logits[mask], teacher_logits[mask]  # [N, V]
     row_of_token = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
 
-    log_s = _log_probs(s_logits, temperature)
-    log_t = _log_probs(t_logits.detach(), temperature)
+    log_s = log_probs(s_logits, temperature)
+    log_t = log_probs(t_logits.detach(), temperature)
     per_token = divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
 
     need_entropies = ea or return_stats
     if need_entropies:
         with torch.no_grad():
             same_tau = tau_e == temperature
-            h_t = _entropy_from_log_probs(log_t if same_tau else _log_probs(t_logits, tau_e))
-            h_s = _entropy_from_log_probs(log_s.detach() if same_tau else _log_probs(s_logits.detach(), tau_e))
-            weights = _weights_for_tokens(h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity)
+            h_t = entropy_from_log_probs(log_t if same_tau else log_probs(t_logits, tau_e))
+            h_s = entropy_from_log_probs(log_s.detach() if same_tau else log_probs(s_logits.detach(), tau_e))
+            weights = weights_for_tokens(h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity)
     if ea:
         per_token = per_token * weights
 
@@ -298,7 +302,7 @@ def distillation_loss(
     return loss, stats
 
 
-def _weights_for_tokens(
+def weights_for_tokens(
     h_t: torch.Tensor,
     h_s: torch.Tensor,
     row_of_token: torch.Tensor,

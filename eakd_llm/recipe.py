@@ -135,7 +135,10 @@ def _coerce(value: Any, annotation: Any) -> Any:
         return None if value is None else _MISSING
     if origin in (list, Sequence, tuple) or annotation in (list, tuple):
         args = typing.get_args(annotation)
-        items = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else _MISSING
+        # "q_proj,v_proj" on the command line means a list of two names
+        items = value if isinstance(value, (list, tuple)) else (
+            [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else _MISSING
+        )
         if items is _MISSING:
             return _MISSING
         if not args:

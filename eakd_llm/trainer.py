@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import inspect
 import logging
 import math
@@ -39,10 +39,6 @@ class EAKDTrainer(Trainer):
     ``student_entropy`` (means at ``entropy_temperature`` over response tokens) and ``ea_weight_mean/min/max``.
     """
 
-    # compute_loss divides by the global loss-token count, so the Trainer must not divide again by the number of
-    # accumulation steps (``loss_is_scaled_for_ga``, newer transformers; ``model_accepts_loss_kwargs``, older).
-    loss_is_scaled_for_ga = True
-
     def __init__(
         self,
         model: nn.Module | str,
@@ -72,7 +68,9 @@ class EAKDTrainer(Trainer):
             data_collator=data_collator,
             **kwargs,
         )
-        self.model_accepts_loss_kwargs = True  # so the Trainer counts loss tokens and passes num_items_in_batch
+        # compute_loss divides by the global loss-token count (num_items_in_batch), which the Trainer then counts and
+        # passes; it no longer divides by the accumulation steps, except when no count is given (local mean).
+        self.model_accepts_loss_kwargs = True
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
         self.teacher: nn.Module | None = None
@@ -129,6 +127,10 @@ class EAKDTrainer(Trainer):
         args: EAKDConfig = self.args
         labels = inputs["labels"][:, 1:]  # position t predicts token t+1
         forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
+            # nn.DataParallel (one process, several GPUs): the Trainer repeats the count per GPU, but this loss is
+            # computed once on the gathered outputs.
+            num_items_in_batch = num_items_in_batch.reshape(-1)[0]
         num_tokens = (labels != IGNORE_INDEX).sum()
         denominator = loss_denominator(num_tokens, num_items_in_batch)
 
@@ -159,17 +161,15 @@ class EAKDTrainer(Trainer):
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(**forward_inputs, use_cache=False).logits[:, :-1]
+        mask = labels != IGNORE_INDEX
+        # Only response positions matter (as in the fused path): the prompt and padding may hold anything.
         named = (("teacher", teacher_logits), ("student", student_logits))
-        if not self._finite_or_skip([n for n, t in named if t is not None and not torch.isfinite(t).all()]):
+        bad = [n for n, t in named if t is not None and not torch.isfinite(t[mask]).all()]
+        if not self._finite_or_skip(bad):
             return None, {}, outputs
 
-        num_tokens = (labels != IGNORE_INDEX).sum().clamp(min=1)
-        ce_sum = F.cross_entropy(
-            student_logits.float().reshape(-1, student_logits.shape[-1]),
-            labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+        num_tokens = mask.sum().clamp(min=1)
+        ce_sum = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")
         loss = (1.0 - args.kd_ratio) * ce_sum / denominator
         stats: dict[str, torch.Tensor] = {"ce_loss": ce_sum.detach() / num_tokens}
         if teacher_logits is not None:
@@ -199,19 +199,9 @@ class EAKDTrainer(Trainer):
             return False
         if self.is_fsdp_enabled or _deepspeed_zero3():
             return False  # a sharded student head would need its gradient routed through the engine: full path
-        student = _causal_lm(model)
-        head = student.get_output_embeddings() if hasattr(student, "get_output_embeddings") else None
-        if type(head) is not nn.Linear:  # e.g. a LoRA-adapted lm_head
-            return False
-        if "logits_to_keep" not in inspect.signature(student.forward).parameters:
-            return False
-        if self.teacher is not None:
-            teacher = _causal_lm(self.teacher)
-            if not hasattr(teacher, "get_output_embeddings"):
-                return False
-            if not isinstance(teacher.get_output_embeddings(), nn.Linear):
-                return False
-        return True
+        return _projects_separately(_causal_lm(model)) and (
+            self.teacher is None or _projects_separately(_causal_lm(self.teacher))
+        )
 
     def _fused_loss(self, model, forward_inputs, labels, denominator):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
@@ -223,53 +213,45 @@ class EAKDTrainer(Trainer):
         s_head = student.get_output_embeddings()
         s_scale, s_cap = _logit_transform(student)
         teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
-        gather = contextlib.nullcontext()
         t_hidden = t_weight = None
         if self.teacher is not None:
             with torch.no_grad():
                 t_out = self.teacher(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+            t_hidden = t_out.hidden_states[-1][:, :-1]
+            del t_out  # the other layers' hidden states are not needed: free them before the loss
             teacher = _causal_lm(self.teacher)
             t_head = teacher.get_output_embeddings()
-            t_weight, t_bias = t_head.weight, t_head.bias
-            if hasattr(t_weight, "full_tensor"):  # FSDP2-sharded teacher head: gathered once for this step
-                t_weight = t_weight.full_tensor()
-                t_bias = t_bias.full_tensor() if t_bias is not None else None
-            elif hasattr(t_weight, "ds_id"):  # ZeRO-3 teacher engine: gathered once for this step
-                import deepspeed
-
-                gather = deepspeed.zero.GatheredParameters([p for p in (t_weight, t_bias) if p is not None])
+            t_weight = t_head.weight
             t_scale, t_cap = _logit_transform(teacher)
-            t_hidden = t_out.hidden_states[-1][:, :-1]
-            teacher_kwargs = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
+            teacher_kwargs = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_head.bias,
                                   teacher_logit_scale=t_scale, teacher_softcap=t_cap)
-        with gather:
-            loss, stats = fused_distillation_loss(
-                student_hidden,
-                s_head.weight,
-                labels=labels,
-                student_bias=s_head.bias,
-                vocab_size=self.vocab_size,
-                kd_ratio=args.kd_ratio,
-                divergence=args.divergence,
-                temperature=args.temperature,
-                ea=args.ea,
-                ea_granularity=args.ea_granularity,
-                entropy_temperature=args.entropy_temperature,
-                skew_alpha=args.skew_alpha,
-                jsd_beta=args.jsd_beta,
-                num_items_in_batch=denominator,
-                student_logit_scale=s_scale,
-                student_softcap=s_cap,
-                chunk_size=args.loss_chunk_size,
-                return_stats=True,
-                **teacher_kwargs,
-            )
-            if not torch.isfinite(loss):
-                suspects = (("teacher", (t_hidden, t_weight)), ("student", (student_hidden, s_head.weight)))
-                bad = [name for name, tensors in suspects
-                       if any(t is not None and not torch.isfinite(t).all() for t in tensors)]
-                if not self._finite_or_skip(bad or ["student"]):
-                    return None, {}, outputs
+        loss, stats = fused_distillation_loss(
+            student_hidden,
+            s_head.weight,
+            labels=labels,
+            student_bias=s_head.bias,
+            vocab_size=self.vocab_size,
+            kd_ratio=args.kd_ratio,
+            divergence=args.divergence,
+            temperature=args.temperature,
+            ea=args.ea,
+            ea_granularity=args.ea_granularity,
+            entropy_temperature=args.entropy_temperature,
+            skew_alpha=args.skew_alpha,
+            jsd_beta=args.jsd_beta,
+            num_items_in_batch=denominator,
+            student_logit_scale=s_scale,
+            student_softcap=s_cap,
+            chunk_size=args.loss_chunk_size,
+            return_stats=True,
+            **teacher_kwargs,
+        )
+        if not torch.isfinite(loss):
+            suspects = (("teacher", (t_hidden, t_weight)), ("student", (student_hidden, s_head.weight)))
+            bad = [name for name, tensors in suspects
+                   if any(t is not None and not torch.isfinite(t).all() for t in tensors)]
+            if not self._finite_or_skip(bad or ["teacher or student"]):  # e.g. an overflow in the projection
+                return None, {}, outputs
         return loss, stats, outputs
 
     def _finite_or_skip(self, bad: list[str]) -> bool:
@@ -290,7 +272,8 @@ class EAKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "train" if self.model.training else "eval"
-        if "loss" not in logs and "eval_loss" not in logs:  # e.g. the final train summary
+        is_eval_log = any(key.startswith("eval") and key.endswith("_loss") for key in logs)
+        if "loss" not in logs and not is_eval_log:  # e.g. the final train summary
             return super().log(logs, *args, **kwargs)
         metrics = self._reduce_metrics(self._metrics[mode])
         if mode == "eval":
@@ -363,9 +346,26 @@ def _deepspeed_zero3() -> bool:
 
 
 def _zero_loss(model: nn.Module) -> torch.Tensor:
-    """A zero loss whose gradients are exactly zero, even if activations or weights hold NaN."""
+    """A zero loss whose gradients are exactly zero, even if activations or weights hold NaN.
+
+    ``[:1]`` rather than ``[0]``: a ZeRO-3 parameter is empty outside the forward pass.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return sum(p.reshape(-1)[0] for p in params) * 0.0
+    if not params:
+        return torch.zeros((), device=next(model.parameters()).device)
+    return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_takes_logits_to_keep(forward) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def _projects_separately(model: nn.Module) -> bool:
+    """The fused loss can reproduce this model's logits: a plain ``nn.Linear`` head (not LoRA-adapted, not quantized)
+    and a forward that can skip its own projection (``logits_to_keep``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return type(head) is nn.Linear and _forward_takes_logits_to_keep(type(model).forward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -412,6 +412,9 @@ def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
         return fsdp2_prepare_model(accelerator, teacher)
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    # set_auto_wrap_policy stores a policy bound to the teacher's layer classes: do it on a copy, so the student is
+    # still wrapped by its own classes.
+    plugin = copy.copy(plugin)
     plugin.set_auto_wrap_policy(teacher)
     return FSDP(
         teacher,

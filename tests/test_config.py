@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
         ("model_dtype", "fp8", "model_dtype='fp8' is not allowed"),
         ("teacher_dtype", "int4", "teacher_dtype='int4' is not allowed"),
         ("nonfinite_logits", "ignore", "nonfinite_logits='ignore' is not allowed; choose one of: error, skip"),
-        ("temperature", 0.0, "temperature must be > 0"),
-        ("temperature", -1.0, "temperature must be > 0"),
-        ("entropy_temperature", 0.0, "entropy_temperature must be > 0"),
+        ("temperature", 0.0, "temperature must be a finite number > 0"),
+        ("temperature", -1.0, "temperature must be a finite number > 0"),
+        ("entropy_temperature", 0.0, "entropy_temperature must be a finite number > 0"),
+        ("temperature", float("inf"), "temperature must be a finite number > 0"),
         ("kd_ratio", 1.5, r"kd_ratio must be in [0, 1]"),
         ("kd_ratio", -0.1, r"kd_ratio must be in [0, 1]"),
         ("skew_alpha", 0.0, r"skew_alpha must be in (0, 1)"),
@@ -143,6 +144,8 @@ def test_lossless_conversions(tmp_path):
     assert config.max_length == 64 and isinstance(config.max_length, int)
     assert config.ea is False
     assert config.lora_target_modules == ["q_proj"]
+    assert build_config({"output_dir": str(tmp_path), "lora_target_modules": "q_proj, v_proj"}).lora_target_modules == [
+        "q_proj", "v_proj"]
     assert config.eval_strategy == "steps"
     # PyYAML reads exponents without a dot ("1e-5") as strings; float keys still take them.
     config = build_config({"output_dir": str(tmp_path), **parse_overrides(["--learning_rate", "1e-5"])})

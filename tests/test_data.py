@@ -218,3 +218,21 @@ def test_collator_pads_right_and_masks():
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, -100, -100, -100, -100],
                                         [-100, -100, 7, 8, 9, -100, -100, -100]]
     assert batch["input_ids"].dtype == torch.long
+
+
+
+def test_example_whose_only_target_is_position_zero_is_dropped(tmp_path, tokenizer):
+    """labels[0] is never predicted (nothing precedes it): an empty prompt with an EOS-only response is dropped."""
+    import datasets
+
+    class NoBos:  # a tokenizer that adds no BOS, like GPT-2's
+        bos_token_id = None
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, text, add_special_tokens=True):
+            return tokenizer(text, add_special_tokens=False)
+
+    raw = datasets.Dataset.from_list([{"prompt": "hi", "response": "hello"}, {"prompt": "", "response": ""}])
+    kept = build_dataset(raw, _config(tmp_path), NoBos())
+    assert len(kept) == 1
+    assert kept[0]["input_ids"][-1] == tokenizer.eos_token_id

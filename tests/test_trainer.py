@@ -237,3 +237,46 @@ def test_tokens_beyond_the_embedding_table_fail_before_training(tiny_stack, tmp_
     tokenizer.save_pretrained(folder)
     with pytest.raises(ConfigError, match="has token id .* embeds only"):
         prepare_run(_config(tiny_stack, tmp_path, kd_ratio=0.0, model_name_or_path=str(folder)))
+
+
+def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
+    lora = dict(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0, kd_ratio=0.5, ea_granularity="sequence")
+    fused = _trainer(tiny_stack, tmp_path / "f", fused_loss=True, **lora)
+    full = _trainer(tiny_stack, tmp_path / "u", fused_loss=False, **lora)
+    assert fused._fused_supported(fused.model) and not full._fused_supported(full.model)
+    full.model.load_state_dict(fused.model.state_dict())
+    batch = _batch(fused)
+    loss_fused, loss_full = fused.compute_loss(fused.model, batch), full.compute_loss(full.model, batch)
+    torch.testing.assert_close(loss_fused, loss_full, rtol=1e-5, atol=1e-6)
+    trainable = [(n, p) for n, p in fused.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, _ in trainable)
+    grads_fused = torch.autograd.grad(loss_fused, [p for _, p in trainable])
+    full_params = dict(full.model.named_parameters())
+    grads_full = torch.autograd.grad(loss_full, [full_params[n] for n, _ in trainable])
+    for got, want in zip(grads_fused, grads_full):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
+    """nn.DataParallel makes the Trainer pass the count once per GPU ([n_gpu, 1]); the loss is computed once."""
+    trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5)
+    batch = _batch(trainer)
+    count = (batch["labels"][:, 1:] != -100).sum()
+    expected = trainer.compute_loss(trainer.model, batch, num_items_in_batch=count)
+    repeated = count.reshape(1, 1).expand(2, 1)
+    got = trainer.compute_loss(trainer.model, batch, num_items_in_batch=repeated)
+    assert got.dim() == 0
+    torch.testing.assert_close(got, expected)
+
+
+def test_zero_loss_survives_empty_parameter_shards():
+    from eakd_llm.trainer import _zero_loss
+
+    model = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    model.weight.data = torch.empty(0)  # what a ZeRO-3 partition looks like outside the forward pass
+    loss = _zero_loss(model)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(model.bias.grad, torch.zeros(2))
