@@ -403,13 +403,50 @@ def _deepspeed_inference_engine(teacher: nn.Module, accelerator, args: EAKDConfi
     return engine
 
 
+def shard_teacher_fsdp2(
+    teacher: nn.Module,
+    mesh=None,
+    mp_policy=None,
+    offload_policy=None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard a frozen teacher with FSDP2: ``fully_shard`` on every decoder layer (``_no_split_modules``), then the root.
+
+    Each rank keeps 1/world of every parameter; a layer's parameters are gathered for its forward and freed after.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    for key, value in (("mesh", mesh), ("mp_policy", mp_policy), ("offload_policy", offload_policy)):
+        if value is not None:
+            kwargs[key] = value
+    layer_names = set(getattr(teacher, "_no_split_modules", None) or ())
+    layers = [m for m in teacher.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        raise ValueError(f"{type(teacher).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(teacher, **kwargs)
+    return teacher
+
+
 def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
     """Shard the frozen teacher with the run's FSDP plugin (FSDP2 ``fully_shard`` or FSDP1 wrapping)."""
     plugin = accelerator.state.fsdp_plugin
     if getattr(plugin, "fsdp_version", 1) == 2:
-        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+        mesh = getattr(accelerator, "torch_device_mesh", None)
+        if mesh is not None and getattr(accelerator, "parallelism_config", None) is not None:
+            mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+        from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
 
-        return fsdp2_prepare_model(accelerator, teacher)
+        mp_policy, offload = plugin.mixed_precision_policy, plugin.cpu_offload
+        return shard_teacher_fsdp2(
+            teacher.to(accelerator.device),
+            mesh=mesh,
+            mp_policy=mp_policy if isinstance(mp_policy, MixedPrecisionPolicy) else None,
+            offload_policy=offload if isinstance(offload, OffloadPolicy) else None,
+            reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
+        )
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     # set_auto_wrap_policy stores a policy bound to the teacher's layer classes: do it on a copy, so the student is

@@ -1,4 +1,4 @@
-"""The trainer's DeepSpeed ZeRO-3 teacher engine, run for real under torchrun with 2 ranks (gloo, CPU)."""
+"""The trainer's sharded teachers (DeepSpeed ZeRO-3 engine, FSDP2), run for real under torchrun with 2 ranks (CPU)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,31 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def test_zero3_teacher_engine_shards_parameters_and_keeps_logits(tiny_stack, tmp_path):
-    pytest.importorskip("deepspeed", reason="install the deepspeed extra: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'")
+def _torchrun(script: str, tiny_stack, tmp_path: Path) -> list[dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(REPO / "tests" / "distributed_scripts" / "zero3_teacher.py"), tiny_stack["teacher"], str(tmp_path)]
+               str(REPO / "tests" / "distributed_scripts" / script), tiny_stack["teacher"], str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_fsdp2_teacher_is_sharded_and_keeps_logits(tiny_stack, tmp_path):
+    ranks = _torchrun("fsdp2_teacher.py", tiny_stack, tmp_path)
+    full = ranks[0]["full_elements"]
+    assert sum(r["local_elements"] for r in ranks) == full
+    for r in ranks:
+        assert abs(r["local_elements"] - full / 2) <= 0.01 * full
+        assert r["max_abs_diff"] == 0.0 and r["hidden_max_abs_diff"] == 0.0
+        assert r["head_equal"]
+
+
+def test_zero3_teacher_engine_shards_parameters_and_keeps_logits(tiny_stack, tmp_path):
+    pytest.importorskip("deepspeed", reason="install the deepspeed extra: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'")
+    ranks = _torchrun("zero3_teacher.py", tiny_stack, tmp_path)
     full = ranks[0]["full_elements"]
     assert sum(r["local_elements"] for r in ranks) == full
     for r in ranks:
