@@ -39,6 +39,7 @@ from .config import ConfigError
 from .data import format_instruction_prompt, load_split, tokenize_example
 from .losses import IGNORE_INDEX
 from .metrics import ROUGE_L_METRIC_PATH
+from .models import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _load_raw_records(source: str, split: str) -> list[dict[str, Any]]:
         return _read_json_records(source)
     if os.path.isdir(source):
         return _read_json_records(_split_file(source, split))
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if looks_like_local_path(source):
         raise ConfigError(f"evaluation data {source!r} does not exist")
     # A hub dataset id (needs network access or a populated datasets cache).
     return [dict(row) for row in load_split(source, split)]

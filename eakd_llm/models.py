@@ -30,10 +30,14 @@ def _remote_code_error(err: Exception, key: str, path: str) -> ConfigError | Non
     return None
 
 
+def looks_like_local_path(path: str) -> bool:
+    """Hub ids are "name" or "org/name": anything else path-like is meant as a local path."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1
+
+
 def _check_exists(path: str, key: str) -> None:
     # A path-like string that does not exist is almost always a typo, not a hub id: say so before the hub is asked.
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1  # hub ids are "name" or "org/name"
-    if looks_local and not os.path.exists(os.path.expanduser(path)):
+    if looks_like_local_path(path) and not os.path.exists(os.path.expanduser(path)):
         raise ConfigError(f"{key}: {path!r} does not exist")
 
 
