@@ -170,10 +170,17 @@ def ea_weights_from_entropies(
     return 0.5 * (h_t + h_t * h_s / math.log(vocab_size))
 
 
-def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values [B, T]`` over the positions where ``mask [B, T]`` is true; rows without any give 0."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+def sequence_weights(
+    h_t: torch.Tensor, h_s: torch.Tensor, row_of_token: torch.Tensor, num_rows: int, vocab_size: int
+) -> torch.Tensor:
+    """Sequence-level EA weights ``[num_rows]`` from flattened per-token entropies ``[N]`` and each token's row.
+
+    H_T and H_S are averaged over each row's tokens, then combined; a row without tokens gets weight 0.
+    """
+    counts = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, torch.ones_like(h_t)).clamp(min=1)
+    mean_t = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_t) / counts
+    mean_s = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_s) / counts
+    return ea_weights_from_entropies(mean_t, mean_s, vocab_size)
 
 
 def ea_weights(
@@ -209,7 +216,8 @@ def ea_weights(
         if h_t.dim() != 2:
             raise ValueError(f"sequence granularity needs [B, T, V] logits, got {tuple(student_logits.shape)}")
         mask = torch.ones_like(h_t, dtype=torch.bool) if labels is None else labels != IGNORE_INDEX
-        return ea_weights_from_entropies(masked_sequence_mean(h_t, mask), masked_sequence_mean(h_s, mask), vocab_size)
+        row_of_token = torch.arange(h_t.shape[0], device=h_t.device).unsqueeze(1).expand_as(mask)[mask]
+        return sequence_weights(h_t[mask], h_s[mask], row_of_token, h_t.shape[0], vocab_size)
 
 
 def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -313,7 +321,4 @@ def weights_for_tokens(
     """EA weights for flattened loss tokens ``[N]``; sequence granularity averages the entropies per row first."""
     if granularity == "token":
         return ea_weights_from_entropies(h_t, h_s, vocab_size)
-    counts = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, torch.ones_like(h_t))
-    mean_t = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_t) / counts.clamp(min=1)
-    mean_s = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_s) / counts.clamp(min=1)
-    return ea_weights_from_entropies(mean_t, mean_s, vocab_size)[row_of_token]
+    return sequence_weights(h_t, h_s, row_of_token, num_rows, vocab_size)[row_of_token]

@@ -178,15 +178,9 @@ class EAKDTrainer(Trainer):
                 student_logits[..., :vocab],
                 teacher_logits[..., :vocab],
                 labels,
-                divergence=args.divergence,
-                temperature=args.temperature,
-                ea=args.ea,
-                ea_granularity=args.ea_granularity,
-                entropy_temperature=args.entropy_temperature,
                 num_items_in_batch=denominator,
-                skew_alpha=args.skew_alpha,
-                jsd_beta=args.jsd_beta,
                 return_stats=True,
+                **_divergence_kwargs(args),
             )
             loss = loss + args.kd_ratio * kd
             stats["kd_loss"] = kd.detach() * denominator / num_tokens
@@ -232,19 +226,13 @@ class EAKDTrainer(Trainer):
             student_bias=s_head.bias,
             vocab_size=self.vocab_size,
             kd_ratio=args.kd_ratio,
-            divergence=args.divergence,
-            temperature=args.temperature,
-            ea=args.ea,
-            ea_granularity=args.ea_granularity,
-            entropy_temperature=args.entropy_temperature,
-            skew_alpha=args.skew_alpha,
-            jsd_beta=args.jsd_beta,
             num_items_in_batch=denominator,
             student_logit_scale=s_scale,
             student_softcap=s_cap,
             chunk_size=args.loss_chunk_size,
             return_stats=True,
             **teacher_kwargs,
+            **_divergence_kwargs(args),
         )
         if not torch.isfinite(loss):
             suspects = (("teacher", (t_hidden, t_weight)), ("student", (student_hidden, s_head.weight)))
@@ -319,6 +307,19 @@ class EAKDTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
+    """The KD settings both loss paths (full logits and fused) take from the config."""
+    return {
+        "divergence": args.divergence,
+        "temperature": args.temperature,
+        "ea": args.ea,
+        "ea_granularity": args.ea_granularity,
+        "entropy_temperature": args.entropy_temperature,
+        "skew_alpha": args.skew_alpha,
+        "jsd_beta": args.jsd_beta,
+    }
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
