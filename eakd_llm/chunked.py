@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 
 # The validators and the log-softmax/entropy helpers are the ones distillation_loss itself uses, so both paths raise
@@ -87,6 +89,7 @@ def fused_distillation_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     chunk_size: int = 1024,
+    compile: bool = False,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD`` from hidden states and ``lm_head`` weights, chunk by chunk.
@@ -123,6 +126,10 @@ def fused_distillation_loss(
         student_softcap, teacher_softcap: Gemma-2-style final logit softcapping ``c * tanh(z / c)`` (after the scale).
         chunk_size: number of loss tokens per chunk (>= 1); the loss maths keeps about 10-15 fp32 ``[chunk_size, V_s]``
             temporaries alive at its peak (measured on CPU), so e.g. 1024 x 151,936 -> 6-9 GB, 256 -> a quarter.
+        compile: run the per-chunk maths (log-softmaxes, divergence, entropies, CE and their gradient with respect to
+            the logits) through ``torch.compile``, which fuses its elementwise passes over ``[c, V]`` into a few
+            kernels (one compilation per loss configuration, the chunk length is a dynamic dimension). Same maths, fp32
+            results equal to the eager path up to summation order. The projections stay cuBLAS/MKL GEMMs either way.
         return_stats: also return detached statistics: those of ``distillation_loss`` (``teacher_entropy``,
             ``student_entropy``, ``ea_weight_mean/min/max``, ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss
             token (``kd_loss`` includes tau^2 and the EA weights, as the trainer logs it).
@@ -216,6 +223,7 @@ def fused_distillation_loss(
         need_ce=kd_ratio < 1 or return_stats,
         need_entropies=use_teacher and (ea or return_stats),
         autocast_dtype=_autocast_dtype(student_hidden.device.type),
+        compile=bool(compile),
     )
 
     # Drop the positions without loss before projecting anything: [B, T, H] -> [N, H].
@@ -355,6 +363,7 @@ class _LossSpec:
     need_ce: bool  # compute the CE values (the loss has a CE term, or the stats report it)
     need_entropies: bool  # compute H_T, H_S (EA weights or stats)
     autocast_dtype: torch.dtype | None  # the caller's autocast dtype for this device (None: autocast off)
+    compile: bool = False  # run _chunk_terms through torch.compile
 
 
 @dataclass
@@ -422,6 +431,33 @@ def _chunk_terms(
                 h_t = entropy_from_log_probs(log_probs(z_t, spec.entropy_temperature))
                 h_s = entropy_from_log_probs(log_probs(z_s_kd.detach(), spec.entropy_temperature))
     return _ChunkTerms(ce, per_token, h_t, h_s)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_chunk_terms(spec: _LossSpec, ce_grad: bool):
+    """:func:`_chunk_terms` for one loss configuration, compiled (a tuple of tensors in, a tuple out)."""
+
+    def terms(student_logits, teacher_logits, targets):
+        t = _chunk_terms(student_logits, teacher_logits, targets, spec, ce_grad)
+        return t.ce, t.divergence, t.teacher_entropy, t.student_entropy
+
+    return torch.compile(terms, fullgraph=True)
+
+
+def _run_chunk_terms(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    spec: _LossSpec,
+    ce_grad: bool,
+) -> _ChunkTerms:
+    """:func:`_chunk_terms`, eager or compiled as ``spec.compile`` says."""
+    if not spec.compile:
+        return _chunk_terms(student_logits, teacher_logits, targets, spec, ce_grad)
+    for tensor in (student_logits, teacher_logits, targets):
+        if tensor is not None:  # chunks differ in length (the last one, row boundaries): one dynamic-length graph
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return _ChunkTerms(*_compiled_chunk_terms(spec, ce_grad)(student_logits, teacher_logits, targets))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -593,14 +629,17 @@ def _fused_forward(
 
     chunks = _plan_chunks(row_starts, chunk_size, keep_rows_whole=by_sequence)
     # Function.forward runs without grad mode: the per-chunk maths needs it to differentiate w.r.t. the logits.
-    with torch.enable_grad() if need_grad else contextlib.nullcontext():
+    # Compiled chunk maths: a row split across chunks takes two gradients of one chunk graph (retain_graph), which
+    # AOTAutograd's donated buffers forbid; its backward is compiled at the first autograd.grad, inside this block.
+    no_donation = torch._functorch.config.patch(donated_buffer=False) if spec.compile else contextlib.nullcontext()
+    with torch.enable_grad() if need_grad else contextlib.nullcontext(), no_donation:
         for start, end in chunks:
             hs_chunk = student.chunk(start, end)
             with torch.no_grad():
                 s_logits = student.forward(hs_chunk, student_cols)
                 t_logits = teacher.forward(teacher.chunk(start, end), vocab) if teacher is not None else None
             s_logits.requires_grad_(need_grad)
-            terms = _chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad=ce_in_loss and need_grad)
+            terms = _run_chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad=ce_in_loss and need_grad)
             if spec.need_entropies:
                 h_t_all[start:end] = terms.teacher_entropy
                 h_s_all[start:end] = terms.student_entropy

@@ -91,6 +91,11 @@ class EAKDConfig(TrainingArguments):
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Response tokens per chunk of the fused loss (>= 1); memory ~ chunk x V."}
     )
+    compile_loss: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the fused loss's per-chunk maths (fewer, fused kernels over each [chunk, V] "
+                  "block; the first step pays the compilation). Needs fused_loss."},
+    )
     nonfinite_logits: str = field(
         default="error",
         metadata={"help": "What to do when teacher or student logits contain NaN/inf: error (stop, naming the step) "
@@ -179,6 +184,8 @@ class EAKDConfig(TrainingArguments):
         _in_range("kd_ratio", self.kd_ratio, 0.0, 1.0, closed=True)
         _in_range("skew_alpha", self.skew_alpha, 0.0, 1.0, closed=False)
         _in_range("jsd_beta", self.jsd_beta, 0.0, 1.0, closed=False)
+        if self.compile_loss and not self.fused_loss:
+            raise ConfigError("compile_loss: true needs fused_loss: true (it compiles the fused loss's chunk maths)")
         if self.loss_chunk_size < 1:
             raise ConfigError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.max_length < 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -188,58 +189,37 @@ class EAKDTrainer(Trainer):
         return loss, stats, outputs
 
     def _fused_supported(self, model: nn.Module) -> bool:
-        """Fused path: plain ``nn.Linear`` heads we can read whole, and a model that can skip its own projection."""
+        """Fused path: plain ``nn.Linear`` heads, models that can skip their own projection, and heads we can read
+        whole: unsharded, or sharded (ZeRO-3, FSDP2) and frozen, which are gathered once per step for the loss."""
         if not self.args.fused_loss:
             return False
-        if self.is_fsdp_enabled or _deepspeed_zero3():
-            return False  # a sharded student head would need its gradient routed through the engine: full path
-        return _projects_separately(_causal_lm(model)) and (
-            self.teacher is None or _projects_separately(_causal_lm(self.teacher))
-        )
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            return False  # FSDP1 flattens the head into a flat parameter: full-logits path
+        models = [_causal_lm(model)] + ([] if self.teacher is None else [_causal_lm(self.teacher)])
+        if not all(_projects_separately(m) for m in models):
+            return False
+        # A trainable sharded student head would need its gradient routed back through the engine's reduce-scatter:
+        # full-logits path (the teacher's head is frozen, so gathering it is always enough).
+        head = models[0].get_output_embeddings()
+        return not (_is_sharded(head) and any(p.requires_grad for p in head.parameters()))
 
     def _fused_loss(self, model, forward_inputs, labels, denominator):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
-        args: EAKDConfig = self.args
         # logits_to_keep=1: the model projects one position only; the loss projects the response positions itself.
         outputs = model(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
         student_hidden = outputs.hidden_states[-1][:, :-1]
-        student = _causal_lm(model)
-        s_head = student.get_output_embeddings()
-        s_scale, s_cap = _logit_transform(student)
-        teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
-        t_hidden = t_weight = None
+        t_hidden = None
         if self.teacher is not None:
             with torch.no_grad():
                 t_out = self.teacher(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
             t_hidden = t_out.hidden_states[-1][:, :-1]
             del t_out  # the other layers' hidden states are not needed: free them before the loss
-            teacher = _causal_lm(self.teacher)
-            t_head = teacher.get_output_embeddings()
-            t_weight = t_head.weight
-            t_scale, t_cap = _logit_transform(teacher)
-            teacher_kwargs = dict(teacher_hidden=t_hidden, teacher_weight=t_weight, teacher_bias=t_head.bias,
-                                  teacher_logit_scale=t_scale, teacher_softcap=t_cap)
-        loss, stats = fused_distillation_loss(
-            student_hidden,
-            s_head.weight,
-            labels=labels,
-            student_bias=s_head.bias,
-            vocab_size=self.vocab_size,
-            kd_ratio=args.kd_ratio,
-            num_items_in_batch=denominator,
-            student_logit_scale=s_scale,
-            student_softcap=s_cap,
-            chunk_size=args.loss_chunk_size,
-            return_stats=True,
-            **teacher_kwargs,
-            **_divergence_kwargs(args),
+        loss, stats, bad = fused_head_loss(
+            _causal_lm(model), student_hidden, None if self.teacher is None else _causal_lm(self.teacher), t_hidden,
+            labels, self.args, self.vocab_size, denominator,
         )
-        if not torch.isfinite(loss):
-            suspects = (("teacher", (t_hidden, t_weight)), ("student", (student_hidden, s_head.weight)))
-            bad = [name for name, tensors in suspects
-                   if any(t is not None and not torch.isfinite(t).all() for t in tensors)]
-            if not self._finite_or_skip(bad or ["teacher or student"]):  # e.g. an overflow in the projection
-                return None, {}, outputs
+        if bad is not None and not self._finite_or_skip(bad):  # e.g. an overflow in the projection
+            return None, {}, outputs
         return loss, stats, outputs
 
     def _finite_or_skip(self, bad: list[str]) -> bool:
@@ -309,6 +289,92 @@ class EAKDTrainer(Trainer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def fused_head_loss(
+    student: nn.Module,
+    student_hidden: torch.Tensor,
+    teacher: nn.Module | None,
+    teacher_hidden: torch.Tensor | None,
+    labels: torch.Tensor,
+    args: EAKDConfig,
+    vocab_size: int | None,
+    denominator: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str] | None]:
+    """The trainer's fused loss from both models' final hidden states and their ``lm_head`` modules.
+
+    Sharded heads (a ZeRO-3 partition, an FSDP2 ``DTensor``) are gathered once for the whole call, not per chunk, and
+    released when it returns: the fused loss computes its gradients during the forward call, so the backward pass
+    never needs the full weights again. Returns ``(loss, stats, bad)``: ``bad`` names the models whose inputs hold
+    non-finite values when the loss is not finite (``None`` when it is finite).
+    """
+    s_head = student.get_output_embeddings()
+    s_scale, s_cap = _logit_transform(student)
+    with contextlib.ExitStack() as stack:
+        s_weight, s_bias = stack.enter_context(_full_head(s_head))
+        teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
+        t_weight = None
+        if teacher is not None:
+            t_weight, t_bias = stack.enter_context(_full_head(teacher.get_output_embeddings()))
+            t_scale, t_cap = _logit_transform(teacher)
+            teacher_kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
+                                  teacher_logit_scale=t_scale, teacher_softcap=t_cap)
+        loss, stats = fused_distillation_loss(
+            student_hidden,
+            s_weight,
+            labels=labels,
+            student_bias=s_bias,
+            vocab_size=vocab_size,
+            kd_ratio=args.kd_ratio,
+            num_items_in_batch=denominator,
+            student_logit_scale=s_scale,
+            student_softcap=s_cap,
+            chunk_size=args.loss_chunk_size,
+            compile=args.compile_loss,
+            return_stats=True,
+            **teacher_kwargs,
+            **_divergence_kwargs(args),
+        )
+        bad = None
+        if not torch.isfinite(loss):
+            suspects = (("teacher", (teacher_hidden, t_weight)), ("student", (student_hidden, s_weight)))
+            bad = [name for name, tensors in suspects
+                   if any(t is not None and not torch.isfinite(t).all() for t in tensors)] or ["teacher or student"]
+    return loss, stats, bad
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    """Does the module hold ZeRO-3 partitioned or FSDP2 (``DTensor``) parameters?"""
+    return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters(recurse=False))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - builds without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@contextlib.contextmanager
+def _full_head(head: nn.Module):
+    """``(weight, bias)`` of a linear head as full tensors while the context is open.
+
+    ZeRO-3: the partitioned parameters are all-gathered (``GatheredParameters``) and re-partitioned on exit. FSDP2:
+    ``full_tensor()`` of a frozen ``DTensor`` parameter. Unsharded heads are yielded as they are (gradients flow).
+    """
+    weight, bias = head.weight, head.bias
+    if any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None):
+        import deepspeed
+
+        params = [p for p in (weight, bias) if p is not None]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield weight, bias
+        return
+    if _is_dtensor(weight) or (bias is not None and _is_dtensor(bias)):
+        yield tuple(p.detach().full_tensor() if p is not None and _is_dtensor(p) else p for p in (weight, bias))
+        return
+    yield weight, bias
+
+
 def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
     """The KD settings both loss paths (full logits and fused) take from the config."""
     return {
@@ -336,14 +402,6 @@ def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
     if scale is None and getattr(config, "logits_scaling", None):
         scale = 1.0 / config.logits_scaling  # Granite divides its logits
     return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
-
-
-def _deepspeed_zero3() -> bool:
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - very old transformers
-        return False
-    return is_deepspeed_zero3_enabled()
 
 
 def _zero_loss(model: nn.Module) -> torch.Tensor:

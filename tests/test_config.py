@@ -60,6 +60,12 @@ def test_lora_checks_only_when_peft_is_on(tmp_path):
         EAKDConfig(output_dir=str(tmp_path), use_peft=True, lora_dropout=1.0)
 
 
+def test_compile_loss_needs_the_fused_loss(tmp_path):
+    assert EAKDConfig(output_dir=str(tmp_path), compile_loss=True).compile_loss is True
+    with pytest.raises(ConfigError, match="compile_loss: true needs fused_loss: true"):
+        EAKDConfig(output_dir=str(tmp_path), compile_loss=True, fused_loss=False)
+
+
 def test_validate_for_training_requires_paths(tmp_path):
     with pytest.raises(ConfigError, match="model_name_or_path is required"):
         EAKDConfig(output_dir=str(tmp_path)).validate_for_training()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,13 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _torchrun(script: str, tiny_stack, tmp_path: Path) -> list[dict]:
+def _torchrun(script: str, tiny_stack, tmp_path: Path, args: list[str] | None = None) -> list[dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(REPO / "tests" / "distributed_scripts" / script), tiny_stack["teacher"], str(tmp_path)]
+               str(REPO / "tests" / "distributed_scripts" / script),
+               *(args if args is not None else [tiny_stack["teacher"]]), str(tmp_path)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -47,3 +49,20 @@ def test_zero3_teacher_engine_shards_parameters_and_keeps_logits(tiny_stack, tmp
         assert abs(r["local_elements"] - full / 2) <= 0.01 * full  # each rank holds about half of the teacher
         assert r["max_abs_diff"] == 0.0  # same logits as the unsharded teacher
         assert r["head_numel_outside_gather"] == 0 and r["head_gathered_equal"]
+
+
+@pytest.mark.parametrize("mode", ["zero3", "fsdp2"])
+def test_fused_loss_gathers_sharded_heads(mode, tiny_stack, tmp_path):
+    """The fused loss on sharded models (frozen student head, teacher) equals the unsharded one; heads stay sharded."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="install the deepspeed extra")
+    ranks = _torchrun("fused_sharded_heads.py", tiny_stack, tmp_path,
+                      [mode, tiny_stack["student"], tiny_stack["teacher"]])
+    for r in ranks:
+        assert r["heads_sharded"] == [True, True]
+        # Outside the loss call each rank holds at most half of each head (ZeRO-3: nothing outside a gather).
+        for local, full in zip(r["head_numel_after"], r["head_numel_full"]):
+            assert local <= full // 2 + 1
+        assert r["loss"] == pytest.approx(r["expected_loss"], rel=1e-6)
+        assert r["grad_max_abs_diff"] <= 1e-6 * max(1.0, r["grad_max_abs"])
+        assert r["grad_max_abs"] > 0 and 0 < r["ea_weight_mean"] <= math.log(512)  # w <= H_ub = log V

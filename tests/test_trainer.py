@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -255,6 +256,30 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
     grads_full = torch.autograd.grad(loss_full, [full_params[n] for n, _ in trainable])
     for got, want in zip(grads_fused, grads_full):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, tmp_path, monkeypatch):
+    """A ZeRO-3-partitioned (here: flagged) student head is gathered for the fused loss only when it gets no gradient;
+    a trainable one falls back to full logits. compile_loss reaches the fused loss."""
+    trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
+    head = trainer.model.get_output_embeddings()
+    assert trainer._fused_supported(trainer.model)
+    monkeypatch.setattr(head.weight, "ds_id", 0, raising=False)  # what DeepSpeed ZeRO-3 puts on its parameters
+    assert not trainer._fused_supported(trainer.model)
+    head.requires_grad_(False)
+    assert trainer._fused_supported(trainer.model)
+    seen = {}
+    import eakd_llm.trainer as trainer_module
+
+    original = trainer_module.fused_distillation_loss
+    monkeypatch.setattr(trainer_module, "fused_distillation_loss",
+                        lambda *a, **k: (seen.update(k), original(*a, **{**k, "compile": False}))[1])
+    # a gathered ZeRO-3 parameter: its full shape is back (GatheredParameters itself needs an engine: tested under
+    # torchrun in test_sharded_teacher.py)
+    monkeypatch.setattr(head.weight, "ds_shape", head.weight.shape, raising=False)
+    monkeypatch.setattr(trainer_module, "_full_head", lambda h: contextlib.nullcontext((h.weight, h.bias)))
+    trainer.compute_loss(trainer.model, _batch(trainer))
+    assert seen["compile"] is True and seen["chunk_size"] == trainer.args.loss_chunk_size
 
 
 def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
