@@ -76,6 +76,7 @@ class EAKDTrainer(Trainer):
 
         self.teacher: nn.Module | None = None
         self.vocab_size: int | None = None
+        self._loss_path: str | None = None
         if args.kd_ratio > 0:
             if teacher_model is None:
                 raise ValueError(f"kd_ratio={args.kd_ratio} needs a teacher_model (kd_ratio 0 is plain SFT)")
@@ -104,10 +105,18 @@ class EAKDTrainer(Trainer):
         teacher.eval()
         teacher.requires_grad_(False)
         if self.is_deepspeed_enabled:
-            return _deepspeed_inference_engine(teacher, self.accelerator, self.args)
-        if self.is_fsdp_enabled:
-            return _fsdp_shard(teacher, self.accelerator)
-        return teacher.to(self.accelerator.device)
+            teacher = _deepspeed_inference_engine(teacher, self.accelerator, self.args)
+            placement = f"DeepSpeed ZeRO-{teacher.zero_optimization_stage()} inference engine"
+        elif self.is_fsdp_enabled:
+            teacher = _fsdp_shard(teacher, self.accelerator)
+            placement = "FSDP-sharded"
+        else:
+            teacher = teacher.to(self.accelerator.device)
+            placement = "replicated"
+        local, full = _parameter_elements(teacher)
+        logger.info("teacher: %s on %s; this process holds %d of its %d parameter elements", placement,
+                    self.accelerator.device, local, full)
+        return teacher
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss
@@ -135,7 +144,9 @@ class EAKDTrainer(Trainer):
         num_tokens = (labels != IGNORE_INDEX).sum()
         denominator = loss_denominator(num_tokens, num_items_in_batch)
 
-        if (not return_outputs or args.prediction_loss_only) and self._fused_supported(model):
+        fused = (not return_outputs or args.prediction_loss_only) and self._fused_supported(model)
+        self._log_loss_path(model, fused)
+        if fused:
             loss, stats, outputs = self._fused_loss(model, forward_inputs, labels, denominator)
         else:
             loss, stats, outputs = self._full_logits_loss(model, forward_inputs, labels, denominator)
@@ -189,19 +200,39 @@ class EAKDTrainer(Trainer):
         return loss, stats, outputs
 
     def _fused_supported(self, model: nn.Module) -> bool:
-        """Fused path: plain ``nn.Linear`` heads, models that can skip their own projection, and heads we can read
-        whole: unsharded, or sharded (ZeRO-3, FSDP2) and frozen, which are gathered once per step for the loss."""
+        return self._fused_blocker(model) is None
+
+    def _fused_blocker(self, model: nn.Module) -> str | None:
+        """Why the fused path cannot run (``None``: it can). It needs plain ``nn.Linear`` heads, models that can skip
+        their own projection, and heads it can read whole: unsharded, or sharded (ZeRO-3, FSDP2) and frozen, which
+        are then gathered once per step for the loss."""
         if not self.args.fused_loss:
-            return False
+            return "fused_loss is off"
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            return False  # FSDP1 flattens the head into a flat parameter: full-logits path
+            return "FSDP1 flattens the lm_head into a flat parameter"
         models = [_causal_lm(model)] + ([] if self.teacher is None else [_causal_lm(self.teacher)])
-        if not all(_projects_separately(m) for m in models):
-            return False
-        # A trainable sharded student head would need its gradient routed back through the engine's reduce-scatter:
-        # full-logits path (the teacher's head is frozen, so gathering it is always enough).
+        for who, m in zip(("student", "teacher"), models):
+            if not _projects_separately(m):
+                return f"the {who}'s lm_head is not a plain nn.Linear or its forward has no logits_to_keep"
+        # A trainable sharded student head would need its gradient routed back through the engine's reduce-scatter
+        # (the teacher's head is frozen, so gathering it is always enough).
         head = models[0].get_output_embeddings()
-        return not (_is_sharded(head) and any(p.requires_grad for p in head.parameters()))
+        if _is_sharded(head) and any(p.requires_grad for p in head.parameters()):
+            return "the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable"
+        return None
+
+    def _log_loss_path(self, model: nn.Module, fused: bool) -> None:
+        """Say once which loss path runs, and why not the fused one."""
+        if fused:
+            models = [model] + ([] if self.teacher is None else [self.teacher])
+            sharded = any(_is_sharded(_causal_lm(m).get_output_embeddings()) for m in models)
+            path = (f"fused chunked (chunk {self.args.loss_chunk_size}{', compiled' if self.args.compile_loss else ''}"
+                    f"{', sharded heads gathered once per step' if sharded else ''})")
+        else:
+            path = f"full logits ({self._fused_blocker(model) or 'outputs requested'})"
+        if path != self._loss_path:
+            self._loss_path = path
+            logger.info("EA-KD loss path: %s", path)
 
     def _fused_loss(self, model, forward_inputs, labels, denominator):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
@@ -341,6 +372,20 @@ def fused_head_loss(
     return loss, stats, bad
 
 
+def _parameter_elements(model: nn.Module) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole model), for ZeRO-3 partitions, FSDP2 DTensors and plain
+    parameters alike."""
+    local = full = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, the full shape's size
+            local, full = local + p.ds_tensor.numel(), full + p.ds_numel
+        elif _is_dtensor(p):
+            local, full = local + p.to_local().numel(), full + p.numel()
+        else:
+            local, full = local + p.numel(), full + p.numel()
+    return local, full
+
+
 def _is_sharded(module: nn.Module) -> bool:
     """Does the module hold ZeRO-3 partitioned or FSDP2 (``DTensor``) parameters?"""
     return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters(recurse=False))
@@ -390,7 +435,9 @@ def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The causal-LM module under DDP / DeepSpeed / FSDP1 wrappers and a PEFT wrapper."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+    # DDP, FSDP1 and DeepSpeed engines keep the model in ``.module`` (a DeepSpeed engine also forwards unknown
+    # attributes to it, so hasattr(engine, "get_output_embeddings") is no test of being unwrapped).
+    while isinstance(getattr(model, "module", None), nn.Module):
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -20,10 +20,12 @@ Cases (``kd_ratio`` 0.5 unless noted; ``loss`` is the value of the step's loss, 
 * ``floor``: teacher backbone forward (hidden states only) + student SFT step with the model's own CE loss;
 * ``full/<div>/<ea>``: ``EAKDTrainer.compute_loss`` today: full logits of both models, CE + ``distillation_loss``;
 * ``fused/<div>/<ea>``: backbones only (last hidden states) + :func:`eakd_llm.chunked.fused_distillation_loss`;
-* ``fused/jsd/no-ea/kd-only``: the fused path with ``kd_ratio=1``, no EA: the same loss as the JSD peers;
-* ``trl-gkd/jsd``: TRL's ``GKDTrainer.generalized_jsd_loss`` (beta 0.5) on full logits (pure KD);
-* ``trl-distill-chunked/jsd``: TRL's ``DistillationTrainer`` chunked divergence (beta 0.5, pure KD) if it exists;
-* ``liger/jsd``: Liger's ``LigerFusedLinearJSDLoss`` (jsd_beta 0.5, pure KD; needs triton/CUDA).
+* ``fused-compiled/...``: the same with ``compile=True`` (``torch.compile`` of the per-chunk maths); ``.../c256``: chunk
+  size 256 instead of the preset's;
+* ``fused/<fkl|jsd>/no-ea/kd-only``: the fused path with ``kd_ratio=1``, no EA: the same loss as the peers;
+* ``trl-gkd/<div>``: TRL's ``GKDTrainer.generalized_jsd_loss`` on full logits (pure KD; beta 0 = forward KL, 0.5);
+* ``trl-distill-chunked/<div>``: TRL's ``DistillationTrainer`` chunked divergence (same betas, pure KD);
+* ``liger/<div>``: Liger's ``LigerFusedLinearJSDLoss`` (same betas, pure KD; needs triton/CUDA).
 
 A peer that cannot be imported is reported as ``not importable: <reason>``; a case that runs out of memory as ``OOM``.
 
@@ -130,6 +132,8 @@ class Case:
     granularity: str = "token"
     kd_ratio: float = 0.5
     compare_to: str | None = None  # the full-logits case computing the same loss
+    compile: bool = False  # fused: torch.compile the per-chunk maths
+    chunk_size: int | None = None  # fused: override the preset's chunk size
 
 
 def _ea_label(ea: bool, granularity: str) -> str:
@@ -145,12 +149,21 @@ def build_cases() -> list[Case]:
     for div, ea, gran in grid:
         name = f"{div}/{_ea_label(ea, gran)}"
         cases.append(Case(f"fused/{name}", "fused", div, ea, gran, compare_to=f"full/{name}"))
-    cases.append(Case("fused/jsd/no-ea/kd-only", "fused", "jsd", False, "token", kd_ratio=1.0))
-    cases.append(Case("trl-gkd/jsd", "trl-gkd", "jsd", False, kd_ratio=1.0, compare_to="fused/jsd/no-ea/kd-only"))
-    cases.append(
-        Case("trl-distill-chunked/jsd", "trl-chunked", "jsd", False, kd_ratio=1.0, compare_to="fused/jsd/no-ea/kd-only")
-    )
-    cases.append(Case("liger/jsd", "liger", "jsd", False, kd_ratio=1.0, compare_to="fused/jsd/no-ea/kd-only"))
+    for div, ea, gran in grid[:3]:  # the compiled chunk maths: EA off, token, sequence
+        name = f"{div}/{_ea_label(ea, gran)}"
+        cases.append(Case(f"fused-compiled/{name}", "fused", div, ea, gran, compare_to=f"full/{name}", compile=True))
+    for compiled in (False, True):  # a smaller chunk: less memory, more (smaller) GEMMs
+        prefix = "fused-compiled" if compiled else "fused"
+        cases.append(Case(f"{prefix}/fkl/ea-token/c256", "fused", "fkl", True, "token", compare_to="full/fkl/ea-token",
+                          compile=compiled, chunk_size=256))
+    # Pure KD without EA: the loss the peers compute (forward KL = TRL/Liger beta 0; JSD beta 0.5).
+    for div in ("fkl", "jsd"):
+        ref = f"fused/{div}/no-ea/kd-only"
+        cases.append(Case(ref, "fused", div, False, "token", kd_ratio=1.0))
+        cases.append(Case(f"fused-compiled/{div}/no-ea/kd-only", "fused", div, False, "token", kd_ratio=1.0,
+                          compare_to=ref, compile=True))
+        for kind, label in (("trl-gkd", "trl-gkd"), ("trl-chunked", "trl-distill-chunked"), ("liger", "liger")):
+            cases.append(Case(f"{label}/{div}", kind, div, False, kd_ratio=1.0, compare_to=ref))
     return cases
 
 
@@ -226,6 +239,7 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
     w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
     vocab = min(w_s.shape[0], w_t.shape[0])
     kd = {"divergence": case.divergence, "ea": case.ea, "ea_granularity": case.granularity}
+    beta = 0.0 if case.divergence == "fkl" else 0.5  # the peers' generalized JSD: beta 0 is forward KL(p_T || p_S)
 
     if case.kind == "floor":
 
@@ -257,7 +271,8 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
             with torch.no_grad():
                 h_t = _hidden(teacher, batch)[:, :-1]
             loss = fused_distillation_loss(h_s, w_s, h_t, w_t, labels, vocab_size=vocab, kd_ratio=case.kd_ratio,
-                                           chunk_size=preset.chunk_size, **kd)
+                                           chunk_size=case.chunk_size or preset.chunk_size, compile=case.compile,
+                                           **kd)
             loss.backward()
             return loss
 
@@ -271,7 +286,7 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
             s_logits = student(**fwd, use_cache=False).logits[:, :-1]
             with torch.no_grad():
                 t_logits = teacher(**fwd, use_cache=False).logits[:, :-1]
-            loss = GKDTrainer.generalized_jsd_loss(s_logits[..., :vocab], t_logits[..., :vocab], labels, beta=0.5)
+            loss = GKDTrainer.generalized_jsd_loss(s_logits[..., :vocab], t_logits[..., :vocab], labels, beta=beta)
             loss.backward()
             return loss
 
@@ -282,14 +297,14 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
             h_s = _hidden(student, batch)[:, :-1]
             with torch.no_grad():
                 h_t = _hidden(teacher, batch)[:, :-1]
-            loss, _, _ = _chunked_divergence_loss(h_s, h_t, w_s[:vocab], w_t[:vocab], mask.long(), beta=0.5)
+            loss, _, _ = _chunked_divergence_loss(h_s, h_t, w_s[:vocab], w_t[:vocab], mask.long(), beta=beta)
             loss.backward()
             return loss
 
     elif case.kind == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        loss_fn = LigerFusedLinearJSDLoss(jsd_beta=0.5, weight_hard_loss=0.0, weight_soft_loss=1.0, temperature=1.0)
+        loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, temperature=1.0, beta=beta)
 
         def step():
             h_s = _hidden(student, batch)[:, :-1]
@@ -337,6 +352,7 @@ class Result:
     step_times_s: list[float] = field(default_factory=list)
     tokens_per_s: float | None = None
     peak_mem_mib: float | None = None  # peak extra memory of the steps (see module docstring)
+    peak_total_mib: float | None = None  # CUDA: the allocator's absolute peak during the steps (weights included)
     loss_diff_vs: str | None = None
     loss_abs_diff: float | None = None
 
@@ -405,6 +421,8 @@ def run_case(case: Case, preset: Preset, batch_size: int, seq: int, steps: int, 
     if base is not None:
         peak = torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024
         result.peak_mem_mib = (peak - base) / 2**20
+        if cuda:
+            result.peak_total_mib = peak / 2**20
     if times:
         result.step_times_s = times
         result.median_s = statistics.median(times)
@@ -529,12 +547,14 @@ def markdown(payload: dict) -> str:
     def fmt(value, spec):
         return format(value, spec) if value is not None else "—"
 
+    total = cuda and any(r.get("peak_total_mib") is not None for r in results)
     for shape in dict.fromkeys(r["shape"] for r in results):
         lines += [
             f"## Batch {shape}",
             "",
-            "| case | status | loss | Δloss (vs) | median step (s) | tokens/s | peak mem (MiB) | peak vs |",
-            "|---|---|---:|---|---:|---:|---:|---|",
+            "| case | status | loss | Δloss (vs) | median step (s) | tokens/s | peak mem (MiB) | peak vs |"
+            + (" peak total (GiB) |" if total else ""),
+            "|---|---|---:|---|---:|---:|---:|---|" + ("---:|" if total else ""),
         ]
         for r in (r for r in results if r["shape"] == shape):
             ok = r["status"] == "ok"
@@ -544,12 +564,48 @@ def markdown(payload: dict) -> str:
             if ok and other is not None and other["peak_mem_mib"] and r["peak_mem_mib"]:
                 factor = other["peak_mem_mib"] / r["peak_mem_mib"]
                 ratio = f"{factor:.1f}x lower" if factor >= 1 else f"{1 / factor:.1f}x higher"
+            peak_total = r.get("peak_total_mib") if ok else None
             lines.append(
                 f"| `{r['case']}` | {r['status']} | {fmt(r['loss'], '.6f')} | {diff} | {fmt(r['median_s'], '.3f')} | "
                 f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['peak_mem_mib'] if ok else None, ',.0f')} | {ratio} |"
+                + (f" {fmt(peak_total / 1024 if peak_total is not None else None, '.2f')} |" if total else "")
             )
         lines.append("")
+        lines += _target_lines(by_key, shape)
     return "\n".join(lines)
+
+
+def _target_lines(by_key: dict, shape: str) -> list[str]:
+    """The issue's targets, read off one shape's rows (only those whose rows exist and ran)."""
+
+    def row(name):
+        r = by_key.get((name, shape))
+        return r if r is not None and r["status"] == "ok" and r["median_s"] else None
+
+    lines = []
+    for prefix in ("fused", "fused-compiled"):
+        ea, plain, seq = (row(f"{prefix}/fkl/{label}") for label in ("ea-token", "no-ea", "ea-seq"))
+        if ea and plain:
+            cost = 100 * (ea["median_s"] / plain["median_s"] - 1)
+            lines.append(f"- `{prefix}`: EA token weighting costs {cost:+.1f}% step time over the same loss without "
+                         "EA (target <= 3%)")
+        if ea and seq:
+            cost = 100 * (seq["median_s"] / ea["median_s"] - 1)
+            lines.append(f"- `{prefix}`: sequence granularity costs {cost:+.1f}% over token granularity (target <= 5%)")
+    trl = row("trl-distill-chunked/fkl")
+    for name in ("fused/fkl/ea-token", "fused-compiled/fkl/ea-token", "fused/fkl/ea-token/c256",
+                 "fused-compiled/fkl/ea-token/c256"):
+        ea = row(name)
+        if ea is None:
+            continue
+        parts = [f"- `{name}`: {ea['tokens_per_s']:,.0f} tokens/s"]
+        if trl:
+            parts.append(f"{ea['tokens_per_s'] / trl['tokens_per_s']:.2f}x TRL chunked forward KL "
+                         f"({trl['tokens_per_s']:,.0f}; target >= 1x)")
+        if ea.get("peak_total_mib") is not None:
+            parts.append(f"peak {ea['peak_total_mib'] / 1024:.2f} GiB in all (target <= 7 GiB)")
+        lines.append(", ".join(parts))
+    return (["Targets:", "", *lines, ""]) if lines else []
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -610,6 +666,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{preset.name} on {env['device']}", flush=True)
     results: list[Result] = []
     memory_in_subprocess = preset.device == "cpu" and not args.in_process
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{preset.name}-{device_slug(preset)}"
+
+    def write() -> None:  # after every case, so that a run cut short keeps what it measured
+        add_comparisons(results, cases)
+        payload = {"preset": asdict(preset), "environment": env, "steps": args.steps, "warmup": args.warmup,
+                   "measurement": "cuda max_memory_allocated delta" if preset.device == "cuda"
+                   else "VmHWM - VmRSS per fresh subprocess", "results": [asdict(r) for r in results]}
+        stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(markdown(payload) + "\n")
+
     models = build_models(preset)
     for batch_size, seq in preset.shapes:
         for case in cases:
@@ -622,19 +690,10 @@ def main(argv: list[str] | None = None) -> int:
                 if memory.status != "ok" and result.status == "ok":
                     result.status = memory.status
             results.append(result)
-            print(f"  {result.shape:>8} {case.name:<26} {result.status[:60]:<12} loss={result.loss} "
+            write()
+            print(f"  {result.shape:>8} {case.name:<34} {result.status[:60]:<12} loss={result.loss} "
                   f"median={result.median_s} peak={result.peak_mem_mib and round(result.peak_mem_mib)} MiB "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
-    add_comparisons(results, cases)
-
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{preset.name}-{device_slug(preset)}"
-    payload = {"preset": asdict(preset), "environment": env, "steps": args.steps, "warmup": args.warmup,
-               "measurement": "cuda max_memory_allocated delta" if preset.device == "cuda"
-               else "VmHWM - VmRSS per fresh subprocess", "results": [asdict(r) for r in results]}
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(payload) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 

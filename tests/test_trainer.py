@@ -258,7 +258,7 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, tmp_path, monkeypatch):
+def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, tmp_path, monkeypatch, caplog):
     """A ZeRO-3-partitioned (here: flagged) student head is gathered for the fused loss only when it gets no gradient;
     a trainable one falls back to full logits. compile_loss reaches the fused loss."""
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
@@ -266,6 +266,7 @@ def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, 
     assert trainer._fused_supported(trainer.model)
     monkeypatch.setattr(head.weight, "ds_id", 0, raising=False)  # what DeepSpeed ZeRO-3 puts on its parameters
     assert not trainer._fused_supported(trainer.model)
+    assert trainer._fused_blocker(trainer.model) == "the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable"
     head.requires_grad_(False)
     assert trainer._fused_supported(trainer.model)
     seen = {}
@@ -278,8 +279,10 @@ def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, 
     # torchrun in test_sharded_teacher.py)
     monkeypatch.setattr(head.weight, "ds_shape", head.weight.shape, raising=False)
     monkeypatch.setattr(trainer_module, "_full_head", lambda h: contextlib.nullcontext((h.weight, h.bias)))
-    trainer.compute_loss(trainer.model, _batch(trainer))
+    with caplog.at_level("INFO", logger="eakd_llm.trainer"):
+        trainer.compute_loss(trainer.model, _batch(trainer))
     assert seen["compile"] is True and seen["chunk_size"] == trainer.args.loss_chunk_size
+    assert "EA-KD loss path: fused chunked (chunk 1024, compiled, sharded heads gathered once per step)" in caplog.text
 
 
 def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
