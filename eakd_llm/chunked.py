@@ -18,10 +18,10 @@ Layout (Liger ``chunked_loss`` style): the chunking machinery (:class:`_FusedDis
 paths run the same per-token formulas.
 
 Memory: positions without a loss token are dropped before projecting (``[B, T, H] -> [N, H]``); the ``N`` loss tokens
-are processed in chunks of ``chunk_size``, and for each chunk the fp32 ``[c, V]`` logits of both models, the loss and
+are processed in chunks of ``chunk_size``, and for each chunk the ``[c, V]`` logits of both models, the loss and
 the gradient of the chunk's loss with respect to the student logits are computed, then immediately projected back to
 the gradients of the student hidden chunk (``[c, H_s]``) and of the student weight/bias (accumulated in fp32). So the
-extra peak memory is ``O(chunk_size * V)`` (a handful of fp32 ``[c, V]`` temporaries) plus the fp32 ``[V_s, H_s]``
+extra peak memory is ``O(chunk_size * V)`` (a handful of ``[c, V]`` temporaries) plus the fp32 ``[V_s, H_s]``
 weight-gradient accumulator and the ``[N, H_s]`` hidden-gradient buffer, never ``O(N * V)``. The backward pass only
 scales the stored gradients by the incoming gradient.
 """
@@ -139,9 +139,10 @@ def fused_distillation_loss(
 
     Precision: all softmax/divergence/entropy maths is fp32. The projections are fp32 GEMMs (bf16/fp16 weights are
     upcast once per call, hidden states chunk by chunk) except on CUDA with bf16/fp16 inputs (or under an active
-    low-precision autocast), where they are low-precision GEMMs with fp32 outputs (``out_dtype``, or the low-precision
-    logits upcast where unsupported), as an HF ``lm_head`` would compute them; the weight gradient is always
-    accumulated in fp32.
+    low-precision autocast), where they are low-precision GEMMs returning low-precision logits, exactly as an HF
+    ``lm_head`` computes them (so the full-logits path sees the same values), upcast to fp32 for the maths; the
+    gradient of the logits is rounded to that dtype before its two GEMMs, as in HF's backward. The hidden-state and
+    weight gradients are accumulated in fp32.
 
     Cost: one pass over the chunks. Per chunk of ``c`` tokens: the student projection (``c * V_s * H_s`` MACs), the
     teacher projection (``c * V * H_t``) and, when gradients are needed, the hidden and weight gradients
@@ -393,8 +394,9 @@ def _chunk_terms(
     """The per-token loss terms of one chunk, from raw fp32 projections (differentiable in ``student_logits``).
 
     Args:
-        student_logits: ``[c, V_s]`` (or ``[c, V]`` when no CE is needed) fp32 ``h_s @ W_s.T + b_s``.
-        teacher_logits: ``[c, V]`` fp32 ``h_t @ W_t[:V].T + b_t[:V]`` or ``None`` without teacher.
+        student_logits: ``[c, V_s]`` (or ``[c, V]`` when no CE is needed) ``h_s @ W_s.T + b_s``, fp32 or the
+            low-precision logits of a CUDA GEMM (upcast here, so the maths below is fp32 either way).
+        teacher_logits: ``[c, V]`` ``h_t @ W_t[:V].T + b_t[:V]`` (same dtypes) or ``None`` without teacher.
         targets: ``[c]`` labels (all valid).
         ce_grad: keep the CE term in the graph (else it is computed detached, for the stats only).
 
@@ -402,7 +404,7 @@ def _chunk_terms(
     ``ce = -log_softmax(z_s)[target]``, ``divergence = divergence_from_log_probs(log p_S, log p_T)``, and the entropies
     ``H = -sum p' log p'`` of ``p' = softmax(z[:, :V] / tau')`` (reusing ``log p`` when ``tau' == tau``).
     """
-    z_s = _transform_logits(student_logits, spec.student_logit_scale, spec.student_softcap)
+    z_s = _transform_logits(student_logits.float(), spec.student_logit_scale, spec.student_softcap)
 
     def cross_entropy(log_probs: torch.Tensor | None) -> torch.Tensor | None:
         if not spec.need_ce:
@@ -414,7 +416,7 @@ def _chunk_terms(
     if teacher_logits is None:
         return _ChunkTerms(cross_entropy(None), None, None, None)
     with torch.no_grad():
-        z_t = _transform_logits(teacher_logits, spec.teacher_logit_scale, spec.teacher_softcap)
+        z_t = _transform_logits(teacher_logits.float(), spec.teacher_logit_scale, spec.teacher_softcap)
         log_t = log_probs(z_t, spec.temperature)
     z_s_kd = z_s[:, : spec.vocab_size] if z_s.shape[-1] != spec.vocab_size else z_s
     log_s = log_probs(z_s_kd, spec.temperature)
@@ -461,7 +463,7 @@ def _run_chunk_terms(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Projections (fp32 results whatever the input dtype)
+# Projections
 # ----------------------------------------------------------------------------------------------------------------------
 
 _OUT_DTYPE_SUPPORTED: bool | None = None  # does torch.mm(..., out_dtype=float32) work for bf16/fp16 on CUDA?
@@ -495,18 +497,26 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
+def _low_precision_gemms(device: torch.device) -> bool:
+    """Whether bf16/fp16 inputs get bf16/fp16 GEMMs on this device (CUDA); elsewhere the projections run in fp32."""
+    return device.type == "cuda"
+
+
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, autocast_dtype: torch.dtype | None) -> torch.dtype:
     """GEMM dtype: low precision only on CUDA (bf16/fp16 inputs or the caller's low-precision autocast), else fp32."""
     dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if autocast_dtype in _LOW_PRECISION:
         dtype = autocast_dtype
-    return dtype if hidden.is_cuda and dtype in _LOW_PRECISION else torch.float32
+    return dtype if _low_precision_gemms(hidden.device) and dtype in _LOW_PRECISION else torch.float32
 
 
 class _Projection:
-    """``z = h @ W.T + b`` on chunks of rows, with the matching backward, all results in fp32.
+    """``z = h @ W.T + b`` on chunks of rows, with the matching backward.
 
-    The weight is cast to the compute dtype once per call (a no-op when it already has it).
+    The logits come out in the compute dtype: fp32, or on CUDA with bf16/fp16 inputs the low-precision logits an HF
+    ``lm_head`` returns (fp32 accumulation, rounded once), which the chunk maths upcasts inside its (compiled) graph;
+    the gradient of the logits then comes back in that dtype too, half the bytes of fp32 per ``[c, V]`` tensor. The
+    weight is cast to the compute dtype once per call (a no-op when it already has it).
     """
 
     def __init__(
@@ -515,17 +525,16 @@ class _Projection:
         self.dtype = _compute_dtype(hidden, weight, autocast_dtype)
         self.hidden = hidden
         self.weight = weight.detach().to(self.dtype)
-        self.bias = None if bias is None else bias.detach().float()
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
         return self.hidden[start:end].detach().to(self.dtype)
 
     def forward(self, h: torch.Tensor, cols: int) -> torch.Tensor:
-        """``[c, cols]`` fp32 logits over the first ``cols`` vocabulary rows."""
-        logits = _mm_fp32(h, self.weight[:cols].t())
+        """``[c, cols]`` logits (compute dtype) over the first ``cols`` vocabulary rows."""
         if self.bias is not None:
-            logits = logits + self.bias[:cols]
-        return logits
+            return torch.addmm(self.bias[:cols], h, self.weight[:cols].t())
+        return h @ self.weight[:cols].t()
 
     def backward(
         self,
@@ -542,7 +551,7 @@ class _Projection:
         if grad_weight is not None:
             _addmm_fp32_(grad_weight[:cols], grad_logits.t().to(self.dtype), h)
         if grad_bias is not None:
-            grad_bias[:cols] += grad_logits.sum(0)
+            grad_bias[:cols] += grad_logits.float().sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -744,7 +753,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         out = []
-        for grad, dtype in zip(ctx.grads, ctx.dtypes):
-            out.append(None if grad is None else (grad * grad_output).to(dtype))
+        for grad, dtype in zip(ctx.grads, ctx.dtypes):  # our own fp32 buffers: scale in place, no second copy
+            out.append(None if grad is None else grad.mul_(grad_output).to(dtype))
         ctx.grads = None
         return (*out, None, None, None, None, None, None, None, None, None, None, None)

@@ -471,7 +471,9 @@ def _projects_separately(model: nn.Module) -> bool:
     """The fused loss can reproduce this model's logits: a plain ``nn.Linear`` head (not LoRA-adapted, not quantized)
     and a forward that can skip its own projection (``logits_to_keep``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return type(head) is nn.Linear and _forward_takes_logits_to_keep(type(model).forward)
+    # nn.Linear's own forward: a plain head, or FSDP2's dynamic FSDPLinear subclass; not a LoRA or quantized layer.
+    plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
+    return plain and _forward_takes_logits_to_keep(type(model).forward)
 
 
 # ----------------------------------------------------------------------------------------------------------------

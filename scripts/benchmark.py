@@ -152,10 +152,10 @@ def build_cases() -> list[Case]:
     for div, ea, gran in grid[:3]:  # the compiled chunk maths: EA off, token, sequence
         name = f"{div}/{_ea_label(ea, gran)}"
         cases.append(Case(f"fused-compiled/{name}", "fused", div, ea, gran, compare_to=f"full/{name}", compile=True))
-    for compiled in (False, True):  # a smaller chunk: less memory, more (smaller) GEMMs
+    for compiled, chunk in ((False, 256), (True, 256), (True, 512)):  # smaller chunks: less memory, smaller GEMMs
         prefix = "fused-compiled" if compiled else "fused"
-        cases.append(Case(f"{prefix}/fkl/ea-token/c256", "fused", "fkl", True, "token", compare_to="full/fkl/ea-token",
-                          compile=compiled, chunk_size=256))
+        cases.append(Case(f"{prefix}/fkl/ea-token/c{chunk}", "fused", "fkl", True, "token",
+                          compare_to="full/fkl/ea-token", compile=compiled, chunk_size=chunk))
     # Pure KD without EA: the loss the peers compute (forward KL = TRL/Liger beta 0; JSD beta 0.5).
     for div in ("fkl", "jsd"):
         ref = f"fused/{div}/no-ea/kd-only"
@@ -594,7 +594,7 @@ def _target_lines(by_key: dict, shape: str) -> list[str]:
             lines.append(f"- `{prefix}`: sequence granularity costs {cost:+.1f}% over token granularity (target <= 5%)")
     trl = row("trl-distill-chunked/fkl")
     for name in ("fused/fkl/ea-token", "fused-compiled/fkl/ea-token", "fused/fkl/ea-token/c256",
-                 "fused-compiled/fkl/ea-token/c256"):
+                 "fused-compiled/fkl/ea-token/c256", "fused-compiled/fkl/ea-token/c512"):
         ea = row(name)
         if ea is None:
             continue
@@ -622,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")
     parser.add_argument("--shapes", default=None, help="override the preset's shapes, e.g. 2x128,4x256")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (e.g. a subset run)")
     parser.add_argument("--in-process", action="store_true", help="CPU: run every case in this process")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--render", metavar="JSON", help="only re-render the markdown table of an earlier JSON result")
@@ -668,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
     memory_in_subprocess = preset.device == "cpu" and not args.in_process
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{preset.name}-{device_slug(preset)}"
+    stem = out_dir / f"{preset.name}-{device_slug(preset)}{'-' + args.tag if args.tag else ''}"
 
     def write() -> None:  # after every case, so that a run cut short keeps what it measured
         add_comparisons(results, cases)

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/eakd-gpu-checks")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=120, help="seconds per run")
+    parser.add_argument("--launchers", default="plain,zero3,fsdp2", help="comma-separated subset (plain is the base)")
     args = parser.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "fsdp2": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
                   "--num_processes", "1", "--mixed_precision", "no"],
     }
+    launchers = {k: v for k, v in launchers.items() if k in args.launchers.split(",")}
     students = {"full": [], "lora": ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
                                      "--lora_dropout", "0.0", "--learning_rate", "1e-2"]}
     for student, student_args in students.items():
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<12} rc={code} {seconds:5.1f}s paths={paths} teacher={teacher} "
                   f"losses={results['runs'][name]['losses']}", flush=True)
         base = results["runs"][f"plain-{student}"]["losses"]
-        for launcher in ("zero3", "fsdp2"):
+        for launcher in [k for k in launchers if k != "plain"]:
             got = results["runs"][f"{launcher}-{student}"]["losses"]
             comparison = {"steps": len(got), "same_length": len(got) == len(base) and bool(got)}
             if comparison["same_length"]:

@@ -290,6 +290,36 @@ def test_bf16_inputs():
     assert bf16["student_weight"].grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_low_precision_gemm_path_matches_hf_style_logits(monkeypatch, compile):
+    """The CUDA path for bf16 inputs, forced on CPU: bf16 GEMMs return bf16 logits (as an HF lm_head does), upcast for
+    the fp32 maths, and the bf16 logit gradient feeds the two backward GEMMs. Reference: HF-style bf16 logits
+    ``F.linear`` then ``.float()``, CE + distillation_loss, plain autograd."""
+    monkeypatch.setattr(chunked, "_low_precision_gemms", lambda device: True)
+    inputs = make_inputs(seed=21)
+    bf16 = {k: (v.detach().bfloat16().requires_grad_() if v.is_floating_point() else v) for k, v in inputs.items()}
+    kwargs = dict(kd_ratio=0.5, divergence="fkl", ea=True, ea_granularity="sequence", chunk_size=4)
+
+    def hf_style(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias, teacher_bias,
+                 kd_ratio, chunk_size, **kd):
+        z_s = F.linear(student_hidden, student_weight, student_bias).float()
+        with torch.no_grad():
+            z_t = F.linear(teacher_hidden, teacher_weight, teacher_bias).float()
+        n = (labels != -100).sum()
+        ce = F.cross_entropy(z_s.reshape(-1, z_s.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        v = min(z_s.shape[-1], z_t.shape[-1])
+        kd_loss = distillation_loss(z_s[..., :v], z_t[..., :v], labels, num_items_in_batch=n, **kd)
+        return (1 - kd_ratio) * ce / n + kd_ratio * kd_loss
+
+    ref_loss, ref_grads = loss_and_grads(hf_style, bf16, **kwargs)
+    loss, grads = loss_and_grads(fused_distillation_loss, bf16, compile=compile, **kwargs)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.bfloat16
+        scale = want.float().abs().max()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
+
+
 def test_autocast_matches_fp32_on_cpu():
     inputs = make_inputs(seed=12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
