@@ -525,6 +525,7 @@ def markdown(payload: dict) -> str:
     lines = [
         f"# Benchmark `{preset['name']}` on {env['device']}",
         "",
+        *([payload["note"], ""] if payload.get("note") else []),
         f"Packages: {', '.join(f'{k} {v}' for k, v in env['packages'].items())}; Python {env['python']}.",
         "",
         f"Models: {preset['arch']} configs with random weights, vocabulary {preset['vocab_size']:,}, "
@@ -537,7 +538,8 @@ def markdown(payload: dict) -> str:
         "",
         f"One step = teacher forward (no grad) + student forward + loss + backward (no optimizer step); median of "
         f"{payload['steps']} steps after {payload['warmup']} warm-up step(s); tokens/s = B x T / median. "
-        f"Peak memory: {memory} `kd_ratio` 0.5 (CE + KD) except `kd-only` and the peers (pure KD, JSD with beta 0.5). "
+        f"Peak memory: {memory} `kd_ratio` 0.5 (CE + KD) except `kd-only` and the peers "
+        "(pure KD: `fkl` is their beta 0, `jsd` beta 0.5). "
         "`Δloss`: absolute difference with the case computing the same loss; `peak vs`: that case's peak memory "
         "divided by this one's.",
         "",
