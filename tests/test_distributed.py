@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,6 +87,56 @@ def test_ddp_two_processes_match_one_process(tiny_stack, tmp_path):
         losses = _losses(tmp_path / run)
         assert losses == pytest.approx(reference, rel=1e-5), (run, losses, reference)
         _assert_same_weights(tmp_path / "one", tmp_path / run, exact=False)
+
+
+def _launch_deepspeed(tiny_stack, output_dir: Path, config: str, *extra: str) -> str:
+    """The real script under ``accelerate launch`` with a project DeepSpeed config, 2 ranks on CPU; returns the log.
+
+    accelerate picks its CPU (MULTI_CPU) mode, which ignores DeepSpeed, when ACCELERATE_USE_CPU is set; without it, and
+    without a GPU, it finds no backend and counts one process. ``--ddp_backend gloo`` names the backend, so DeepSpeed
+    initialises gloo and the Trainer sees the real world size.
+    """
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes" / "accelerate_configs" / config), "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(_free_port()),
+               *_args(tiny_stack, output_dir, "--use_cpu", "false", "--ddp_backend", "gloo", *extra)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config", "lora", "loss_path"),
+    [
+        ("zero3.yaml", False, "full logits (the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable)"),
+        ("zero3.yaml", True, "fused chunked (chunk 1024, sharded heads gathered once per step)"),
+        ("zero2.yaml", False, "fused chunked (chunk 1024)"),
+    ],
+)
+def test_deepspeed_two_ranks_match_one_process(tiny_stack, tmp_path, config, lora, loss_path):
+    """ZeRO-2/3 student and teacher through the HF Trainer, 2 ranks x 4 against 1 process x 8: same per-step losses,
+    same final weights; under ZeRO-3 each rank holds half of the teacher."""
+    pytest.importorskip("deepspeed", reason="install the deepspeed extra")
+    pytest.importorskip("accelerate")
+    extra = ["--max_steps", "3", "--save_strategy", "no"]
+    if lora:
+        extra += ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
+                  "--learning_rate", "1e-2"]
+    _single(tiny_stack, tmp_path / "one", "--per_device_train_batch_size", "8", *extra)
+    log = _launch_deepspeed(tiny_stack, tmp_path / "ds", config, "--per_device_train_batch_size", "4", *extra)
+
+    assert f"EA-KD loss path: {loss_path}" in log
+    stage = 3 if config == "zero3.yaml" else 0  # ZeRO-1/2 leave the frozen teacher whole (stage 0)
+    holdings = [tuple(map(int, m)) for m in re.findall(
+        rf"teacher: DeepSpeed ZeRO-{stage} inference engine on cpu; this process holds (\d+) of its (\d+)", log)]
+    assert len(holdings) == 2, log[-3000:]
+    for local, full in holdings:
+        assert local == (full // 2 if stage == 3 else full)
+    reference, losses = _losses(tmp_path / "one"), _losses(tmp_path / "ds")
+    assert len(reference) == 3 and losses == pytest.approx(reference, rel=1e-5), (losses, reference)
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    _assert_same_weights(tmp_path / "one", tmp_path / "ds", exact=False, name=weights)
 
 
 def _kill_after_checkpoint(command: list[str], checkpoint: Path, timeout: float = 300) -> None:
