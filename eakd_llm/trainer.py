@@ -548,8 +548,11 @@ def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
 
         mp_policy, offload = plugin.mixed_precision_policy, plugin.cpu_offload
+        # No teacher.to(device) first: fully_shard moves each layer's parameters to the mesh's device as it shards
+        # that layer (and keeps them on the CPU under an offload policy), so a teacher larger than one GPU never has
+        # to fit on one.
         return shard_teacher_fsdp2(
-            teacher.to(accelerator.device),
+            teacher,
             mesh=mesh,
             mp_policy=mp_policy if isinstance(mp_policy, MixedPrecisionPolicy) else None,
             offload_policy=offload if isinstance(offload, OffloadPolicy) else None,
