@@ -214,11 +214,12 @@ class EAKDTrainer(Trainer):
         for who, m in zip(("student", "teacher"), models):
             if not _projects_separately(m):
                 return f"the {who}'s lm_head is not a plain nn.Linear or its forward has no logits_to_keep"
-        # A trainable sharded student head would need its gradient routed back through the engine's reduce-scatter
-        # (the teacher's head is frozen, so gathering it is always enough).
+        # A trainable FSDP2-sharded student head would need its gradient routed through FSDP's reduce-scatter; a
+        # ZeRO-3 one is called as a module, whose hooks do that (the teacher's head is frozen: gathering it is enough).
         head = models[0].get_output_embeddings()
-        if _is_sharded(head) and any(p.requires_grad for p in head.parameters()):
-            return "the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable"
+        trainable = any(p.requires_grad for p in head.parameters())
+        if _is_sharded(head) and trainable and not _zero3_trainable(head):
+            return "the student's lm_head is FSDP2-sharded and trainable"
         return None
 
     def _log_loss_path(self, model: nn.Module, fused: bool) -> None:
@@ -332,15 +333,17 @@ def fused_head_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str] | None]:
     """The trainer's fused loss from both models' final hidden states and their ``lm_head`` modules.
 
-    Sharded heads (a ZeRO-3 partition, an FSDP2 ``DTensor``) are gathered once for the whole call, not per chunk, and
-    released when it returns: the fused loss computes its gradients during the forward call, so the backward pass
-    never needs the full weights again. Returns ``(loss, stats, bad)``: ``bad`` names the models whose inputs hold
-    non-finite values when the loss is not finite (``None`` when it is finite).
+    Sharded heads are gathered once for the whole call, not per chunk. The teacher's head and a frozen student head (a
+    ZeRO-3 partition, an FSDP2 ``DTensor``) are gathered for the call and released when it returns: the fused loss
+    computes its gradients during the forward call, so the backward pass never needs them again. A trainable ZeRO-3
+    student head is instead called as a module whose forward is the fused loss: ZeRO-3's own hooks gather its
+    parameters for the call, gather them again for the backward, and reduce-scatter their gradient like any layer's.
+    Returns ``(loss, stats, bad)``: ``bad`` names the models whose inputs hold non-finite values when the loss is not
+    finite (``None`` when it is finite).
     """
     s_head = student.get_output_embeddings()
     s_scale, s_cap = _logit_transform(student)
     with contextlib.ExitStack() as stack:
-        s_weight, s_bias = stack.enter_context(_full_head(s_head))
         teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
         t_weight = None
         if teacher is not None:
@@ -348,28 +351,56 @@ def fused_head_loss(
             t_scale, t_cap = _logit_transform(teacher)
             teacher_kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
                                   teacher_logit_scale=t_scale, teacher_softcap=t_cap)
-        loss, stats = fused_distillation_loss(
-            student_hidden,
-            s_weight,
-            labels=labels,
-            student_bias=s_bias,
-            vocab_size=vocab_size,
-            kd_ratio=args.kd_ratio,
-            num_items_in_batch=denominator,
-            student_logit_scale=s_scale,
-            student_softcap=s_cap,
-            chunk_size=args.loss_chunk_size,
-            compile=args.compile_loss,
-            return_stats=True,
-            **teacher_kwargs,
-            **_divergence_kwargs(args),
-        )
+        stats: dict[str, torch.Tensor] = {}
+
+        def loss_from_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            loss, chunk_stats = fused_distillation_loss(
+                hidden,
+                weight,
+                labels=labels,
+                student_bias=bias,
+                vocab_size=vocab_size,
+                kd_ratio=args.kd_ratio,
+                num_items_in_batch=denominator,
+                student_logit_scale=s_scale,
+                student_softcap=s_cap,
+                chunk_size=args.loss_chunk_size,
+                compile=args.compile_loss,
+                return_stats=True,
+                **teacher_kwargs,
+                **_divergence_kwargs(args),
+            )
+            stats.update(chunk_stats)
+            return loss
+
+        if _zero3_trainable(s_head):
+            with _head_forward(s_head, lambda hidden: loss_from_head(hidden, s_head.weight, s_head.bias)):
+                loss = s_head(student_hidden)
+            s_weight = None  # partitioned again: not inspectable below
+        else:
+            s_weight, s_bias = stack.enter_context(_full_head(s_head))
+            loss = loss_from_head(student_hidden, s_weight, s_bias)
         bad = None
         if not torch.isfinite(loss):
             suspects = (("teacher", (teacher_hidden, t_weight)), ("student", (student_hidden, s_weight)))
             bad = [name for name, tensors in suspects
                    if any(t is not None and not torch.isfinite(t).all() for t in tensors)] or ["teacher or student"]
     return loss, stats, bad
+
+
+def _zero3_trainable(head: nn.Module) -> bool:
+    """A ZeRO-3-partitioned head with a trainable parameter."""
+    return any(hasattr(p, "ds_id") and p.requires_grad for p in head.parameters(recurse=False))
+
+
+@contextlib.contextmanager
+def _head_forward(head: nn.Module, forward):
+    """Temporarily make ``forward`` the head's forward (an instance attribute, so ``head(...)`` runs its hooks)."""
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def _parameter_elements(model: nn.Module) -> tuple[int, int]:

@@ -106,20 +106,41 @@ def _launch_deepspeed(tiny_stack, output_dir: Path, config: str, *extra: str) ->
     return result.stdout + result.stderr
 
 
+def _tied_student(tiny_stack, folder: Path) -> str:
+    """The tiny student with its lm_head tied to the input embeddings (as in Qwen2.5-0.5B), saved like the others."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    model.config.tie_word_embeddings = True
+    tied = type(model)(model.config)
+    tied.load_state_dict(model.state_dict(), strict=False)
+    tied.tie_weights()
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    tied.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_stack["student"]).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize(
-    ("config", "lora", "loss_path"),
+    ("config", "student", "loss_path"),
     [
-        ("zero3.yaml", False, "full logits (the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable)"),
-        ("zero3.yaml", True, "fused chunked (chunk 1024, sharded heads gathered once per step)"),
-        ("zero2.yaml", False, "fused chunked (chunk 1024)"),
+        ("zero3.yaml", "full", "fused chunked (chunk 1024, sharded heads gathered once per step)"),
+        ("zero3.yaml", "tied", "fused chunked (chunk 1024, sharded heads gathered once per step)"),
+        ("zero3.yaml", "lora", "fused chunked (chunk 1024, sharded heads gathered once per step)"),
+        ("zero2.yaml", "full", "fused chunked (chunk 1024)"),
     ],
 )
-def test_deepspeed_two_ranks_match_one_process(tiny_stack, tmp_path, config, lora, loss_path):
+def test_deepspeed_two_ranks_match_one_process(tiny_stack, tmp_path, config, student, loss_path):
     """ZeRO-2/3 student and teacher through the HF Trainer, 2 ranks x 4 against 1 process x 8: same per-step losses,
-    same final weights; under ZeRO-3 each rank holds half of the teacher."""
+    same final weights; under ZeRO-3 each rank holds half of the teacher. ZeRO-3 full and tied students train their
+    partitioned head through the fused loss (called as a module, so ZeRO-3 gathers it and reduce-scatters its
+    gradient); a LoRA student's frozen head is gathered."""
     pytest.importorskip("deepspeed", reason="install the deepspeed extra")
     pytest.importorskip("accelerate")
+    lora = student == "lora"
     extra = ["--max_steps", "3", "--save_strategy", "no"]
+    if student == "tied":
+        extra += ["--model_name_or_path", _tied_student(tiny_stack, tmp_path / "tied-student")]
     if lora:
         extra += ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0.0",
                   "--learning_rate", "1e-2"]

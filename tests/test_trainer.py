@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -258,31 +257,43 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
-def test_sharded_student_head_takes_the_fused_path_only_when_frozen(tiny_stack, tmp_path, monkeypatch, caplog):
-    """A ZeRO-3-partitioned (here: flagged) student head is gathered for the fused loss only when it gets no gradient;
-    a trainable one falls back to full logits. compile_loss reaches the fused loss."""
+def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypatch, caplog):
+    """Which sharded student heads the fused path takes: ZeRO-3 (here: flagged) trainable or frozen, FSDP2 only frozen.
+    A trainable ZeRO-3 head is called as a module (its hooks gather and reduce); compile_loss reaches the loss."""
+    import eakd_llm.trainer as trainer_module
+
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
     head = trainer.model.get_output_embeddings()
     assert trainer._fused_supported(trainer.model)
-    monkeypatch.setattr(head.weight, "ds_id", 0, raising=False)  # what DeepSpeed ZeRO-3 puts on its parameters
-    assert not trainer._fused_supported(trainer.model)
-    assert trainer._fused_blocker(trainer.model) == "the student's lm_head is sharded (ZeRO-3/FSDP2) and trainable"
+    monkeypatch.setattr(trainer_module, "_is_dtensor", lambda t: t is head.weight)  # an FSDP2 shard
+    assert trainer._fused_blocker(trainer.model) == "the student's lm_head is FSDP2-sharded and trainable"
     head.requires_grad_(False)
-    assert trainer._fused_supported(trainer.model)
-    seen = {}
-    import eakd_llm.trainer as trainer_module
+    assert trainer._fused_supported(trainer.model)  # frozen: gathered with full_tensor()
+    monkeypatch.undo()
 
+    head.requires_grad_(True)
+    monkeypatch.setattr(head.weight, "ds_id", 0, raising=False)  # what DeepSpeed ZeRO-3 puts on its parameters
+    # the full shape, as inside the module's forward when ZeRO-3's hook has gathered it (the hooks themselves need an
+    # engine: tests/test_distributed.py runs them, 2 ranks, against one process)
+    monkeypatch.setattr(head.weight, "ds_shape", head.weight.shape, raising=False)
+    assert trainer._fused_supported(trainer.model)
+    calls, seen = [], {}
+    head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
     original = trainer_module.fused_distillation_loss
     monkeypatch.setattr(trainer_module, "fused_distillation_loss",
                         lambda *a, **k: (seen.update(k), original(*a, **{**k, "compile": False}))[1])
-    # a gathered ZeRO-3 parameter: its full shape is back (GatheredParameters itself needs an engine: tested under
-    # torchrun in test_sharded_teacher.py)
-    monkeypatch.setattr(head.weight, "ds_shape", head.weight.shape, raising=False)
-    monkeypatch.setattr(trainer_module, "_full_head", lambda h: contextlib.nullcontext((h.weight, h.bias)))
+    batch = _batch(trainer)
     with caplog.at_level("INFO", logger="eakd_llm.trainer"):
-        trainer.compute_loss(trainer.model, _batch(trainer))
+        loss = trainer.compute_loss(trainer.model, batch)
     assert seen["compile"] is True and seen["chunk_size"] == trainer.args.loss_chunk_size
     assert "EA-KD loss path: fused chunked (chunk 1024, compiled, sharded heads gathered once per step)" in caplog.text
+    # the head ran as a module on the hidden states of every position (the model's own call projects one position)
+    assert any(shape[1] == batch["input_ids"].shape[1] - 1 for shape in calls)
+    assert "forward" not in vars(head)  # its own forward is back
+    (grad,) = torch.autograd.grad(loss, [head.weight])
+    expected = torch.autograd.grad(
+        _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size), [head.weight])[0]
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
