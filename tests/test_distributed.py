@@ -86,6 +86,7 @@ def test_ddp_two_processes_match_one_process(tiny_stack, tmp_path):
     for run in ("ddp", "ddp_ga"):
         losses = _losses(tmp_path / run)
         assert losses == pytest.approx(reference, rel=1e-5), (run, losses, reference)
+        print(f"{run}: max relative loss difference {max(abs(a - b) / abs(b) for a, b in zip(losses, reference)):.1e}")
         _assert_same_weights(tmp_path / "one", tmp_path / run, exact=False)
 
 
@@ -156,6 +157,8 @@ def test_deepspeed_two_ranks_match_one_process(tiny_stack, tmp_path, config, stu
         assert local == (full // 2 if stage == 3 else full)
     reference, losses = _losses(tmp_path / "one"), _losses(tmp_path / "ds")
     assert len(reference) == 3 and losses == pytest.approx(reference, rel=1e-5), (losses, reference)
+    print(f"{config} {student}: max relative loss difference "
+          f"{max(abs(a - b) / abs(b) for a, b in zip(losses, reference)):.1e}")
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     _assert_same_weights(tmp_path / "one", tmp_path / "ds", exact=False, name=weights)
 
