@@ -128,8 +128,10 @@ def fused_distillation_loss(
             temporaries alive at its peak (measured on CPU), so e.g. 1024 x 151,936 -> 6-9 GB, 256 -> a quarter.
         compile: run the per-chunk maths (log-softmaxes, divergence, entropies, CE and their gradient with respect to
             the logits) through ``torch.compile``, which fuses its elementwise passes over ``[c, V]`` into a few
-            kernels (one compilation per loss configuration, the chunk length is a dynamic dimension). Same maths, fp32
-            results equal to the eager path up to summation order. The projections stay cuBLAS/MKL GEMMs either way.
+            kernels. The chunk length is a dynamic dimension; each loss configuration (divergence, EA, temperatures,
+            with or without gradients; a one-token chunk) is one more compilation of the same function, and Dynamo's
+            recompile limit (8 by default) bounds how many one process compiles before falling back to eager. Same
+            maths, fp32 results equal to the eager path up to summation order. The projections stay GEMMs either way.
         return_stats: also return detached statistics: those of ``distillation_loss`` (``teacher_entropy``,
             ``student_entropy``, ``ea_weight_mean/min/max``, ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss
             token (``kd_loss`` includes tau^2 and the EA weights, as the trainer logs it).
@@ -141,8 +143,9 @@ def fused_distillation_loss(
     upcast once per call, hidden states chunk by chunk) except on CUDA with bf16/fp16 inputs (or under an active
     low-precision autocast), where they are low-precision GEMMs returning low-precision logits, exactly as an HF
     ``lm_head`` computes them (so the full-logits path sees the same values), upcast to fp32 for the maths; the
-    gradient of the logits is rounded to that dtype before its two GEMMs, as in HF's backward. The hidden-state and
-    weight gradients are accumulated in fp32.
+    gradient of the logits is rounded to that dtype before its two GEMMs, as in HF's backward, but taken of the chunk's
+    un-normalised loss (entries of order 1) and divided by ``N`` in fp32 afterwards, so fp16 cannot underflow it
+    before a loss scale arrives. The hidden-state and weight gradients are accumulated in fp32.
 
     Cost: one pass over the chunks. Per chunk of ``c`` tokens: the student projection (``c * V_s * H_s`` MACs), the
     teacher projection (``c * V * H_t``) and, when gradients are needed, the hidden and weight gradients
@@ -613,6 +616,10 @@ def _fused_forward(
     denominator = denominator.to(device=device, dtype=torch.float32)
     ce_coef = (1.0 - spec.kd_ratio) / denominator
     kd_coef = spec.kd_ratio * spec.temperature**2 / denominator
+    # The per-chunk gradients are taken of the un-normalised sums (entries of order 1, safe to round to fp16 for the
+    # backward GEMMs; 1/N can be far below fp16's smallest normal) and divided by N in fp32 at the end.
+    ce_grad_coef = 1.0 - spec.kd_ratio
+    kd_grad_coef = spec.kd_ratio * spec.temperature**2
     ce_sum, kd_sum = zero.clone(), zero.clone()
 
     grad_h = torch.zeros(num_tokens, h_s.shape[1], device=device) if need_h else None
@@ -686,9 +693,9 @@ def _fused_forward(
             if need_grad:
                 g_h = grad_h[start:end] if grad_h is not None else None
                 if not pending:
-                    total = ce_coef * ce_chunk if ce_in_loss else None
+                    total = ce_grad_coef * ce_chunk if ce_in_loss else None
                     if kd_in_loss:
-                        total = kd_coef * kd_chunk if total is None else total + kd_coef * kd_chunk
+                        total = kd_grad_coef * kd_chunk if total is None else total + kd_grad_coef * kd_chunk
                     (d_logits,) = torch.autograd.grad(total, s_logits)
                     student.backward(d_logits, hs_chunk, g_h, grad_w, grad_b)
                 else:
@@ -698,9 +705,9 @@ def _fused_forward(
                         pend_w = torch.zeros_like(grad_w) if need_w else None
                         pend_b = torch.zeros_like(grad_b) if need_b else None
                     if ce_in_loss:  # CE is not row-weighted: keep its gradient apart from the KD one
-                        (d_ce,) = torch.autograd.grad(ce_coef * ce_chunk, s_logits, retain_graph=True)
+                        (d_ce,) = torch.autograd.grad(ce_grad_coef * ce_chunk, s_logits, retain_graph=True)
                         student.backward(d_ce, hs_chunk, g_h, grad_w, grad_b)
-                    (d_kd,) = torch.autograd.grad(kd_coef * kd_chunk, s_logits)
+                    (d_kd,) = torch.autograd.grad(kd_grad_coef * kd_chunk, s_logits)
                     p_h = pend_h[start:end] if pend_h is not None else None
                     student.backward(d_kd, hs_chunk, p_h, pend_w, pend_b)
             # Free this chunk's [c, V] tensors before the next chunk allocates its own.
@@ -722,6 +729,9 @@ def _fused_forward(
                         pend_b.zero_()
                 pending_row = None
 
+    for grad in (grad_h, grad_w, grad_b):
+        if grad is not None:
+            grad.div_(denominator)
     loss = ce_coef * ce_sum if ce_in_loss else zero.clone()
     if kd_in_loss:
         loss = loss + kd_coef * kd_sum

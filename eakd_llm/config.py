@@ -86,7 +86,8 @@ class EAKDConfig(TrainingArguments):
         default=True,
         metadata={"help": "Compute CE and KD chunk by chunk from the final hidden states, never holding "
                   "full-vocabulary logits (same loss and gradients). Falls back to full logits where unsupported "
-                  "(trainable FSDP2-sharded student head, FSDP1, LoRA on lm_head); the first step logs the path."},
+                  "(trainable FSDP2-sharded student head, FSDP2 CPU offload, FSDP1, LoRA on lm_head); the first step "
+                  "logs the path."},
     )
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Response tokens per chunk of the fused loss (>= 1); memory ~ chunk x V."}

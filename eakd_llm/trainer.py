@@ -208,17 +208,25 @@ class EAKDTrainer(Trainer):
         are then gathered once per step for the loss."""
         if not self.args.fused_loss:
             return "fused_loss is off"
-        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            return "FSDP1 flattens the lm_head into a flat parameter"
+        if self.is_fsdp_enabled:
+            plugin = self.accelerator.state.fsdp_plugin
+            if getattr(plugin, "fsdp_version", 1) != 2:
+                return "FSDP1 flattens the lm_head into a flat parameter"
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
+                return "FSDP2 CPU offload keeps the head's shards on the CPU"
         models = [_causal_lm(model)] + ([] if self.teacher is None else [_causal_lm(self.teacher)])
         for who, m in zip(("student", "teacher"), models):
             if not _projects_separately(m):
                 return f"the {who}'s lm_head is not a plain nn.Linear or its forward has no logits_to_keep"
         # A trainable FSDP2-sharded student head would need its gradient routed through FSDP's reduce-scatter; a
         # ZeRO-3 one is called as a module, whose hooks do that (the teacher's head is frozen: gathering it is enough).
+        # Under FSDP2 the head may be unsharded at this moment (accelerate does not reshard the root after forward):
+        # decide by who owns it, not by its current state.
         head = models[0].get_output_embeddings()
         trainable = any(p.requires_grad for p in head.parameters())
-        if _is_sharded(head) and trainable and not _zero3_trainable(head):
+        if trainable and (self.is_fsdp_enabled or (_is_sharded(head) and not _zero3_trainable(head))):
             return "the student's lm_head is FSDP2-sharded and trainable"
         return None
 
@@ -226,7 +234,7 @@ class EAKDTrainer(Trainer):
         """Say once which loss path runs, and why not the fused one."""
         if fused:
             models = [model] + ([] if self.teacher is None else [self.teacher])
-            sharded = any(_is_sharded(_causal_lm(m).get_output_embeddings()) for m in models)
+            sharded = self.is_fsdp_enabled or any(_is_sharded(_causal_lm(m).get_output_embeddings()) for m in models)
             path = (f"fused chunked (chunk {self.args.loss_chunk_size}{', compiled' if self.args.compile_loss else ''}"
                     f"{', sharded heads gathered once per step' if sharded else ''})")
         else:
@@ -396,11 +404,15 @@ def _zero3_trainable(head: nn.Module) -> bool:
 @contextlib.contextmanager
 def _head_forward(head: nn.Module, forward):
     """Temporarily make ``forward`` the head's forward (an instance attribute, so ``head(...)`` runs its hooks)."""
+    own = head.__dict__.get("forward")  # an instance-level forward someone else installed (e.g. an accelerate hook)
     head.forward = forward
     try:
         yield
     finally:
-        del head.forward  # back to the class's forward
+        if own is None:
+            del head.forward  # back to the class's forward
+        else:
+            head.forward = own
 
 
 def _parameter_elements(model: nn.Module) -> tuple[int, int]:
@@ -410,6 +422,8 @@ def _parameter_elements(model: nn.Module) -> tuple[int, int]:
     for p in model.parameters():
         if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, the full shape's size
             local, full = local + p.ds_tensor.numel(), full + p.ds_numel
+        elif hasattr(p, "_unpadded_unsharded_size"):  # an FSDP1 FlatParameter (sharded or not)
+            local, full = local + p.numel(), full + p._unpadded_unsharded_size.numel()
         elif _is_dtensor(p):
             local, full = local + p.to_local().numel(), full + p.numel()
         else:
@@ -579,9 +593,9 @@ def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
 
         mp_policy, offload = plugin.mixed_precision_policy, plugin.cpu_offload
-        # No teacher.to(device) first: fully_shard moves each layer's parameters to the mesh's device as it shards
-        # that layer (and keeps them on the CPU under an offload policy), so a teacher larger than one GPU never has
-        # to fit on one.
+        # No teacher.to(device) first: fully_shard moves one layer's parameters at a time to the mesh's device and
+        # shards them there (an offload policy then copies the shards back to the CPU), so a teacher larger than one
+        # GPU never has to fit on one.
         return shard_teacher_fsdp2(
             teacher,
             mesh=mesh,

@@ -678,8 +678,9 @@ def main(argv: list[str] | None = None) -> int:
         payload = {"preset": asdict(preset), "environment": env, "steps": args.steps, "warmup": args.warmup,
                    "measurement": "cuda max_memory_allocated delta" if preset.device == "cuda"
                    else "VmHWM - VmRSS per fresh subprocess", "results": [asdict(r) for r in results]}
-        stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(markdown(payload) + "\n")
+        # not stem.with_suffix: the stem's own dots ("qwen-1.5b-0.5b") would be taken for a suffix
+        Path(f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        Path(f"{stem}.md").write_text(markdown(payload) + "\n")
 
     models = build_models(preset)
     for batch_size, seq in preset.shapes:

@@ -320,6 +320,25 @@ def test_low_precision_gemm_path_matches_hf_style_logits(monkeypatch, compile):
         torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2)
 
 
+def test_fp16_logit_gradients_do_not_underflow_with_a_large_token_count(monkeypatch):
+    """fp16 GEMMs (the CUDA path, forced on CPU) with N = 10^7 global loss tokens: d(loss)/d(logits) ~ 1e-9 is
+    below fp16's normal range, so the chunk gradient must be rounded before dividing by N. With a loss scale of 2^20
+    (as fp16 training applies) the gradients match the fp32 reference."""
+    monkeypatch.setattr(chunked, "_low_precision_gemms", lambda device: True)
+    inputs = make_inputs(seed=23, bias=False)
+    fp16 = {k: (v.detach().half().requires_grad_() if v.is_floating_point() else v) for k, v in inputs.items()}
+    fp32 = {k: (v.detach().float().requires_grad_() if v.is_floating_point() else v) for k, v in fp16.items()}
+    kwargs = dict(kd_ratio=0.5, num_items_in_batch=10_000_000, chunk_size=5)
+    scale = 2.0**20
+    _, grads = loss_and_grads(lambda **k: fused_distillation_loss(**k) * scale, fp16, **kwargs)
+    _, ref_grads = loss_and_grads(lambda **k: reference_loss(**k) * scale, fp32, **kwargs)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float16
+        top = want.abs().max()
+        assert top > 1e-3  # the scaled gradients are in fp16's normal range
+        torch.testing.assert_close(got.float() / top, want / top, rtol=0, atol=2e-2)
+
+
 def test_autocast_matches_fp32_on_cpu():
     inputs = make_inputs(seed=12)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -296,6 +296,31 @@ def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypa
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_fsdp_runs_choose_the_loss_path_by_plugin(tiny_stack, tmp_path, monkeypatch):
+    """Under FSDP the choice depends on the plugin and on who owns the head, not on whether the head happens to be
+    unsharded at that moment: FSDP1 and FSDP2 CPU offload -> full logits; FSDP2 -> fused only for a frozen head."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5)
+    head = trainer.model.get_output_embeddings()
+
+    def plugin(version, offload):
+        state = SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version, cpu_offload=offload))
+        monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=state))
+
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    plugin(1, None)
+    assert trainer._fused_blocker(trainer.model) == "FSDP1 flattens the lm_head into a flat parameter"
+    plugin(2, CPUOffloadPolicy())
+    assert trainer._fused_blocker(trainer.model) == "FSDP2 CPU offload keeps the head's shards on the CPU"
+    plugin(2, OffloadPolicy())
+    assert trainer._fused_blocker(trainer.model) == "the student's lm_head is FSDP2-sharded and trainable"
+    head.requires_grad_(False)
+    assert trainer._fused_blocker(trainer.model) is None
+
+
 def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
     """nn.DataParallel makes the Trainer pass the count once per GPU ([n_gpu, 1]); the loss is computed once."""
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5)
