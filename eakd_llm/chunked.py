@@ -394,7 +394,7 @@ def _chunk_terms(
     spec: _LossSpec,
     ce_grad: bool,
 ) -> _ChunkTerms:
-    """The per-token loss terms of one chunk, from raw fp32 projections (differentiable in ``student_logits``).
+    """The per-token loss terms of one chunk, from the raw projections (differentiable in ``student_logits``).
 
     Args:
         student_logits: ``[c, V_s]`` (or ``[c, V]`` when no CE is needed) ``h_s @ W_s.T + b_s``, fp32 or the
