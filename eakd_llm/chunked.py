@@ -547,12 +547,13 @@ class _Projection:
         grad_weight: torch.Tensor | None,
         grad_bias: torch.Tensor | None,
     ) -> None:
-        """Accumulate ``dL/dh = dz @ W``, ``dL/dW += dz.T @ h``, ``dL/db += sum dz`` (fp32) for ``dz [c, cols]``."""
+        """Accumulate ``dL/dh = dz @ W``, ``dL/dW += dz.T @ h``, ``dL/db += sum dz`` (fp32) for ``dz [c, cols]``
+        in the compute dtype (the gradient of :meth:`forward`'s logits)."""
         cols = grad_logits.shape[-1]
         if grad_hidden is not None:
-            grad_hidden += _mm_fp32(grad_logits.to(self.dtype), self.weight[:cols])
+            grad_hidden += _mm_fp32(grad_logits, self.weight[:cols])
         if grad_weight is not None:
-            _addmm_fp32_(grad_weight[:cols], grad_logits.t().to(self.dtype), h)
+            _addmm_fp32_(grad_weight[:cols], grad_logits.t(), h)
         if grad_bias is not None:
             grad_bias[:cols] += grad_logits.float().sum(0)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .chunked import fused_distillation_loss
+from .chunked import _is_dtensor, fused_distillation_loss
 from .config import EAKDConfig
 from .data import DistillationCollator
 from .losses import IGNORE_INDEX, distillation_loss, loss_denominator
@@ -144,9 +144,10 @@ class EAKDTrainer(Trainer):
         num_tokens = (labels != IGNORE_INDEX).sum()
         denominator = loss_denominator(num_tokens, num_items_in_batch)
 
-        fused = (not return_outputs or args.prediction_loss_only) and self._fused_supported(model)
-        self._log_loss_path(model, fused)
-        if fused:
+        outputs_wanted = return_outputs and not args.prediction_loss_only  # logits for metrics: full path
+        blocker = "outputs requested" if outputs_wanted else self._fused_blocker(model)
+        self._log_loss_path(model, blocker)
+        if blocker is None:
             loss, stats, outputs = self._fused_loss(model, forward_inputs, labels, denominator)
         else:
             loss, stats, outputs = self._full_logits_loss(model, forward_inputs, labels, denominator)
@@ -230,15 +231,15 @@ class EAKDTrainer(Trainer):
             return "the student's lm_head is FSDP2-sharded and trainable"
         return None
 
-    def _log_loss_path(self, model: nn.Module, fused: bool) -> None:
-        """Say once which loss path runs, and why not the fused one."""
-        if fused:
+    def _log_loss_path(self, model: nn.Module, blocker: str | None) -> None:
+        """Say once which loss path runs (``blocker``: why not the fused one, ``None`` when it runs)."""
+        if blocker is None:
             models = [model] + ([] if self.teacher is None else [self.teacher])
             sharded = self.is_fsdp_enabled or any(_is_sharded(_causal_lm(m).get_output_embeddings()) for m in models)
             path = (f"fused chunked (chunk {self.args.loss_chunk_size}{', compiled' if self.args.compile_loss else ''}"
                     f"{', sharded heads gathered once per step' if sharded else ''})")
         else:
-            path = f"full logits ({self._fused_blocker(model) or 'outputs requested'})"
+            path = f"full logits ({blocker})"
         if path != self._loss_path:
             self._loss_path = path
             logger.info("EA-KD loss path: %s", path)
@@ -434,14 +435,6 @@ def _parameter_elements(model: nn.Module) -> tuple[int, int]:
 def _is_sharded(module: nn.Module) -> bool:
     """Does the module hold ZeRO-3 partitioned or FSDP2 (``DTensor``) parameters?"""
     return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters(recurse=False))
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return False
-    return isinstance(tensor, DTensor)
 
 
 @contextlib.contextmanager
