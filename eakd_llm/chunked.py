@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 
@@ -42,12 +44,12 @@ import torch.nn.functional as F
 # the same messages and run bit-identical per-token maths.
 from .losses import (
     DEFAULT_ENTROPY_TEMPERATURE,
-    GRANULARITIES,
     IGNORE_INDEX,
-    check_choice,
     check_divergence_params,
+    check_ea_options,
     check_temperature,
     divergence_from_log_probs,
+    ea_normalizer,
     ea_weights_from_entropies,
     entropy_from_log_probs,
     log_probs,
@@ -56,6 +58,8 @@ from .losses import (
 )
 
 __all__ = ["fused_distillation_loss"]
+
+logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
@@ -76,6 +80,7 @@ def fused_distillation_loss(
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
     kd_ratio: float = 0.5,
+    kd_scale: float = 1.0,
     divergence: str = "fkl",
     temperature: float = 1.0,
     ea: bool = True,
@@ -83,6 +88,8 @@ def fused_distillation_loss(
     entropy_temperature: float | None = None,
     skew_alpha: float = 0.1,
     jsd_beta: float = 0.5,
+    ea_formula: str = "full",
+    ea_normalize: str = "none",
     num_items_in_batch: torch.Tensor | int | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
@@ -92,13 +99,14 @@ def fused_distillation_loss(
     compile: bool = False,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD`` from hidden states and ``lm_head`` weights, chunk by chunk.
+    """``(1 - kd_ratio) * CE + kd_ratio * kd_scale * (EA-)KD`` from hidden states and ``lm_head`` weights, chunk by
+    chunk.
 
     Equal (up to fp32 summation order) to computing full logits ``z = scale * (hidden @ weight.T + bias)`` (then
     ``softcap * tanh(z / softcap)`` if a softcap is given) for both models and::
 
         (1 - kd_ratio) * F.cross_entropy(z_s, labels, reduction="sum") / N
-            + kd_ratio * distillation_loss(z_s[..., :V], z_t[..., :V], labels, ..., num_items_in_batch=N)
+            + kd_ratio * kd_scale * distillation_loss(z_s[..., :V], z_t[..., :V], labels, ..., num_items_in_batch=N)
 
     but the peak extra memory is ``O(chunk_size * V)`` instead of ``O(B * T * V)``.
 
@@ -118,8 +126,13 @@ def fused_distillation_loss(
             (``None``: ``min(V_s, V_t)``, i.e. vocabularies differing only by padding rows). CE always uses all ``V_s``
             student columns.
         kd_ratio: ``r`` in ``[0, 1]``; 0 is plain SFT (teacher unused), 1 is pure KD (no CE term).
-        divergence, temperature, ea, ea_granularity, entropy_temperature, skew_alpha, jsd_beta: as in
-            :func:`eakd_llm.losses.distillation_loss`.
+        kd_scale: a constant multiplier of the KD term (> 0; 1 by default). A control for experiments: plain KD
+            scaled by EA's mean weight has EA's KD scale without its adaptivity.
+        divergence, temperature, ea, ea_granularity, entropy_temperature, skew_alpha, jsd_beta, ea_formula,
+            ea_normalize: as in :func:`eakd_llm.losses.distillation_loss`. With ``ea_normalize="mean"`` the weights'
+            mean over all loss tokens is known only after the last chunk: with a CE term, the KD gradient is then
+            accumulated apart (one more fp32 ``[V_s, H_s]`` buffer and a second gradient GEMM per chunk) and scaled
+            by 1 / mean at the end; without CE it costs nothing.
         num_items_in_batch: ``N``, the global loss-token count (gradient accumulation / several processes); ``None``:
             the local count. A batch without loss tokens gives 0 (no NaN) and zero gradients.
         student_logit_scale, teacher_logit_scale: multipliers applied to the logits (models with a ``logit_scale``).
@@ -171,12 +184,13 @@ def fused_distillation_loss(
     free.
     """
     check_divergence_params(divergence, skew_alpha, jsd_beta)
-    check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    check_ea_options(ea_granularity, ea_formula, ea_normalize)
     check_temperature("temperature", temperature)
     tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
     check_temperature("entropy_temperature", tau_e)
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    check_temperature("kd_scale", kd_scale)  # the same rule: a finite number > 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
@@ -211,12 +225,15 @@ def fused_distillation_loss(
 
     spec = _LossSpec(
         kd_ratio=float(kd_ratio),
+        kd_scale=float(kd_scale),
         use_teacher=use_teacher,
         divergence=divergence,
         temperature=float(temperature),
         entropy_temperature=float(tau_e),
         ea=bool(ea),
         granularity=ea_granularity,
+        formula=ea_formula,
+        normalize=ea_normalize,
         skew_alpha=float(skew_alpha),
         jsd_beta=float(jsd_beta),
         vocab_size=int(vocab_size),
@@ -268,11 +285,11 @@ def fused_distillation_loss(
     count = num_tokens.clamp(min=1)
     stats: dict[str, torch.Tensor] = {"num_tokens": num_tokens.detach(), "ce_loss": stats_out["ce_sum"] / count}
     if use_teacher:
-        stats["kd_loss"] = spec.temperature**2 * stats_out["kd_sum"] / count
+        stats["kd_loss"] = spec.kd_scale * spec.temperature**2 * stats_out["kd_sum"] / count
         if int(num_tokens) > 0:
             h_t_all, h_s_all = stats_out["teacher_entropy"], stats_out["student_entropy"]
             weights = weights_for_tokens(
-                h_t_all, h_s_all, rows, labels.shape[0], spec.vocab_size, spec.granularity
+                h_t_all, h_s_all, rows, labels.shape[0], spec.vocab_size, spec.granularity, spec.formula
             )
             stats.update(
                 teacher_entropy=h_t_all.mean(),
@@ -296,7 +313,7 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - builds without torch.distributed
@@ -309,7 +326,7 @@ def _check_weight(name: str, weight: torch.Tensor) -> None:
         "gather the full lm_head weight once per step (DeepSpeed: deepspeed.zero.GatheredParameters([weight]); "
         "FSDP2: weight.full_tensor(); FSDP1: FSDP.summon_full_params) and pass the gathered tensor"
     )
-    if _is_dtensor(weight):
+    if is_dtensor(weight):
         raise ValueError(
             f"{name} is a DTensor (an FSDP2/tensor-parallel shard of shape {tuple(weight.shape)}); {gather}"
         )
@@ -351,12 +368,15 @@ def _check_shapes(
 @dataclass(frozen=True)
 class _LossSpec:
     kd_ratio: float
+    kd_scale: float
     use_teacher: bool
     divergence: str
     temperature: float
     entropy_temperature: float
     ea: bool
     granularity: str
+    formula: str
+    normalize: str
     skew_alpha: float
     jsd_beta: float
     vocab_size: int
@@ -585,6 +605,42 @@ def _plan_chunks(row_starts: list[int], chunk_size: int, keep_rows_whole: bool) 
     return chunks
 
 
+@dataclass
+class _GradBuffers:
+    """fp32 gradient accumulators of the student's hidden states ``[N, H]``, weight ``[V_s, H]`` and bias ``[V_s]``
+    (``None`` where no gradient is needed)."""
+
+    h: torch.Tensor | None
+    w: torch.Tensor | None
+    b: torch.Tensor | None
+
+    @classmethod
+    def zeros(cls, num_tokens: int, w_s: torch.Tensor, needs: tuple[bool, bool, bool]) -> _GradBuffers:
+        device = w_s.device
+        need_h, need_w, need_b = needs
+        return cls(
+            torch.zeros(num_tokens, w_s.shape[1], device=device) if need_h else None,
+            torch.zeros(w_s.shape, device=device) if need_w else None,
+            torch.zeros(w_s.shape[0], device=device) if need_b else None,
+        )
+
+    def add_scaled_(self, other: _GradBuffers, alpha: torch.Tensor | float, tokens: slice = slice(None)) -> None:
+        """``self += alpha * other`` (the hidden-state rows only over ``tokens``), then ``other`` is zeroed."""
+        for mine, theirs, part in ((self.h, other.h, tokens), (self.w, other.w, slice(None)),
+                                   (self.b, other.b, slice(None))):
+            if mine is not None:
+                mine[part] += alpha * theirs[part]
+                theirs[part] = 0.0
+
+    def scale_(self, factor: torch.Tensor | float) -> None:
+        for grad in (self.h, self.w, self.b):
+            if grad is not None:
+                grad.mul_(factor)
+
+    def astuple(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return self.h, self.w, self.b
+
+
 def _fused_forward(
     h_s: torch.Tensor,
     w_s: torch.Tensor,
@@ -600,32 +656,37 @@ def _fused_forward(
     chunk_size: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...], dict[str, torch.Tensor]]:
-    """Loss, gradients (fp32; ``None`` where not needed) and ``[N]`` statistics buffers, one chunk at a time."""
+    """Loss, gradients (fp32; ``None`` where not needed) and ``[N]`` statistics buffers, one chunk at a time.
+
+    The KD gradient of a chunk goes where its scale will be known: straight into the main accumulators with the CE
+    gradient when the chunk's EA weights are final; into ``pending`` (a row longer than the chunk, sequence
+    granularity: scaled by the row's weight when the row ends); or into ``kd_grads`` when the weights are normalised by
+    their mean over the whole batch (``ea_normalize: mean``: scaled by 1 / mean after the last chunk).
+    """
     device = h_s.device
     num_tokens, _ = h_s.shape
-    v_s, vocab = w_s.shape[0], spec.vocab_size
-    need_h, need_w, need_b = needs
+    vocab = spec.vocab_size
     need_grad = any(needs)
     ce_in_loss = spec.kd_ratio < 1
     kd_in_loss = spec.use_teacher
+    normalized = kd_in_loss and spec.ea and spec.normalize != "none"
 
     student = _Projection(h_s, w_s, b_s, spec.autocast_dtype)
     teacher = _Projection(h_t, w_t, b_t, spec.autocast_dtype) if kd_in_loss else None
-    student_cols = v_s if spec.need_ce else vocab  # pure KD without stats needs only the shared columns
+    student_cols = w_s.shape[0] if spec.need_ce else vocab  # pure KD without stats needs only the shared columns
 
     zero = torch.zeros((), device=device, dtype=torch.float32)
     denominator = denominator.to(device=device, dtype=torch.float32)
-    ce_coef = (1.0 - spec.kd_ratio) / denominator
-    kd_coef = spec.kd_ratio * spec.temperature**2 / denominator
     # The per-chunk gradients are taken of the un-normalised sums (entries of order 1, safe to round to fp16 for the
     # backward GEMMs; 1/N can be far below fp16's smallest normal) and divided by N in fp32 at the end.
     ce_grad_coef = 1.0 - spec.kd_ratio
-    kd_grad_coef = spec.kd_ratio * spec.temperature**2
+    kd_grad_coef = spec.kd_ratio * spec.kd_scale * spec.temperature**2
     ce_sum, kd_sum = zero.clone(), zero.clone()
 
-    grad_h = torch.zeros(num_tokens, h_s.shape[1], device=device) if need_h else None
-    grad_w = torch.zeros(w_s.shape, device=device) if need_w else None
-    grad_b = torch.zeros(v_s, device=device) if need_b else None
+    grads = _GradBuffers.zeros(num_tokens, w_s, needs) if need_grad else None
+    # Normalised weights with a CE term: the KD gradient is kept apart until the batch's mean weight is known (without
+    # CE every gradient is KD, and the main accumulators are scaled at the end instead).
+    kd_grads = _GradBuffers.zeros(num_tokens, w_s, needs) if need_grad and normalized and ce_in_loss else grads
 
     h_t_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
     h_s_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
@@ -641,8 +702,7 @@ def _fused_forward(
     pending_row: int | None = None
     pending_start = 0
     pending_kd = zero.clone()
-    pend_h = pend_w = pend_b = None
-    pending_allocated = False
+    pending_grads: _GradBuffers | None = None
 
     chunks = _plan_chunks(row_starts, chunk_size, keep_rows_whole=by_sequence)
     # Function.forward runs without grad mode: the per-chunk maths needs it to differentiate w.r.t. the logits.
@@ -665,7 +725,9 @@ def _fused_forward(
             weights, pending = None, False
             if kd_in_loss and spec.ea:
                 if spec.granularity == "token":
-                    weights = ea_weights_from_entropies(terms.teacher_entropy, terms.student_entropy, vocab)
+                    weights = ea_weights_from_entropies(
+                        terms.teacher_entropy, terms.student_entropy, vocab, spec.formula
+                    )
                 else:
                     chunk_rows = rows[start:end]
                     row_sum_t.index_add_(0, chunk_rows, terms.teacher_entropy)
@@ -676,7 +738,9 @@ def _fused_forward(
                         if pending_row is None:
                             pending_row, pending_start = last_row, row_starts[last_row]
                     else:  # every row of this chunk ends in it: their weights are final
-                        row_weights = ea_weights_from_entropies(row_sum_t / row_count, row_sum_s / row_count, vocab)
+                        row_weights = ea_weights_from_entropies(
+                            row_sum_t / row_count, row_sum_s / row_count, vocab, spec.formula
+                        )
                         weights = row_weights[chunk_rows]
 
             ce_chunk = terms.ce.sum() if terms.ce is not None else None
@@ -692,25 +756,23 @@ def _fused_forward(
                     kd_sum += kd_chunk.detach()
 
             if need_grad:
-                g_h = grad_h[start:end] if grad_h is not None else None
-                if not pending:
+                g_h = grads.h[start:end] if grads.h is not None else None
+                if pending and pending_grads is None:
+                    pending_grads = _GradBuffers.zeros(num_tokens, w_s, needs)
+                kd_target = pending_grads if pending else kd_grads
+                if kd_target is grads or not kd_in_loss:  # one gradient of the whole chunk loss
                     total = ce_grad_coef * ce_chunk if ce_in_loss else None
                     if kd_in_loss:
                         total = kd_grad_coef * kd_chunk if total is None else total + kd_grad_coef * kd_chunk
                     (d_logits,) = torch.autograd.grad(total, s_logits)
-                    student.backward(d_logits, hs_chunk, g_h, grad_w, grad_b)
+                    student.backward(d_logits, hs_chunk, g_h, grads.w, grads.b)
                 else:
-                    if not pending_allocated:
-                        pending_allocated = True
-                        pend_h = torch.zeros_like(grad_h) if need_h else None
-                        pend_w = torch.zeros_like(grad_w) if need_w else None
-                        pend_b = torch.zeros_like(grad_b) if need_b else None
-                    if ce_in_loss:  # CE is not row-weighted: keep its gradient apart from the KD one
+                    if ce_in_loss:  # CE is never EA-weighted: keep its gradient apart from the KD one
                         (d_ce,) = torch.autograd.grad(ce_grad_coef * ce_chunk, s_logits, retain_graph=True)
-                        student.backward(d_ce, hs_chunk, g_h, grad_w, grad_b)
+                        student.backward(d_ce, hs_chunk, g_h, grads.w, grads.b)
                     (d_kd,) = torch.autograd.grad(kd_grad_coef * kd_chunk, s_logits)
-                    p_h = pend_h[start:end] if pend_h is not None else None
-                    student.backward(d_kd, hs_chunk, p_h, pend_w, pend_b)
+                    k_h = kd_target.h[start:end] if kd_target.h is not None else None
+                    student.backward(d_kd, hs_chunk, k_h, kd_target.w, kd_target.b)
             # Free this chunk's [c, V] tensors before the next chunk allocates its own.
             terms = s_logits = t_logits = d_logits = d_ce = d_kd = None
 
@@ -720,26 +782,44 @@ def _fused_forward(
                 kd_sum += row_weight * pending_kd
                 pending_kd.zero_()
                 if need_grad:
-                    if pend_h is not None:
-                        grad_h[pending_start:start] += row_weight * pend_h[pending_start:start]
-                    if pend_w is not None:
-                        grad_w.add_(pend_w, alpha=float(row_weight))
-                        pend_w.zero_()
-                    if pend_b is not None:
-                        grad_b.add_(pend_b, alpha=float(row_weight))
-                        pend_b.zero_()
+                    kd_grads.add_scaled_(pending_grads, row_weight, slice(pending_start, start))
                 pending_row = None
 
-    for grad in (grad_h, grad_w, grad_b):
-        if grad is not None:
-            grad.div_(denominator)
-    loss = ce_coef * ce_sum if ce_in_loss else zero.clone()
+    if normalized:
+        # Divide the weights by their mean over the batch's tokens, now that every token's weight is known.
+        normalizer = ea_normalizer(
+            weights_for_tokens(h_t_all, h_s_all, rows, num_rows, vocab, spec.granularity, spec.formula),
+            spec.normalize,
+        )
+        kd_sum /= normalizer
+        if need_grad:
+            if kd_grads is grads:
+                grads.scale_(1.0 / normalizer)
+            else:
+                grads.add_scaled_(kd_grads, 1.0 / normalizer)
+    if need_grad:
+        grads.scale_(1.0 / denominator)
+    loss = ce_grad_coef * ce_sum / denominator if ce_in_loss else zero.clone()
     if kd_in_loss:
-        loss = loss + kd_coef * kd_sum
+        loss = loss + kd_grad_coef * kd_sum / denominator
     buffers = {"ce_sum": ce_sum, "kd_sum": kd_sum}
     if spec.need_entropies:
         buffers.update(teacher_entropy=h_t_all, student_entropy=h_s_all)
-    return loss, (grad_h, grad_w, grad_b), buffers
+    return loss, (grads.astuple() if grads is not None else (None, None, None)), buffers
+
+
+_COMPILE_FAILURE: str | None = None  # why torch.compile of the chunk maths failed in this process (then: eager)
+
+
+def _note_compile_failure(err: Exception) -> None:
+    global _COMPILE_FAILURE
+    _COMPILE_FAILURE = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    logger.warning("compile_loss: torch.compile of the fused loss's chunk maths failed (%s); continuing with the eager "
+                   "chunk maths (same loss, slower). Set compile_loss: false to skip the attempt.", _COMPILE_FAILURE)
+
+
+def _eager_if_compile_failed(spec: _LossSpec) -> _LossSpec:
+    return dataclasses.replace(spec, compile=False) if spec.compile and _COMPILE_FAILURE else spec
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -753,9 +833,14 @@ class _FusedDistillationFunction(torch.autograd.Function):
                 stats_out):
         # GEMM dtypes are chosen explicitly (spec.autocast_dtype holds the caller's autocast state): no autocast inside.
         with torch.autocast(device_type=h_s.device.type, enabled=False):
-            loss, grads, buffers = _fused_forward(
-                h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator, spec, chunk_size, needs
-            )
+            args = (h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator)
+            try:
+                loss, grads, buffers = _fused_forward(*args, _eager_if_compile_failed(spec), chunk_size, needs)
+            except Exception as err:  # any compiler failure (no C compiler, an inductor bug, ...)
+                if not spec.compile or _COMPILE_FAILURE:
+                    raise
+                _note_compile_failure(err)  # the eager maths below re-raises anything that is not the compiler's
+                loss, grads, buffers = _fused_forward(*args, _eager_if_compile_failed(spec), chunk_size, needs)
         stats_out.update(buffers)
         ctx.grads = grads
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)

@@ -13,6 +13,15 @@ EA-KD (Entropy-based Adaptive Knowledge Distillation, arXiv 2311.13621) re-weigh
 
 where H_T and H_S are the teacher's and student's entropies of ``softmax(logits / tau')`` in nats. ``w`` is detached:
 it steers which positions the student learns from, it is not itself optimised.
+
+Two options separate EA's *relative* weighting from its *scale* (the paper's weights are not normalised, so EA also
+multiplies the KD term by their mean, about 4 at tau' = 2 on the demo's pair):
+
+* ``ea_formula``: ``full`` (the formula above), ``teacher`` (``w = H_T``) or ``interaction`` (``w = H_T * H_S / H_ub``),
+  the terms of the paper's weight ablation;
+* ``ea_normalize``: ``none`` (the paper) or ``mean``: the weights are divided by their mean over the micro-batch's loss
+  tokens (sequence granularity: the token-weighted mean over sequences), detached, so their mean is 1 and only the
+  relative weighting remains (:func:`ea_normalizer`).
 """
 
 from __future__ import annotations
@@ -26,10 +35,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 DIVERGENCES = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 GRANULARITIES = ("token", "sequence")
+EA_FORMULAS = ("full", "teacher", "interaction")
+EA_NORMALIZATIONS = ("none", "mean")
 DEFAULT_ENTROPY_TEMPERATURE = 2.0
 
 Divergence = Literal["fkl", "rkl", "skl", "srkl", "jsd", "tvd"]
 Granularity = Literal["token", "sequence"]
+EAFormula = Literal["full", "teacher", "interaction"]
+EANormalization = Literal["none", "mean"]
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -40,6 +53,13 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def check_temperature(name: str, value: float) -> None:
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_ea_options(ea_granularity: str, ea_formula: str, ea_normalize: str) -> None:
+    """The EA granularity, weight formula and normalisation are known values."""
+    check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    check_choice("ea_formula", ea_formula, EA_FORMULAS)
+    check_choice("ea_normalize", ea_normalize, EA_NORMALIZATIONS)
 
 
 def check_divergence_params(divergence: str, skew_alpha: float, jsd_beta: float) -> None:
@@ -160,18 +180,46 @@ def token_divergence(
 
 
 def ea_weights_from_entropies(
-    teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, vocab_size: int
+    teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, vocab_size: int, formula: EAFormula = "full"
 ) -> torch.Tensor:
-    """``w = (H_T + H_T * H_S / log V) / 2`` on already computed entropies (detached)."""
+    """EA weights from already computed entropies (detached, fp32), by ``formula``:
+
+    * ``full``: ``w = (H_T + H_T * H_S / log V) / 2`` (the paper's weight);
+    * ``teacher``: ``w = H_T`` (the teacher-entropy term alone);
+    * ``interaction``: ``w = H_T * H_S / log V`` (the interaction term alone).
+    """
+    check_choice("ea_formula", formula, EA_FORMULAS)
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 for EA weights (H_ub = log V), got {vocab_size}")
     h_t = teacher_entropy.detach().float()
-    h_s = student_entropy.detach().float()
-    return 0.5 * (h_t + h_t * h_s / math.log(vocab_size))
+    if formula == "teacher":
+        return h_t
+    interaction = h_t * student_entropy.detach().float() / math.log(vocab_size)
+    return interaction if formula == "interaction" else 0.5 * (h_t + interaction)
+
+
+def ea_normalizer(token_weights: torch.Tensor, normalize: EANormalization = "none") -> torch.Tensor:
+    """The detached scalar the EA weights are divided by: 1 for ``none``; for ``mean``, the mean of ``token_weights``
+    (one weight per loss token, sequence weights repeated over their tokens, so a sequence counts by its length).
+
+    A batch without loss tokens, or whose weights are all 0 (every teacher distribution one-hot), gets 1: there is no
+    relative weighting to keep, and dividing would give NaN.
+    """
+    check_choice("ea_normalize", normalize, EA_NORMALIZATIONS)
+    one = torch.ones((), device=token_weights.device, dtype=torch.float32)
+    if normalize == "none" or token_weights.numel() == 0:
+        return one
+    mean = token_weights.detach().float().mean()
+    return torch.where(mean > 0, mean, one)
 
 
 def sequence_weights(
-    h_t: torch.Tensor, h_s: torch.Tensor, row_of_token: torch.Tensor, num_rows: int, vocab_size: int
+    h_t: torch.Tensor,
+    h_s: torch.Tensor,
+    row_of_token: torch.Tensor,
+    num_rows: int,
+    vocab_size: int,
+    formula: EAFormula = "full",
 ) -> torch.Tensor:
     """Sequence-level EA weights ``[num_rows]`` from flattened per-token entropies ``[N]`` and each token's row.
 
@@ -180,7 +228,7 @@ def sequence_weights(
     counts = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, torch.ones_like(h_t)).clamp(min=1)
     mean_t = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_t) / counts
     mean_s = torch.zeros(num_rows, device=h_t.device).index_add_(0, row_of_token, h_s) / counts
-    return ea_weights_from_entropies(mean_t, mean_s, vocab_size)
+    return ea_weights_from_entropies(mean_t, mean_s, vocab_size, formula)
 
 
 def ea_weights(
@@ -189,17 +237,23 @@ def ea_weights(
     labels: torch.Tensor | None = None,
     temperature: float = 1.0,
     granularity: Granularity = "token",
+    formula: EAFormula = "full",
+    normalize: EANormalization = "none",
 ) -> torch.Tensor:
     """EA-KD weights ``w = (H_T + H_T * H_S / H_ub) / 2`` with ``H_ub = log V``, detached.
 
     Args:
         student_logits, teacher_logits: ``[B, T, V]`` (token granularity also accepts any ``[..., V]``).
-        labels: ``[B, T]``; positions with ``-100`` are excluded from the sequence averages. Token weights are
-            computed for every position; the loss ignores the masked ones.
+        labels: ``[B, T]``; positions with ``-100`` are excluded from the sequence averages and from the ``mean``
+            normaliser. Token weights are computed for every position; the loss ignores the masked ones.
         temperature: the entropy temperature tau' of ``softmax(logits / tau')``.
         granularity: ``"token"`` -> ``[B, T]`` (one weight per position); ``"sequence"`` -> ``[B]``: H_T and H_S are
             first averaged over each sequence's loss positions, then combined by the same formula (a sequence without
             any loss position gets weight 0).
+        formula: ``full`` (above), ``teacher`` (``H_T``) or ``interaction`` (``H_T * H_S / H_ub``), see
+            :func:`ea_weights_from_entropies`.
+        normalize: ``none``, or ``mean``: divide by the mean weight over the loss positions (sequence granularity: the
+            token-weighted mean of the sequence weights), see :func:`ea_normalizer`.
     """
     check_choice("granularity", granularity, GRANULARITIES)
     if student_logits.shape != teacher_logits.shape:
@@ -211,13 +265,15 @@ def ea_weights(
         h_t = token_entropy(teacher_logits, temperature)
         h_s = token_entropy(student_logits, temperature)
         vocab_size = student_logits.shape[-1]
+        mask = torch.ones_like(h_t, dtype=torch.bool) if labels is None else labels != IGNORE_INDEX
         if granularity == "token":
-            return ea_weights_from_entropies(h_t, h_s, vocab_size)
+            weights = ea_weights_from_entropies(h_t, h_s, vocab_size, formula)
+            return weights / ea_normalizer(weights[mask], normalize)
         if h_t.dim() != 2:
             raise ValueError(f"sequence granularity needs [B, T, V] logits, got {tuple(student_logits.shape)}")
-        mask = torch.ones_like(h_t, dtype=torch.bool) if labels is None else labels != IGNORE_INDEX
         row_of_token = torch.arange(h_t.shape[0], device=h_t.device).unsqueeze(1).expand_as(mask)[mask]
-        return sequence_weights(h_t[mask], h_s[mask], row_of_token, h_t.shape[0], vocab_size)
+        weights = sequence_weights(h_t[mask], h_s[mask], row_of_token, h_t.shape[0], vocab_size, formula)
+        return weights / ea_normalizer(weights[row_of_token], normalize)
 
 
 def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -241,6 +297,8 @@ def distillation_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     skew_alpha: float = 0.1,
     jsd_beta: float = 0.5,
+    ea_formula: EAFormula = "full",
+    ea_normalize: EANormalization = "none",
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The (EA-weighted) distillation loss ``tau^2 * sum_n w_n * d_n / N`` over positions with ``labels != -100``.
@@ -257,13 +315,18 @@ def distillation_loss(
         num_items_in_batch: N, the global number of loss positions (over gradient-accumulation steps and processes),
             as the HF Trainer passes it, so accumulated/distributed gradients equal one big batch's. ``None``: the
             local count. A batch without loss positions gives 0 (never NaN).
+        ea_formula: ``full`` (the paper's weight), ``teacher`` (``H_T``) or ``interaction`` (``H_T * H_S / H_ub``).
+        ea_normalize: ``none`` (the paper), or ``mean``: the weights are divided by their mean over this batch's loss
+            positions (:func:`ea_normalizer`), so EA reweights positions without scaling the KD term. The mean is
+            taken per call (per micro-batch), so gradient accumulation equals one big batch only up to that mean.
         return_stats: also return detached statistics over the loss positions: ``teacher_entropy``,
-            ``student_entropy`` (means, at tau'), ``ea_weight_mean/min/max`` and ``num_tokens``.
+            ``student_entropy`` (means, at tau'), ``ea_weight_mean/min/max`` (of the formula's weights *before*
+            normalisation, so they show the scale EA would apply) and ``num_tokens``.
 
     Returns:
         A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
     """
-    check_choice("ea_granularity", ea_granularity, GRANULARITIES)
+    check_ea_options(ea_granularity, ea_formula, ea_normalize)
     check_temperature("temperature", temperature)
     tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
     check_temperature("entropy_temperature", tau_e)
@@ -290,9 +353,11 @@ def distillation_loss(
             same_tau = tau_e == temperature
             h_t = entropy_from_log_probs(log_t if same_tau else log_probs(t_logits, tau_e))
             h_s = entropy_from_log_probs(log_s.detach() if same_tau else log_probs(s_logits.detach(), tau_e))
-            weights = weights_for_tokens(h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity)
+            weights = weights_for_tokens(
+                h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity, ea_formula
+            )
     if ea:
-        per_token = per_token * weights
+        per_token = per_token * (weights / ea_normalizer(weights, ea_normalize))
 
     num_tokens = mask.sum()
     loss = (temperature**2) * per_token.sum() / loss_denominator(num_tokens, num_items_in_batch)
@@ -317,8 +382,10 @@ def weights_for_tokens(
     num_rows: int,
     vocab_size: int,
     granularity: str,
+    formula: EAFormula = "full",
 ) -> torch.Tensor:
-    """EA weights for flattened loss tokens ``[N]``; sequence granularity averages the entropies per row first."""
+    """EA weights (before normalisation) for flattened loss tokens ``[N]``; sequence granularity averages the
+    entropies per row first. Both loss paths take their weights from here and :func:`ea_normalizer`."""
     if granularity == "token":
-        return ea_weights_from_entropies(h_t, h_s, vocab_size)
-    return sequence_weights(h_t, h_s, row_of_token, num_rows, vocab_size)[row_of_token]
+        return ea_weights_from_entropies(h_t, h_s, vocab_size, formula)
+    return sequence_weights(h_t, h_s, row_of_token, num_rows, vocab_size, formula)[row_of_token]

@@ -90,6 +90,7 @@ def reference_loss(
     teacher_bias=None,
     vocab_size=None,
     kd_ratio=0.5,
+    kd_scale=1.0,
     num_items_in_batch=None,
     student_logit_scale=1.0,
     teacher_logit_scale=1.0,
@@ -116,7 +117,7 @@ def reference_loss(
         z_t = _transform(z_t, teacher_logit_scale, teacher_softcap)
     v = vocab_size or min(z_s.shape[-1], z_t.shape[-1])
     kd = distillation_loss(z_s[..., :v], z_t[..., :v], labels, num_items_in_batch=n, **kd_kwargs)
-    return loss + kd_ratio * kd
+    return loss + kd_ratio * kd_scale * kd
 
 
 STUDENT_KEYS = ("student_hidden", "student_weight", "student_bias")
@@ -181,6 +182,57 @@ def test_compiled_chunk_maths_matches_reference(div, gran, kd_ratio, bias):
     compiled = assert_matches_reference(inputs, compile=True, **kwargs)
     eager, _ = loss_and_grads(fused_distillation_loss, inputs, **kwargs)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    """A compiler that fails (no C compiler, an inductor bug) costs a warning, not the run: the eager maths takes over
+    for the rest of the process and gives the same loss and gradients."""
+    monkeypatch.setattr(chunked, "_COMPILE_FAILURE", None)
+    calls = []
+
+    def broken(spec, ce_grad):
+        def fail(*args):
+            calls.append(1)
+            raise RuntimeError("backend compiler failed: no working C compiler found")
+        return fail
+
+    monkeypatch.setattr(chunked, "_compiled_chunk_terms", broken)
+    inputs = make_inputs(seed=5)
+    kwargs = dict(kd_ratio=0.5, divergence="fkl", ea_granularity="token", chunk_size=6)
+    with caplog.at_level("WARNING", logger="eakd_llm.chunked"):
+        assert_matches_reference(inputs, compile=True, **kwargs)
+        assert_matches_reference(inputs, compile=True, **kwargs)
+    assert len(calls) == 1  # tried once, then eager for the process
+    assert caplog.text.count("compile_loss: torch.compile of the fused loss's chunk maths failed") == 1
+    assert "no working C compiler" in caplog.text
+
+
+NORM_CASES = list(itertools.product(DIVS, GRANS, ("full", "teacher", "interaction")))
+
+
+@pytest.mark.parametrize(("div", "gran", "formula"), NORM_CASES)
+def test_normalised_weights_formulas_and_kd_scale_match_reference(div, gran, formula):
+    """ea_normalize='mean' (the batch mean is known only after the last chunk: the KD gradient is accumulated apart
+    and rescaled), the weight ablation's formulas and kd_scale, against the full-logits reference; chunk sizes that
+    split rows (deferred row weights too) and one chunk; CE kept, pure KD, and gradient accumulation's N."""
+    index = NORM_CASES.index((div, gran, formula))
+    inputs = make_inputs(seed=40 + index)
+    for chunk_size, kd_ratio, n in ((3, 0.5, None), (1000, 0.3, 97), (4, 1.0, None)):
+        assert_matches_reference(
+            inputs, kd_ratio=kd_ratio, kd_scale=(1.0, 2.5)[index % 2], divergence=div, ea_granularity=gran,
+            ea_formula=formula, ea_normalize="mean", entropy_temperature=2.0, chunk_size=chunk_size,
+            num_items_in_batch=n,
+        )
+
+
+def test_normalised_loss_is_the_paper_loss_over_the_mean_weight():
+    inputs = make_inputs(seed=7)
+    kwargs = dict(kd_ratio=1.0, divergence="fkl", entropy_temperature=2.0, chunk_size=5, return_stats=True)
+    raw, stats = fused_distillation_loss(**inputs, **kwargs)
+    normalised, norm_stats = fused_distillation_loss(**inputs, ea_normalize="mean", **kwargs)
+    torch.testing.assert_close(normalised * stats["ea_weight_mean"], raw, rtol=1e-5, atol=1e-7)
+    # the logged weight statistics stay those of the paper's formula (the scale EA would apply)
+    torch.testing.assert_close(norm_stats["ea_weight_mean"], stats["ea_weight_mean"])
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 16, 26, 10_000])

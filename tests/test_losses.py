@@ -69,22 +69,30 @@ def np_divergence(s, t, name, tau=1.0, alpha=0.1, beta=0.5) -> np.ndarray:
     raise AssertionError(name)
 
 
-def np_ea_combine(h_t: np.ndarray, h_s: np.ndarray, vocab: int) -> np.ndarray:
+def np_ea_combine(h_t: np.ndarray, h_s: np.ndarray, vocab: int, formula: str = "full") -> np.ndarray:
+    if formula == "teacher":
+        return h_t
+    if formula == "interaction":
+        return h_t * h_s / math.log(vocab)
     return (h_t + h_t * h_s / math.log(vocab)) / 2
 
 
-def np_ea_weights(s, t, labels=None, tau_e=1.0, granularity="token") -> np.ndarray:
+def np_ea_weights(s, t, labels=None, tau_e=1.0, granularity="token", formula="full", normalize="none") -> np.ndarray:
     h_t, h_s = np_entropy(t, tau_e), np_entropy(s, tau_e)
     vocab = s.shape[-1]
-    if granularity == "token":
-        return np_ea_combine(h_t, h_s, vocab)
     mask = np.ones(h_t.shape, dtype=bool) if labels is None else (labels != -100)
-    out = np.zeros(h_t.shape[0])
-    for b in range(h_t.shape[0]):
-        if mask[b].any():
-            out[b] = np_ea_combine(h_t[b][mask[b]].mean(), h_s[b][mask[b]].mean(), vocab)
-        else:
-            out[b] = 0.0
+    if granularity == "token":
+        out = np_ea_combine(h_t, h_s, vocab, formula)
+        per_token = out[mask]
+    else:
+        out = np.zeros(h_t.shape[0])
+        per_token = []
+        for b in range(h_t.shape[0]):
+            if mask[b].any():
+                out[b] = np_ea_combine(h_t[b][mask[b]].mean(), h_s[b][mask[b]].mean(), vocab, formula)
+            per_token += [out[b]] * int(mask[b].sum())  # a sequence counts once per loss token
+    if normalize == "mean" and len(per_token) and np.mean(per_token) > 0:
+        out = out / np.mean(per_token)
     return out
 
 
@@ -100,11 +108,13 @@ def np_loss(
     n=None,
     alpha=0.1,
     beta=0.5,
+    formula="full",
+    normalize="none",
 ) -> float:
     mask = labels != -100
     d = np_divergence(s, t, divergence, tau, alpha, beta)  # [B, T]
     if ea:
-        w = np_ea_weights(s, t, labels, tau_e, granularity)
+        w = np_ea_weights(s, t, labels, tau_e, granularity, formula, normalize)
         if granularity == "sequence":
             w = np.broadcast_to(w[:, None], d.shape)
     else:
@@ -362,6 +372,48 @@ def test_ea_weights_known_values():
     assert torch.allclose(ea_weights(u, onehot), torch.zeros(1, 2), atol=1e-6)
 
 
+@pytest.mark.parametrize("normalize", ["none", "mean"])
+@pytest.mark.parametrize("formula", ["full", "teacher", "interaction"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_ea_weight_formulas_and_normalisation_match_reference(batch, gran, formula, normalize):
+    s, t, labels = batch
+    w = ea_weights(s, t, labels, temperature=2.0, granularity=gran, formula=formula, normalize=normalize)
+    ref = np_ea_weights(np64(s), np64(t), labels.numpy(), 2.0, gran, formula, normalize)
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-4, atol=1e-6)
+    mask = labels != -100
+    per_token = w[mask] if gran == "token" else w[:, None].expand_as(mask)[mask]
+    if normalize == "mean":  # only the relative weighting remains: mean 1 over the loss tokens
+        assert per_token.mean().item() == pytest.approx(1.0, rel=1e-5)
+    else:
+        assert abs(per_token.mean().item() - 1.0) > 0.01  # the paper's weights are not of mean 1
+
+
+def test_ea_weight_formulas_known_values():
+    # Uniform student (H_S = log V), one peaked and one uniform teacher position.
+    s = torch.zeros(1, 2, V)
+    t = torch.zeros(1, 2, V)
+    t[0, 0, 3] = 1000.0  # H_T = 0 exactly
+    log_v = math.log(V)
+    assert ea_weights(s, t, formula="teacher")[0].tolist() == pytest.approx([0.0, log_v], rel=1e-6)
+    assert ea_weights(s, t, formula="interaction")[0].tolist() == pytest.approx([0.0, log_v], rel=1e-6)
+    assert ea_weights(s, t, formula="full")[0].tolist() == pytest.approx([0.0, log_v], rel=1e-6)
+    # mean normalisation: [0, log V] / (log V / 2) = [0, 2]
+    assert ea_weights(s, t, normalize="mean")[0].tolist() == pytest.approx([0.0, 2.0], rel=1e-6)
+
+
+def test_normalisation_of_all_zero_weights_is_finite():
+    """Every teacher distribution one-hot: every weight is 0, there is nothing to normalise, and no NaN appears."""
+    s = make_logits(2, 3, V, seed=5)
+    t = torch.zeros(2, 3, V)
+    t[..., 7] = 1000.0
+    labels = torch.randint(0, V, (2, 3))
+    for gran in GRANS:
+        w = ea_weights(s, t, labels, granularity=gran, normalize="mean")
+        assert torch.equal(w, torch.zeros_like(w))
+        loss = distillation_loss(s, t, labels, ea_granularity=gran, ea_normalize="mean")
+        assert loss.item() == 0.0
+
+
 @pytest.mark.parametrize("gran", GRANS)
 def test_ea_weights_detached(batch, gran):
     s, t, labels = batch
@@ -407,6 +459,39 @@ def test_loss_ea_matches_reference(batch, div, gran, tau, tau_e):
     assert loss.dtype == torch.float32
     ref = np_loss(np64(s), np64(t), labels.numpy(), div, tau, True, gran, 2.0 if tau_e is None else tau_e)
     assert loss.item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("formula", ["full", "teacher", "interaction"])
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("div", DIVS)
+def test_loss_normalised_weights_match_reference(batch, div, gran, formula):
+    """ea_normalize='mean': w / mean(w) over the loss tokens (sequence level: token-weighted), every divergence."""
+    s, t, labels = batch
+    kwargs = dict(temperature=1.5, ea=True, ea_granularity=gran, entropy_temperature=2.0, ea_formula=formula)
+    loss = distillation_loss(s, t, labels, div, ea_normalize="mean", **kwargs)
+    ref = np_loss(np64(s), np64(t), labels.numpy(), div, 1.5, True, gran, 2.0, formula=formula, normalize="mean")
+    assert loss.item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
+    # Normalisation removes the scale: the normalised loss differs from the paper's by exactly the mean weight.
+    raw = distillation_loss(s, t, labels, div, **kwargs)
+    w = ea_weights(s, t, labels, 2.0, gran, formula)
+    mask = labels != -100
+    mean_w = (w[mask] if gran == "token" else w[:, None].expand_as(mask)[mask]).mean()
+    torch.testing.assert_close(loss * mean_w, raw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_normalised_weights_get_no_gradient(batch, gran):
+    """The normaliser is detached like the weights: the gradient is the weighted divergence's, divided by mean(w)."""
+    s, t, labels = batch
+    s1 = s.clone().requires_grad_(True)
+    distillation_loss(s1, t, labels, ea_granularity=gran, ea_normalize="mean").backward()
+    w = ea_weights(s, t, labels, 2.0, gran, normalize="mean")
+    s2 = s.clone().requires_grad_(True)
+    d = token_divergence(s2, t, "fkl")
+    w_full = w if gran == "token" else w[:, None].expand_as(d)
+    mask = labels != -100
+    ((w_full * d)[mask].sum() / mask.sum()).backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("gran", GRANS)
@@ -644,6 +729,15 @@ def test_invalid_granularity(batch, bad):
         ea_weights(s, t, labels, granularity=bad)
     with pytest.raises(ValueError, match="granularity"):
         distillation_loss(s, t, labels, ea_granularity=bad)
+
+
+@pytest.mark.parametrize(("key", "value"), [("ea_formula", "both"), ("ea_normalize", "sum")])
+def test_invalid_ea_options(batch, key, value):
+    s, t, labels = batch
+    with pytest.raises(ValueError, match=f"{key}='{value}' is not supported"):
+        distillation_loss(s, t, labels, **{key: value})
+    with pytest.raises(ValueError, match="is not supported"):
+        ea_weights(s, t, labels, **{key.removeprefix("ea_"): value})
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
