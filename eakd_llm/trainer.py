@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
 import logging
@@ -16,11 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .chunked import _is_dtensor, fused_distillation_loss
+from .chunked import fused_distillation_loss
 from .config import EAKDConfig
 from .data import DistillationCollator
 from .losses import IGNORE_INDEX, distillation_loss, loss_denominator
-from .models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+from .models import check_tokenizers_match, final_hidden_states, load_causal_lm, load_tokenizer, shared_vocab_size
+from .sharding import (
+    full_head,
+    head_forward,
+    is_sharded,
+    parameter_elements,
+    place_teacher,
+    unwrap_causal_lm,
+    zero3_trainable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,18 +110,9 @@ class EAKDTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        teacher.eval()
-        teacher.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            teacher = _deepspeed_inference_engine(teacher, self.accelerator, self.args)
-            placement = f"DeepSpeed ZeRO-{teacher.zero_optimization_stage()} inference engine"
-        elif self.is_fsdp_enabled:
-            teacher = _fsdp_shard(teacher, self.accelerator)
-            placement = "FSDP-sharded"
-        else:
-            teacher = teacher.to(self.accelerator.device)
-            placement = "replicated"
-        local, full = _parameter_elements(teacher)
+        teacher, placement = place_teacher(teacher, self.accelerator, self.args, self.is_deepspeed_enabled,
+                                           self.is_fsdp_enabled)
+        local, full = parameter_elements(teacher)
         logger.info("teacher: %s on %s; this process holds %d of its %d parameter elements", placement,
                     self.accelerator.device, local, full)
         return teacher
@@ -195,8 +194,8 @@ class EAKDTrainer(Trainer):
                 return_stats=True,
                 **_divergence_kwargs(args),
             )
-            loss = loss + args.kd_ratio * kd
-            stats["kd_loss"] = kd.detach() * denominator / num_tokens
+            loss = loss + args.kd_ratio * args.kd_scale * kd
+            stats["kd_loss"] = args.kd_scale * kd.detach() * denominator / num_tokens
             stats.update(kd_stats)
         return loss, stats, outputs
 
@@ -217,7 +216,7 @@ class EAKDTrainer(Trainer):
 
             if isinstance(plugin.cpu_offload, CPUOffloadPolicy):
                 return "FSDP2 CPU offload keeps the head's shards on the CPU"
-        models = [_causal_lm(model)] + ([] if self.teacher is None else [_causal_lm(self.teacher)])
+        models = [unwrap_causal_lm(model)] + ([] if self.teacher is None else [unwrap_causal_lm(self.teacher)])
         for who, m in zip(("student", "teacher"), models):
             if not _projects_separately(m):
                 return f"the {who}'s lm_head is not a plain nn.Linear or its forward has no logits_to_keep"
@@ -227,7 +226,7 @@ class EAKDTrainer(Trainer):
         # decide by who owns it, not by its current state.
         head = models[0].get_output_embeddings()
         trainable = any(p.requires_grad for p in head.parameters())
-        if trainable and (self.is_fsdp_enabled or (_is_sharded(head) and not _zero3_trainable(head))):
+        if trainable and (self.is_fsdp_enabled or (is_sharded(head) and not zero3_trainable(head))):
             return "the student's lm_head is FSDP2-sharded and trainable"
         return None
 
@@ -235,8 +234,10 @@ class EAKDTrainer(Trainer):
         """Say once which loss path runs (``blocker``: why not the fused one, ``None`` when it runs)."""
         if blocker is None:
             models = [model] + ([] if self.teacher is None else [self.teacher])
-            sharded = self.is_fsdp_enabled or any(_is_sharded(_causal_lm(m).get_output_embeddings()) for m in models)
-            path = (f"fused chunked (chunk {self.args.loss_chunk_size}{', compiled' if self.args.compile_loss else ''}"
+            heads = [unwrap_causal_lm(m).get_output_embeddings() for m in models]
+            sharded = self.is_fsdp_enabled or any(is_sharded(head) for head in heads)
+            compiled = self.args.compile_loss_on(self.accelerator.device.type)
+            path = (f"fused chunked (chunk {self.args.loss_chunk_size}{', compiled' if compiled else ''}"
                     f"{', sharded heads gathered once per step' if sharded else ''})")
         else:
             path = f"full logits ({blocker})"
@@ -247,16 +248,15 @@ class EAKDTrainer(Trainer):
     def _fused_loss(self, model, forward_inputs, labels, denominator):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
         # logits_to_keep=1: the model projects one position only; the loss projects the response positions itself.
-        outputs = model(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        student_hidden = outputs.hidden_states[-1][:, :-1]
+        student_hidden = final_hidden_states(model, **forward_inputs)[:, :-1]
         t_hidden = None
         if self.teacher is not None:
             with torch.no_grad():
-                t_out = self.teacher(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-            t_hidden = t_out.hidden_states[-1][:, :-1]
-            del t_out  # the other layers' hidden states are not needed: free them before the loss
+                t_hidden = final_hidden_states(self.teacher, **forward_inputs)[:, :-1]
+        outputs: dict[str, torch.Tensor] = {}  # no logits: the fused path never materialises them
         loss, stats, bad = fused_head_loss(
-            _causal_lm(model), student_hidden, None if self.teacher is None else _causal_lm(self.teacher), t_hidden,
+            unwrap_causal_lm(model), student_hidden,
+            None if self.teacher is None else unwrap_causal_lm(self.teacher), t_hidden,
             labels, self.args, self.vocab_size, denominator,
         )
         if bad is not None and not self._finite_or_skip(bad):  # e.g. an overflow in the projection
@@ -356,7 +356,7 @@ def fused_head_loss(
         teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
         t_weight = None
         if teacher is not None:
-            t_weight, t_bias = stack.enter_context(_full_head(teacher.get_output_embeddings()))
+            t_weight, t_bias = stack.enter_context(full_head(teacher.get_output_embeddings()))
             t_scale, t_cap = _logit_transform(teacher)
             teacher_kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
                                   teacher_logit_scale=t_scale, teacher_softcap=t_cap)
@@ -370,11 +370,12 @@ def fused_head_loss(
                 student_bias=bias,
                 vocab_size=vocab_size,
                 kd_ratio=args.kd_ratio,
+                kd_scale=args.kd_scale,
                 num_items_in_batch=denominator,
                 student_logit_scale=s_scale,
                 student_softcap=s_cap,
                 chunk_size=args.loss_chunk_size,
-                compile=args.compile_loss,
+                compile=args.compile_loss_on(student_hidden.device.type),
                 return_stats=True,
                 **teacher_kwargs,
                 **_divergence_kwargs(args),
@@ -382,12 +383,12 @@ def fused_head_loss(
             stats.update(chunk_stats)
             return loss
 
-        if _zero3_trainable(s_head):
-            with _head_forward(s_head, lambda hidden: loss_from_head(hidden, s_head.weight, s_head.bias)):
+        if zero3_trainable(s_head):
+            with head_forward(s_head, lambda hidden: loss_from_head(hidden, s_head.weight, s_head.bias)):
                 loss = s_head(student_hidden)
             s_weight = None  # partitioned again: not inspectable below
         else:
-            s_weight, s_bias = stack.enter_context(_full_head(s_head))
+            s_weight, s_bias = stack.enter_context(full_head(s_head))
             loss = loss_from_head(student_hidden, s_weight, s_bias)
         bad = None
         if not torch.isfinite(loss):
@@ -395,67 +396,6 @@ def fused_head_loss(
             bad = [name for name, tensors in suspects
                    if any(t is not None and not torch.isfinite(t).all() for t in tensors)] or ["teacher or student"]
     return loss, stats, bad
-
-
-def _zero3_trainable(head: nn.Module) -> bool:
-    """A ZeRO-3-partitioned head with a trainable parameter."""
-    return any(hasattr(p, "ds_id") and p.requires_grad for p in head.parameters(recurse=False))
-
-
-@contextlib.contextmanager
-def _head_forward(head: nn.Module, forward):
-    """Temporarily make ``forward`` the head's forward (an instance attribute, so ``head(...)`` runs its hooks)."""
-    own = head.__dict__.get("forward")  # an instance-level forward someone else installed (e.g. an accelerate hook)
-    head.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del head.forward  # back to the class's forward
-        else:
-            head.forward = own
-
-
-def _parameter_elements(model: nn.Module) -> tuple[int, int]:
-    """(elements this process holds, elements of the whole model), for ZeRO-3 partitions, FSDP2 DTensors and plain
-    parameters alike."""
-    local = full = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):  # ZeRO-3: this rank's partition, the full shape's size
-            local, full = local + p.ds_tensor.numel(), full + p.ds_numel
-        elif hasattr(p, "_unpadded_unsharded_size"):  # an FSDP1 FlatParameter (sharded or not)
-            local, full = local + p.numel(), full + p._unpadded_unsharded_size.numel()
-        elif _is_dtensor(p):
-            local, full = local + p.to_local().numel(), full + p.numel()
-        else:
-            local, full = local + p.numel(), full + p.numel()
-    return local, full
-
-
-def _is_sharded(module: nn.Module) -> bool:
-    """Does the module hold ZeRO-3 partitioned or FSDP2 (``DTensor``) parameters?"""
-    return any(hasattr(p, "ds_id") or _is_dtensor(p) for p in module.parameters(recurse=False))
-
-
-@contextlib.contextmanager
-def _full_head(head: nn.Module):
-    """``(weight, bias)`` of a linear head as full tensors while the context is open.
-
-    ZeRO-3: the partitioned parameters are all-gathered (``GatheredParameters``) and re-partitioned on exit. FSDP2:
-    ``full_tensor()`` of a frozen ``DTensor`` parameter. Unsharded heads are yielded as they are (gradients flow).
-    """
-    weight, bias = head.weight, head.bias
-    if any(hasattr(p, "ds_id") for p in (weight, bias) if p is not None):
-        import deepspeed
-
-        params = [p for p in (weight, bias) if p is not None]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            yield weight, bias
-        return
-    if _is_dtensor(weight) or (bias is not None and _is_dtensor(bias)):
-        yield tuple(p.detach().full_tensor() if p is not None and _is_dtensor(p) else p for p in (weight, bias))
-        return
-    yield weight, bias
 
 
 def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
@@ -468,16 +408,9 @@ def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
         "entropy_temperature": args.entropy_temperature,
         "skew_alpha": args.skew_alpha,
         "jsd_beta": args.jsd_beta,
+        "ea_formula": args.ea_formula,
+        "ea_normalize": args.ea_normalize,
     }
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The causal-LM module under DDP / DeepSpeed / FSDP1 wrappers and a PEFT wrapper."""
-    # DDP, FSDP1 and DeepSpeed engines keep the model in ``.module`` (a DeepSpeed engine also forwards unknown
-    # attributes to it, so hasattr(engine, "get_output_embeddings") is no test of being unwrapped).
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
@@ -512,106 +445,3 @@ def _projects_separately(model: nn.Module) -> bool:
     # nn.Linear's own forward: a plain head, or FSDP2's dynamic FSDPLinear subclass; not a LoRA or quantized layer.
     plain = isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
     return plain and _forward_takes_logits_to_keep(type(model).forward)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sharded teachers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _deepspeed_inference_engine(teacher: nn.Module, accelerator, args: EAKDConfig) -> nn.Module:
-    """Wrap the frozen teacher in a DeepSpeed engine with the run's ZeRO settings (stage 3 shards it)."""
-    import deepspeed
-
-    ds_config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    zero = ds_config.setdefault("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage == 3:
-        hidden = getattr(getattr(teacher, "config", None), "hidden_size", None)
-        if hidden is not None:
-            # Numeric values for the "auto" bucket sizes, as the Trainer computes them for the student.
-            zero["reduce_bucket_size"] = hidden * hidden
-            zero["stage3_param_persistence_threshold"] = 10 * hidden
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
-    else:
-        zero["stage"] = 0  # ZeRO-1/2 only shard optimizer state and gradients, which a frozen teacher has not
-    for key in ("optimizer", "scheduler"):
-        ds_config.pop(key, None)
-    # Batch sizes mean nothing to a forward-only engine, but DeepSpeed checks that they agree with the world size:
-    # give it the per-device size and let it derive the global one.
-    ds_config.pop("train_batch_size", None)
-    for key, value in (("train_micro_batch_size_per_gpu", args.per_device_train_batch_size),
-                       ("gradient_accumulation_steps", args.gradient_accumulation_steps)):
-        if not isinstance(ds_config.get(key), int):
-            ds_config[key] = value
-    engine, *_ = deepspeed.initialize(model=teacher, config=ds_config)
-    engine.eval()
-    return engine
-
-
-def shard_teacher_fsdp2(
-    teacher: nn.Module,
-    mesh=None,
-    mp_policy=None,
-    offload_policy=None,
-    reshard_after_forward: bool = True,
-) -> nn.Module:
-    """Shard a frozen teacher with FSDP2: ``fully_shard`` on every decoder layer (``_no_split_modules``), then the root.
-
-    Each rank keeps 1/world of every parameter; a layer's parameters are gathered for its forward and freed after.
-    """
-    from torch.distributed.fsdp import fully_shard
-
-    kwargs = {"reshard_after_forward": reshard_after_forward}
-    for key, value in (("mesh", mesh), ("mp_policy", mp_policy), ("offload_policy", offload_policy)):
-        if value is not None:
-            kwargs[key] = value
-    layer_names = set(getattr(teacher, "_no_split_modules", None) or ())
-    layers = [m for m in teacher.modules() if type(m).__name__ in layer_names]
-    if not layers:
-        raise ValueError(f"{type(teacher).__name__} names no decoder layer class (_no_split_modules) to shard by")
-    for layer in layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(teacher, **kwargs)
-    return teacher
-
-
-def _fsdp_shard(teacher: nn.Module, accelerator) -> nn.Module:
-    """Shard the frozen teacher with the run's FSDP plugin (FSDP2 ``fully_shard`` or FSDP1 wrapping)."""
-    plugin = accelerator.state.fsdp_plugin
-    if getattr(plugin, "fsdp_version", 1) == 2:
-        mesh = getattr(accelerator, "torch_device_mesh", None)
-        if mesh is not None and getattr(accelerator, "parallelism_config", None) is not None:
-            mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
-        from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
-
-        mp_policy, offload = plugin.mixed_precision_policy, plugin.cpu_offload
-        # No teacher.to(device) first: fully_shard moves one layer's parameters at a time to the mesh's device and
-        # shards them there (an offload policy then copies the shards back to the CPU), so a teacher larger than one
-        # GPU never has to fit on one.
-        return shard_teacher_fsdp2(
-            teacher,
-            mesh=mesh,
-            mp_policy=mp_policy if isinstance(mp_policy, MixedPrecisionPolicy) else None,
-            offload_policy=offload if isinstance(offload, OffloadPolicy) else None,
-            reshard_after_forward=bool(getattr(plugin, "reshard_after_forward", True)),
-        )
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    # set_auto_wrap_policy stores a policy bound to the teacher's layer classes: do it on a copy, so the student is
-    # still wrapped by its own classes.
-    plugin = copy.copy(plugin)
-    plugin.set_auto_wrap_policy(teacher)
-    return FSDP(
-        teacher,
-        sharding_strategy=plugin.sharding_strategy,
-        cpu_offload=plugin.cpu_offload,
-        auto_wrap_policy=plugin.auto_wrap_policy,
-        mixed_precision=plugin.mixed_precision_policy,
-        sync_module_states=plugin.sync_module_states,
-        backward_prefetch=plugin.backward_prefetch,
-        forward_prefetch=plugin.forward_prefetch,
-        use_orig_params=plugin.use_orig_params,
-        limit_all_gathers=plugin.limit_all_gathers,
-        device_id=accelerator.device,
-    )

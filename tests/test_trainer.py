@@ -57,13 +57,14 @@ def _reference_loss(student, teacher, batch, config: EAKDConfig, vocab: int) -> 
     ce = torch.nn.functional.cross_entropy(s[mask], labels[mask])
     d = token_divergence(s[..., :vocab], t[..., :vocab], config.divergence, config.temperature)
     if config.ea:
-        w = ea_weights(s[..., :vocab], t[..., :vocab], labels, config.entropy_temperature, config.ea_granularity)
+        w = ea_weights(s[..., :vocab], t[..., :vocab], labels, config.entropy_temperature, config.ea_granularity,
+                       config.ea_formula, config.ea_normalize)
         if config.ea_granularity == "sequence":
             w = w[:, None].expand_as(d)
     else:
         w = torch.ones_like(d)
     kd = config.temperature**2 * (w * d)[mask].sum() / mask.sum()
-    return (1 - config.kd_ratio) * ce + config.kd_ratio * kd
+    return (1 - config.kd_ratio) * ce + config.kd_ratio * config.kd_scale * kd
 
 
 @pytest.mark.parametrize(
@@ -73,6 +74,9 @@ def _reference_loss(student, teacher, batch, config: EAKDConfig, vocab: int) -> 
         {"kd_ratio": 0.3, "ea": True, "ea_granularity": "sequence", "divergence": "rkl", "temperature": 2.0},
         {"kd_ratio": 1.0, "ea": False, "divergence": "jsd"},
         {"kd_ratio": 0.5, "ea": True, "entropy_temperature": 1.0, "divergence": "tvd"},
+        {"kd_ratio": 0.5, "ea": True, "ea_granularity": "sequence", "ea_normalize": "mean", "ea_formula": "teacher"},
+        {"kd_ratio": 0.4, "ea": True, "ea_normalize": "mean", "ea_formula": "interaction", "divergence": "srkl"},
+        {"kd_ratio": 0.5, "ea": False, "kd_scale": 4.0},
     ],
 )
 @pytest.mark.parametrize("fused", [True, False])
@@ -260,12 +264,13 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
 def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypatch, caplog):
     """Which sharded student heads the fused path takes: ZeRO-3 (here: flagged) trainable or frozen, FSDP2 only frozen.
     A trainable ZeRO-3 head is called as a module (its hooks gather and reduce); compile_loss reaches the loss."""
+    import eakd_llm.sharding as sharding_module
     import eakd_llm.trainer as trainer_module
 
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
     head = trainer.model.get_output_embeddings()
     assert trainer._fused_supported(trainer.model)
-    monkeypatch.setattr(trainer_module, "_is_dtensor", lambda t: t is head.weight)  # an FSDP2 shard
+    monkeypatch.setattr(sharding_module, "is_dtensor", lambda t: t is head.weight)  # an FSDP2 shard
     assert trainer._fused_blocker(trainer.model) == "the student's lm_head is FSDP2-sharded and trainable"
     head.requires_grad_(False)
     assert trainer._fused_supported(trainer.model)  # frozen: gathered with full_tensor()
@@ -344,3 +349,18 @@ def test_zero_loss_survives_empty_parameter_shards():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(model.bias.grad, torch.zeros(2))
+
+
+def test_models_keep_only_their_final_hidden_states(tiny_stack, tmp_path):
+    """The fused path asks neither model for every layer's hidden states (output_hidden_states would keep them all
+    until the loss is done: ~0.85 GB for a 7B teacher at 4 x 1024); it catches the decoder's output instead."""
+    trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5)
+    seen = []
+    for model in (trainer.model, trainer.teacher):
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    batch = _batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    assert len(seen) == 2
+    assert all(not kwargs.get("output_hidden_states") and kwargs.get("logits_to_keep") == 1 for kwargs in seen)
+    expected = _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 teacher frozen) gives the same loss and hidden-state gradients as with unsharded models.
 
 Usage: ``fused_sharded_heads.py {zero3,fsdp2} STUDENT_DIR TEACHER_DIR OUT_DIR``; writes ``OUT_DIR/rank<r>.json``.
-ZeRO-3 wraps both models in DeepSpeed engines (the teacher through the trainer's own ``_deepspeed_inference_engine``);
+ZeRO-3 wraps both models in DeepSpeed engines (the teacher through the trainer's own ``deepspeed_inference_engine``);
 FSDP2 shards both with ``shard_teacher_fsdp2`` (``fully_shard`` per decoder layer). The heads are then gathered once
 per call by ``fused_head_loss``, which is what ``EAKDTrainer`` calls.
 """
@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from eakd_llm.config import EAKDConfig
 from eakd_llm.losses import loss_denominator
-from eakd_llm.trainer import _causal_lm, _is_sharded, fused_head_loss
+from eakd_llm.sharding import is_sharded, unwrap_causal_lm
+from eakd_llm.trainer import fused_head_loss
 
 
 def loss_and_grad(student, teacher, ids, labels, args, vocab):
@@ -28,8 +29,8 @@ def loss_and_grad(student, teacher, ids, labels, args, vocab):
     with torch.no_grad():
         t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
     denominator = loss_denominator((labels != -100).sum(), None)
-    loss, stats, bad = fused_head_loss(_causal_lm(student), hidden, _causal_lm(teacher), t_hidden, labels, args,
-                                       vocab, denominator)
+    loss, stats, bad = fused_head_loss(unwrap_causal_lm(student), hidden, unwrap_causal_lm(teacher), t_hidden, labels,
+                                       args, vocab, denominator)
     loss.backward()
     return loss.detach(), hidden.grad, stats
 
@@ -59,7 +60,7 @@ def main(mode: str, student_dir: str, teacher_dir: str, out_dir: str) -> None:
 
     student, teacher = load(student_dir), load(teacher_dir).eval().requires_grad_(False)
     if mode == "zero3":
-        from eakd_llm.trainer import _deepspeed_inference_engine
+        from eakd_llm.sharding import deepspeed_inference_engine
 
         ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2,
                      "gradient_accumulation_steps": 1}
@@ -67,16 +68,16 @@ def main(mode: str, student_dir: str, teacher_dir: str, out_dir: str) -> None:
                                            model_parameters=[p for p in student.parameters() if p.requires_grad])
         accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(
             deepspeed_config={"zero_optimization": {"stage": 3}})))
-        teacher = _deepspeed_inference_engine(teacher, accelerator, args)
+        teacher = deepspeed_inference_engine(teacher, accelerator, args)
     else:
-        from eakd_llm.trainer import shard_teacher_fsdp2
+        from eakd_llm.sharding import shard_teacher_fsdp2
 
         student, teacher = shard_teacher_fsdp2(student), shard_teacher_fsdp2(teacher)
-    heads = [_causal_lm(m).get_output_embeddings() for m in (student, teacher)]
+    heads = [unwrap_causal_lm(m).get_output_embeddings() for m in (student, teacher)]
     loss, grad, stats = loss_and_grad(student, teacher, ids, labels, args, vocab)
     result = {
         "rank": rank,
-        "heads_sharded": [_is_sharded(h) for h in heads],
+        "heads_sharded": [is_sharded(h) for h in heads],
         "head_numel_after": [h.weight.numel() if mode == "zero3" else h.weight.to_local().numel() for h in heads],
         "head_numel_full": [ref_student.get_output_embeddings().weight.numel(),
                             ref_teacher.get_output_embeddings().weight.numel()],

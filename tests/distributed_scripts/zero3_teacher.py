@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from eakd_llm.config import EAKDConfig
-from eakd_llm.trainer import _deepspeed_inference_engine
+from eakd_llm.sharding import deepspeed_inference_engine
 
 
 def main(teacher_dir: str, out_dir: str) -> None:
@@ -28,7 +28,7 @@ def main(teacher_dir: str, out_dir: str) -> None:
     args = EAKDConfig(output_dir=os.path.join(out_dir, "unused"), per_device_train_batch_size=2)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval().requires_grad_(False)
     full_elements = sum(p.numel() for p in teacher.parameters())
-    engine = _deepspeed_inference_engine(teacher, accelerator, args)
+    engine = deepspeed_inference_engine(teacher, accelerator, args)
     local_elements = sum(p.ds_tensor.numel() for p in engine.module.parameters())
     with torch.no_grad():
         got = engine(input_ids=ids).logits
