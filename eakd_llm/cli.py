@@ -23,6 +23,8 @@ def train_main(argv: Sequence[str]) -> int:
         print(f"usage: {TRAIN_USAGE}\n\nAny EAKDConfig key can be overridden; `eakd-llm config` lists them.")
         return 0 if argv else 2
     _setup_logging()
+    from .sharding import SaveError
+
     try:
         from .recipe import load_recipe
         from .train import run_training
@@ -34,7 +36,7 @@ def train_main(argv: Sequence[str]) -> int:
             raise
         print(f"eakd-llm: error: {err}", file=sys.stderr)
         return 2
-    except FloatingPointError as err:
+    except (FloatingPointError, SaveError) as err:
         if debug:
             raise
         print(f"eakd-llm: error: {err}", file=sys.stderr)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import DIVERGENCES, GRANULARITIES
+from .losses import DIVERGENCES, EA_FORMULAS, EA_NORMALIZATIONS, GRANULARITIES
 
 DATASET_FORMATS = ("auto", "prompt_response", "messages", "instruction")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -78,6 +78,24 @@ class EAKDConfig(TrainingArguments):
         metadata={"help": "Temperature tau' of the entropies behind the EA weights (> 0), separate from tau. "
                   "2.0 is the paper's value for transformer teachers."},
     )
+    ea_formula: str = field(
+        default="full",
+        metadata={"help": "EA weight formula: full = (H_T + H_T*H_S/log V) / 2 (the paper), teacher = H_T alone, "
+                  "interaction = H_T*H_S/log V alone (the paper's weight ablation).", "choices": EA_FORMULAS},
+    )
+    ea_normalize: str = field(
+        default="none",
+        metadata={"help": "none (the paper's weights), or mean: divide the EA weights by their mean over the "
+                  "micro-batch's response tokens (sequence level: token-weighted), so EA reweights tokens without "
+                  "scaling the KD term. Use it to compare EA with plain KD at the same KD scale and learning rate.",
+                  "choices": EA_NORMALIZATIONS},
+    )
+    kd_scale: float = field(
+        default=1.0,
+        metadata={"help": "Constant multiplier of the KD term (> 0): loss = (1 - kd_ratio) * CE + kd_ratio * "
+                  "kd_scale * KD. A control: plain KD with kd_scale = EA's measured mean weight has EA's scale "
+                  "without its adaptivity. Leave at 1 otherwise."},
+    )
     skew_alpha: float = field(
         default=0.1, metadata={"help": "Skew alpha of the skl/srkl divergences, in (0, 1) (DistiLLM uses 0.1)."}
     )
@@ -92,15 +110,50 @@ class EAKDConfig(TrainingArguments):
     loss_chunk_size: int = field(
         default=1024, metadata={"help": "Response tokens per chunk of the fused loss (>= 1); memory ~ chunk x V."}
     )
-    compile_loss: bool = field(
-        default=False,
+    compile_loss: bool | str = field(
+        default="auto",
         metadata={"help": "torch.compile the fused loss's per-chunk maths (fewer, fused kernels over each [chunk, V] "
-                  "block; the first step pays the compilation). Needs fused_loss."},
+                  "block; the first step pays the compilation): true, false, or auto (on for CUDA, off for CPU). If "
+                  "compilation fails, the run says so once and continues with the eager maths. Needs fused_loss."},
     )
     nonfinite_logits: str = field(
         default="error",
         metadata={"help": "What to do when teacher or student logits contain NaN/inf: error (stop, naming the step) "
                   "or skip (zero that batch's loss and log a warning).", "choices": NONFINITE_POLICIES},
+    )
+    # ----- on-policy distillation -----
+    on_policy_fraction: float = field(
+        default=0.0,
+        metadata={"help": "GKD's lambda, in [0, 1]: the probability that an optimizer step trains on responses the "
+                  "student generates for the batch's prompts (decided per step from the seed, the same for every "
+                  "micro-batch and process). 0: dataset responses only; 1: always on-policy. No CE on "
+                  "student-generated tokens."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "Sequence-level KD: steps that are not on-policy train on responses the teacher generates "
+                  "(CE kept on them), instead of the dataset's."},
+    )
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Most tokens generated per response in on-policy / seq_kd steps (>= 1); default "
+                  "max_length - max_prompt_length. Prompt + response never exceed max_length."},
+    )
+    generation_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of on-policy / seq_kd generation (> 0)."}
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus (top-p) filtering of on-policy / seq_kd generation, in (0, 1]."}
+    )
+    generation_top_k: int = field(
+        default=0, metadata={"help": "Top-k filtering of on-policy / seq_kd generation (>= 0; 0 = off)."}
+    )
+    # ----- teacher cache -----
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder written by `eakd-llm cache-teacher`: train from the teacher's cached top-k "
+                  "log-probabilities and exact entropies instead of loading the teacher. The cache must match this "
+                  "run's teacher, tokenizer, data, lengths, temperature and entropy_temperature."},
     )
     # ----- data -----
     dataset_name: str | None = field(
@@ -138,6 +191,20 @@ class EAKDConfig(TrainingArguments):
                   "Default: max_length // 2 (256 of 512, as MiniLLM/DistiLLM)."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training records."})
+    exclude_eval_prompts: list[str] | None = field(
+        default=None,
+        metadata={"help": "Evaluation files (.jsonl/.json, raw instruction/input or processed prompt records, e.g. "
+                  "MiniLLM's data/dolly/valid.jsonl): training records whose normalised prompt (instruction + "
+                  "context) appears in them are dropped, and the count is logged. Keeps a benchmark's test prompts "
+                  "out of training."},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Pack each micro-batch's examples into as few rows of at most max_length tokens as fit, "
+                  "with per-document position_ids (no attention across documents; sequence-level EA per document). "
+                  "Same loss as the padded batch, less padding. The first step checks that the models keep packed "
+                  "documents apart and refuses to train otherwise."},
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation records."})
     # ----- LoRA -----
     use_peft: bool = field(
@@ -175,6 +242,8 @@ class EAKDConfig(TrainingArguments):
         """Check every distillation field; raise :class:`ConfigError` naming the field and the allowed values."""
         _choice("divergence", self.divergence, DIVERGENCES)
         _choice("ea_granularity", self.ea_granularity, GRANULARITIES)
+        _choice("ea_formula", self.ea_formula, EA_FORMULAS)
+        _choice("ea_normalize", self.ea_normalize, EA_NORMALIZATIONS)
         _choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         _choice("model_dtype", self.model_dtype, DTYPES)
         if self.teacher_dtype is not None:
@@ -182,11 +251,34 @@ class EAKDConfig(TrainingArguments):
         _choice("nonfinite_logits", self.nonfinite_logits, NONFINITE_POLICIES)
         _positive("temperature", self.temperature)
         _positive("entropy_temperature", self.entropy_temperature)
+        _positive("kd_scale", self.kd_scale)
         _in_range("kd_ratio", self.kd_ratio, 0.0, 1.0, closed=True)
         _in_range("skew_alpha", self.skew_alpha, 0.0, 1.0, closed=False)
         _in_range("jsd_beta", self.jsd_beta, 0.0, 1.0, closed=False)
-        if self.compile_loss and not self.fused_loss:
+        if isinstance(self.compile_loss, str):
+            if self.compile_loss.lower() in ("true", "false"):
+                self.compile_loss = self.compile_loss.lower() == "true"
+            elif self.compile_loss != "auto":
+                raise ConfigError(
+                    f"compile_loss={self.compile_loss!r} is not allowed; choose one of: true, false, auto"
+                )
+        if self.compile_loss is True and not self.fused_loss:
             raise ConfigError("compile_loss: true needs fused_loss: true (it compiles the fused loss's chunk maths)")
+        _in_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0, closed=True)
+        _positive("generation_temperature", self.generation_temperature)
+        _in_range("generation_top_p", self.generation_top_p, 0.0, 1.0, closed=True, low_closed=False)
+        if self.generation_top_k < 0:
+            raise ConfigError(
+                f"generation_top_k must be >= 0 (0 turns top-k filtering off), got {self.generation_top_k}"
+            )
+        if (self.on_policy_fraction > 0 or self.seq_kd) and self.kd_ratio == 0:
+            raise ConfigError("on_policy_fraction > 0 and seq_kd need a teacher to score the generated responses: set "
+                              "kd_ratio > 0")
+        if self.teacher_cache and (self.on_policy_fraction > 0 or self.seq_kd):
+            raise ConfigError(
+                "teacher_cache holds the teacher's outputs for the dataset's responses only: it cannot score generated "
+                "ones; set on_policy_fraction: 0 and seq_kd: false, or drop teacher_cache"
+            )
         if self.loss_chunk_size < 1:
             raise ConfigError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.max_length < 2:
@@ -198,6 +290,9 @@ class EAKDConfig(TrainingArguments):
                 f"max_prompt_length must be in [1, max_length), got {self.max_prompt_length} with max_length "
                 f"{self.max_length}: a prompt that fills max_length leaves no room for the response"
             )
+        if self.max_new_tokens is not None and not 1 <= self.max_new_tokens <= self.max_length - 1:
+            raise ConfigError(f"max_new_tokens must be in [1, max_length - 1] = [1, {self.max_length - 1}], got "
+                              f"{self.max_new_tokens}")
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -207,14 +302,23 @@ class EAKDConfig(TrainingArguments):
                 raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
             _in_range("lora_dropout", self.lora_dropout, 0.0, 1.0, closed=False, low_closed=True)
 
+    @property
+    def generation_budget(self) -> int:
+        """New tokens per generated response (on-policy / seq_kd): max_new_tokens or max_length - max_prompt_length."""
+        return self.max_new_tokens or self.max_length - self.max_prompt_length
+
+    def compile_loss_on(self, device_type: str) -> bool:
+        """compile_loss resolved for a device: ``auto`` is on for CUDA only."""
+        return device_type == "cuda" if self.compile_loss == "auto" else bool(self.compile_loss)
+
     def validate_for_training(self) -> None:
         """Checks that only matter when a run is about to start (paths and data are given)."""
         if not self.model_name_or_path:
             raise ConfigError("model_name_or_path is required: the student model folder or hub id")
-        if self.kd_ratio > 0 and not self.teacher_model_name_or_path:
+        if self.kd_ratio > 0 and not (self.teacher_model_name_or_path or self.teacher_cache):
             raise ConfigError(
-                f"teacher_model_name_or_path is required when kd_ratio > 0 (got kd_ratio={self.kd_ratio}); "
-                "set kd_ratio: 0 for plain SFT"
+                f"teacher_model_name_or_path (or teacher_cache) is required when kd_ratio > 0 (got kd_ratio="
+                f"{self.kd_ratio}); set kd_ratio: 0 for plain SFT"
             )
         if not self.dataset_name:
             raise ConfigError("dataset_name is required: a hub dataset id, a local data file or a folder")

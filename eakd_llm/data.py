@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,6 +174,64 @@ def render_example(record: Mapping[str, Any], fmt: str, config: EAKDConfig, toke
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Decontamination: training records whose prompt is an evaluation prompt
+# ----------------------------------------------------------------------------------------------------------------
+
+_TEMPLATE = re.compile(r"### Instruction:\n(.*?)\n\n(?:### Input:\n(.*?)\n\n)?### Response:", re.S)
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def prompt_key(instruction: str, context: str | None = None) -> str:
+    """The normalised prompt compared across datasets: instruction + context, lower-cased, punctuation removed,
+    whitespace collapsed (so re-encoded quotes, trailing spaces and casing do not hide a duplicate)."""
+    text = f"{instruction} {context or ''}".lower().translate(_PUNCTUATION)
+    return " ".join(text.split())
+
+
+def prompt_text_key(prompt: str) -> str:
+    """:func:`prompt_key` of a rendered prompt: the MiniLLM template's instruction and input when it has them (so a
+    processed benchmark prompt matches a raw training record), else the whole text."""
+    match = _TEMPLATE.search(prompt.replace("<n>", "\n"))
+    return prompt_key(match[1], match[2]) if match else prompt_key(prompt)
+
+
+def record_prompt_key(record: Mapping[str, Any], fmt: str, config: EAKDConfig) -> str:
+    """:func:`prompt_key` of a raw training record in its format."""
+    if fmt == "instruction":
+        return prompt_key(str(record[config.instruction_column]), str(record.get(config.context_column) or ""))
+    if fmt == "prompt_response":
+        return prompt_text_key(str(record[config.prompt_column]))
+    users = [m.get("content", "") for m in record[config.messages_column] or [] if m.get("role") == "user"]
+    return prompt_text_key(str(users[-1]) if users else "")
+
+
+def excluded_prompt_keys(paths: Iterable[str]) -> set[str]:
+    """The normalised prompts of evaluation files (raw instruction/input or processed prompt records)."""
+    from .evaluation import load_eval_records
+
+    keys: set[str] = set()
+    for path in paths:
+        if not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"exclude_eval_prompts: {path!r} is not a file (give the evaluation .jsonl/.json files)")
+        keys.update(prompt_text_key(record.prompt) for record in load_eval_records(path, split="test"))
+    return keys
+
+
+def drop_eval_prompts(raw, fmt: str, config: EAKDConfig, split: str):
+    """``raw`` without the records whose prompt appears in ``config.exclude_eval_prompts`` (logged with the count)."""
+    keys = excluded_prompt_keys(config.exclude_eval_prompts)
+    kept = raw.filter(lambda record: record_prompt_key(record, fmt, config) not in keys, desc="Decontaminating")
+    dropped = len(raw) - len(kept)
+    logger.warning("exclude_eval_prompts: dropped %d of %d %s records whose prompt appears in %s (%d prompts)",
+                   dropped, len(raw), split, ", ".join(config.exclude_eval_prompts), len(keys))
+    if len(kept) == 0:
+        raise ConfigError(
+            f"exclude_eval_prompts removed every {split} record: the training data is the evaluation data"
+        )
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizing
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -221,6 +281,8 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
     for column in required_columns(fmt, config):
         if first[column] in (None, "", []):
             raise ConfigError(f"{split} data: column {column!r} is empty in the first record")
+    if config.exclude_eval_prompts and split == config.dataset_train_split:
+        raw = drop_eval_prompts(raw, fmt, config, split)
 
     def encode(record):
         prompt, response = render_example(record, fmt, config, tokenizer)

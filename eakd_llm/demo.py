@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import final_hidden_states
+
 logger = logging.getLogger(__name__)
 
 
@@ -115,25 +117,31 @@ class CachedTeacher(nn.Module):
         return self.teacher.get_input_embeddings()
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
-                **kwargs: Any) -> SimpleNamespace:
-        digest = hashlib.blake2b(input_ids.cpu().numpy().tobytes(), digest_size=16)
-        digest.update(attention_mask.cpu().numpy().tobytes())
-        digest.update(str(tuple(input_ids.shape)).encode())
+    def final_hidden_states(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's ``[B, T, H]`` final hidden states, computed once per distinct batch (how the fused loss asks,
+        see :func:`eakd_llm.models.final_hidden_states`)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name in sorted(inputs):
+            value = inputs[name]
+            if torch.is_tensor(value):
+                digest.update(name.encode())
+                digest.update(str(tuple(value.shape)).encode())
+                digest.update(value.cpu().numpy().tobytes())
         key = digest.digest()
         hidden = self.cache.get(key)
         if hidden is None:
             self.misses += 1
-            kwargs["output_hidden_states"] = True
-            out = self.teacher(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, **kwargs)
-            hidden = out.hidden_states[-1].cpu()
+            hidden = final_hidden_states(self.teacher, **inputs).cpu()
             self.cache[key] = hidden
         else:
             self.hits += 1
-        hidden = hidden.to(input_ids.device)
-        # logits_to_keep=1 is how the fused loss asks for hidden states only; otherwise give full logits.
-        logits = None if logits_to_keep == 1 else self.teacher.get_output_embeddings()(hidden)
-        return SimpleNamespace(logits=logits, hidden_states=(hidden,))
+        return hidden.to(inputs["input_ids"].device)
+
+    @torch.no_grad()
+    def forward(self, use_cache: bool = False, **inputs: torch.Tensor) -> SimpleNamespace:
+        """Full logits (the full-logits loss path), projected from the cached hidden states with the teacher's head."""
+        hidden = self.final_hidden_states(**inputs)
+        return SimpleNamespace(logits=self.teacher.get_output_embeddings()(hidden), hidden_states=(hidden,))
 
 
 # ----------------------------------------------------------------------------------------------------------------

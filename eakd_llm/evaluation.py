@@ -5,8 +5,9 @@ The protocol (MiniLLM ``evaluate_main.py`` / ``rouge_metric.py``, microsoft/LMOp
 * every benchmark record is a templated prompt plus one or more acceptable reference answers
   (:func:`load_eval_records`; raw ``instruction``/``input``/``output`` records are rendered with the same prompt
   template as training, :func:`eakd_llm.data.format_instruction_prompt`);
-* responses are sampled (``do_sample``, temperature 1, top-p 1, no top-k, ``no_repeat_ngram_size`` 6, prompt + response
-  at most 512 tokens, prompts at most 256) in left-padded batches (:func:`generate_responses`);
+* responses are sampled (``do_sample``, temperature 1, top-p 1, no top-k, ``no_repeat_ngram_size`` 6, prompts at most
+  256 tokens, 512 - 256 = 256 new tokens for every record) in left-padded batches, stopping at any of the model's end
+  tokens (:func:`generate_responses`, :mod:`eakd_llm.generation`);
 * each response is scored with ROUGE-L F-measure (``rouge_score``, Porter stemming) and exact match after light
   normalisation, the best over the record's references, averaged over records and reported x100 (:func:`score`);
 * the whole generation + scoring is repeated for the seeds 10, 20, 30, 40, 50 and reported as mean ± std
@@ -36,8 +37,8 @@ import torch
 import transformers
 
 from .config import ConfigError
-from .data import format_instruction_prompt, load_split, tokenize_example
-from .losses import IGNORE_INDEX
+from .data import format_instruction_prompt, load_split
+from .generation import BUDGETS, GenerationSettings, encode_prompt, end_token_ids, generate_token_ids
 from .metrics import ROUGE_L_METRIC_PATH
 from .models import looks_like_local_path
 
@@ -79,52 +80,6 @@ BENCHMARK_NAMES: dict[str, str] = {
 EVAL_FORMATS: tuple[str, ...] = ("auto", "raw", "processed")
 METRICS: tuple[str, ...] = ("rougeL", "exact_match")
 METRIC_NAMES: dict[str, str] = {"rougeL": "ROUGE-L", "exact_match": "EM"}
-
-
-@dataclass
-class GenerationSettings:
-    """How responses are generated; the defaults are MiniLLM's evaluation settings.
-
-    ``max_prompt_length``: prompts longer than this many tokens keep their end (where the instruction meets
-    ``### Response:``) and their BOS, exactly as training truncates them (:func:`eakd_llm.data.tokenize_example`).
-    ``max_length``: prompt + response tokens; each record may generate ``max_length - len(prompt)`` tokens, further
-    capped by ``max_new_tokens`` when it is set. (MiniLLM left-pads every prompt to ``max_prompt_length`` and so gives
-    every record ``max_length - max_prompt_length`` = 256 new tokens; ``max_new_tokens=256`` reproduces that cap.)
-    ``do_sample=False`` is greedy decoding. ``top_k=0`` disables top-k filtering, ``top_p=1.0`` nucleus filtering.
-    ``batch_size`` prompts are generated together (left-padded).
-    """
-
-    max_prompt_length: int = 256
-    max_length: int = 512
-    max_new_tokens: int | None = None
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    no_repeat_ngram_size: int = 6
-    batch_size: int = 16
-
-    def validate(self) -> None:
-        """Raise :class:`ConfigError` for values generation cannot work with."""
-        if self.max_prompt_length < 1:
-            raise ConfigError(f"max_prompt_length must be at least 1, got {self.max_prompt_length}")
-        if self.max_length <= self.max_prompt_length:
-            raise ConfigError(
-                f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}): it counts "
-                "the prompt and the generated tokens together"
-            )
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be at least 1 (or unset), got {self.max_new_tokens}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.do_sample and self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0 disables top-k filtering), got {self.top_k}")
-        if self.no_repeat_ngram_size < 0:
-            raise ConfigError(f"no_repeat_ngram_size must be >= 0 (0 disables it), got {self.no_repeat_ngram_size}")
 
 
 @dataclass
@@ -377,66 +332,6 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
-    """Prompt token ids with the tokenizer's special tokens (BOS), truncated exactly as training truncates prompts.
-
-    :func:`eakd_llm.data.tokenize_example` is the single source of the rule (a long prompt keeps its end and its
-    BOS); the response is empty here, so its ``max_length`` only has to exceed ``max_prompt_length``.
-    """
-    example = tokenize_example(prompt, "", tokenizer, max_prompt_length + 1, max_prompt_length)
-    prompt_length = sum(1 for label in example["labels"] if label == IGNORE_INDEX)
-    return example["input_ids"][:prompt_length]
-
-
-def _eos_ids(tokenizer, model) -> list[int]:
-    ids = tokenizer.eos_token_id
-    if ids is None:
-        ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        return []
-    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
-
-
-def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def _generation_config(
-    settings: GenerationSettings, eos_ids: list[int], pad_id: int, max_new_tokens: int
-) -> transformers.GenerationConfig:
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": settings.do_sample,
-        "num_beams": 1,
-        "no_repeat_ngram_size": settings.no_repeat_ngram_size,
-        "eos_token_id": (eos_ids[0] if len(eos_ids) == 1 else eos_ids) or None,
-        "pad_token_id": pad_id,
-    }
-    if settings.do_sample:
-        # top_k=0 is passed as is: transformers adds no TopKLogitsWarper when top_k == 0 (nor a top-p warper for
-        # top_p=1.0, nor a temperature warper for 1.0), i.e. pure ancestral sampling, as MiniLLM's `--top-k 0`.
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
-    return transformers.GenerationConfig(**kwargs)
-
-
-class _RowBudget(transformers.StoppingCriteria):
-    """Row ``i`` is finished once it has ``budgets[i]`` new tokens; rows of one batch may have different budgets."""
-
-    def __init__(self, prompt_width: int, budgets: Sequence[int]):
-        self.prompt_width = prompt_width
-        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        generated = input_ids.shape[1] - self.prompt_width
-        return self.budgets.to(input_ids.device) <= generated
-
-
 def generate_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
     """One response per prompt: left-padded batches through ``model.generate`` with ``settings``, seeded.
 
@@ -444,63 +339,26 @@ def generate_responses(model, tokenizer, prompts: list[str], settings: Generatio
     model, prompts, settings and seed give the same responses (on the same device). Prompts are tokenized with the
     tokenizer's special tokens (BOS) and truncated to ``settings.max_prompt_length`` as training does
     (:func:`encode_prompt`), then left-padded with the tokenizer's pad id (the tokenizer itself is not modified).
-    Each record generates at most ``max_length - len(prompt)`` tokens (and at most ``max_new_tokens`` when set); its
-    new tokens are cut at the first EOS, decoded with ``skip_special_tokens=True`` and stripped.
+    Each record generates at most ``settings.new_token_budget(len(prompt))`` tokens (``budget``: MiniLLM's fixed
+    ``max_length - max_prompt_length`` by default); generation stops and the response is cut at the first end token
+    (the tokenizer's EOS or any id of the model's ``generation_config.eos_token_id``), decoded with
+    ``skip_special_tokens=True`` and stripped.
 
-    The checkpoint's own ``generation_config`` (e.g. a hub model's default temperature or repetition penalty) is set
-    aside during generation so every model is decoded by the same protocol; EOS and pad ids come from the tokenizer.
-    The model is put in eval mode for the call (its training flag is restored afterwards).
+    The checkpoint's own ``generation_config`` sampling defaults are set aside during generation so every model is
+    decoded by the same protocol (:func:`eakd_llm.generation.generate_token_ids`).
     """
     settings.validate()
     torch.manual_seed(seed)
     transformers.set_seed(seed)
     if not prompts:
         return []
-    eos_ids = _eos_ids(tokenizer, model)
+    eos_ids = end_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = eos_ids[0] if eos_ids else 0
-    device = _model_device(model)
     encoded = [encode_prompt(tokenizer, prompt, settings.max_prompt_length) for prompt in prompts]
-
-    was_training = model.training
-    saved_generation_config = getattr(model, "generation_config", None)
-    model.eval()
-    if saved_generation_config is not None:
-        model.generation_config = transformers.GenerationConfig()
-    responses: list[str] = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(encoded), settings.batch_size):
-                batch = encoded[start:start + settings.batch_size]
-                width = max(len(ids) for ids in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, ids in enumerate(batch):  # left padding: every prompt ends where generation starts
-                    input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids):] = 1
-                budgets = [settings.max_length - len(ids) for ids in batch]
-                if settings.max_new_tokens is not None:
-                    budgets = [min(b, settings.max_new_tokens) for b in budgets]
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=_generation_config(settings, eos_ids, pad_id, max(budgets)),
-                    stopping_criteria=transformers.StoppingCriteriaList([_RowBudget(width, budgets)]),
-                )
-                sequences = output.sequences if hasattr(output, "sequences") else output
-                for row, budget in enumerate(budgets):
-                    new_tokens = sequences[row, width:width + budget].tolist()
-                    for index, token in enumerate(new_tokens):
-                        if token in eos_ids:
-                            new_tokens = new_tokens[:index]
-                            break
-                    responses.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
-    finally:
-        if saved_generation_config is not None:
-            model.generation_config = saved_generation_config
-        model.train(was_training)
-    return responses
+    new_tokens = generate_token_ids(model, encoded, settings, eos_ids, pad_id)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -709,6 +567,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompt-length", type=int, default=defaults.max_prompt_length)
     parser.add_argument("--max-length", type=int, default=defaults.max_length, help="prompt + response tokens")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument(
+        "--budget", default=defaults.budget, choices=BUDGETS,
+        help="new tokens per record: fixed = max_length - max_prompt_length for every record (MiniLLM, default); "
+        "remaining = max_length - len(prompt)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--output-dir", required=True, help="where predictions and results are written")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
@@ -730,6 +593,7 @@ def eval_main(argv: Sequence[str]) -> int:
             max_prompt_length=args.max_prompt_length,
             max_length=args.max_length,
             max_new_tokens=args.max_new_tokens,
+            budget=args.budget,
             do_sample=not args.greedy,
             temperature=args.temperature,
             top_p=args.top_p,

@@ -11,6 +11,7 @@ from transformers import set_seed
 from .config import ConfigError, EAKDConfig
 from .data import build_dataset, load_split
 from .models import apply_lora, check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+from .sharding import save_final_model
 from .trainer import EAKDTrainer
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def run_training(config: EAKDConfig) -> EAKDTrainer:
     parts = prepare_run(config)
     trainer = EAKDTrainer(args=config, **parts)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(config.output_dir)
+    save_final_model(trainer, config.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

@@ -206,6 +206,8 @@ def test_every_shipped_recipe_validates(recipe):
     if config.kd_ratio > 0:
         assert config.teacher_model_name_or_path
         assert config.kd_ratio < 1, "EA/KD recipes keep a CE term (see the README on starvation)"
+    if "dolly-15k" in config.dataset_name:  # DollyEval is drawn from dolly-15k: its prompts must stay out of training
+        assert any(path.endswith("dolly/valid.jsonl") for path in config.exclude_eval_prompts or [])
 
 
 def test_readme_embeds_the_generated_config_reference():

@@ -236,3 +236,54 @@ def test_example_whose_only_target_is_position_zero_is_dropped(tmp_path, tokeniz
     kept = build_dataset(raw, _config(tmp_path), NoBos())
     assert len(kept) == 1
     assert kept[0]["input_ids"][-1] == tokenizer.eos_token_id
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decontamination (exclude_eval_prompts)
+# ----------------------------------------------------------------------------------------------------------------------
+
+DOLLY_LIKE = [
+    {"instruction": "Name a fruit.", "context": "", "response": "apple"},
+    {"instruction": "Convert the word to uppercase.", "context": "apple", "response": "APPLE"},
+    {"instruction": "Convert the word to uppercase.", "context": "banana", "response": "BANANA"},
+    {"instruction": "Say hello.", "context": "", "response": "hello world"},
+]
+
+
+def test_exclude_eval_prompts_drops_training_records_whose_prompt_is_evaluated(tokenizer, tmp_path, caplog):
+    """Dolly-style training data (instruction/context/response) against MiniLLM-style evaluation files: a raw one
+    (instruction/input/output, other casing and spacing) and a processed one (templated prompt with <n> markers)."""
+    _write(tmp_path / "data" / "train.jsonl", DOLLY_LIKE)
+    raw_eval = tmp_path / "dolly" / "valid.jsonl"
+    _write(raw_eval, [{"instruction": "convert the word to  UPPERCASE", "input": "Apple", "output": "APPLE"},
+                      {"instruction": "Name a vegetable.", "input": "", "output": "leek"}])
+    processed_eval = tmp_path / "other" / "valid.jsonl"
+    prompt = format_instruction_prompt("Say hello.").replace("\n", "<n>")
+    _write(processed_eval, [{"prompt": prompt, "output": "hello world"}])
+    config = _config(tmp_path, dataset_format="instruction", context_column="context",
+                     exclude_eval_prompts=[str(raw_eval), str(processed_eval)], max_length=64)
+    raw = load_split(config.dataset_name, "train")
+    with caplog.at_level("WARNING", logger="eakd_llm.data"):
+        kept = build_dataset(raw, config, tokenizer)
+    assert len(kept) == 2  # "uppercase/apple" and "say hello" are evaluation prompts; the banana one is not
+    responses = sorted(tokenizer.decode(_decode_response(tokenizer, ex), skip_special_tokens=True).strip()
+                       for ex in kept)
+    assert responses == ["BANANA", "apple"]
+    assert "dropped 2 of 4 train records" in caplog.text
+    # Without the option nothing is dropped.
+    assert len(build_dataset(raw, _config(tmp_path, dataset_format="instruction", context_column="context",
+                                          max_length=64), tokenizer)) == 4
+
+
+def test_exclude_eval_prompts_errors(tokenizer, tmp_path):
+    _write(tmp_path / "data" / "train.jsonl", DOLLY_LIKE[:1])
+    raw = load_split(str(tmp_path / "data"), "train")
+    missing = _config(tmp_path, dataset_format="instruction", context_column="context",
+                      exclude_eval_prompts=[str(tmp_path / "nope.jsonl")])
+    with pytest.raises(ConfigError, match="exclude_eval_prompts: .*nope.jsonl' is not a file"):
+        build_dataset(raw, missing, tokenizer)
+    _write(tmp_path / "eval.jsonl", [{"instruction": "Name a fruit.", "output": "pear"}])
+    everything = _config(tmp_path, dataset_format="instruction", context_column="context",
+                         exclude_eval_prompts=[str(tmp_path / "eval.jsonl")])
+    with pytest.raises(ConfigError, match="removed every train record"):
+        build_dataset(raw, everything, tokenizer)

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cached_teacher_returns_the_same_logits_and_counts_hits(tiny_stack):
     from transformers import AutoModelForCausalLM
 
+    from eakd_llm.models import final_hidden_states
+
     teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
     cached = CachedTeacher(teacher)
     ids = torch.tensor([[0, 5, 9, 12], [0, 7, 8, 2]])
@@ -30,10 +32,10 @@ def test_cached_teacher_returns_the_same_logits_and_counts_hits(tiny_stack):
     with torch.no_grad():
         direct = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     torch.testing.assert_close(first, direct.logits, atol=1e-5, rtol=1e-5)
-    # the fused loss asks for hidden states only
-    hidden_only = cached(input_ids=ids, attention_mask=mask, logits_to_keep=1)
-    assert hidden_only.logits is None
-    torch.testing.assert_close(hidden_only.hidden_states[-1], direct.hidden_states[-1])
+    # the fused loss asks for hidden states only, through the same helper as for any model
+    torch.testing.assert_close(final_hidden_states(cached, input_ids=ids, attention_mask=mask),
+                               direct.hidden_states[-1])
+    assert cached.hits == 2
     cached(input_ids=ids, attention_mask=torch.ones_like(mask))  # another mask is another batch
     assert cached.misses == 2
 

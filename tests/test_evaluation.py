@@ -292,23 +292,97 @@ def test_prompt_truncation_keeps_bos_and_end(student):
     assert encode_prompt(tokenizer, "short", 32) == tokenizer("short", add_special_tokens=True)["input_ids"]
 
 
-def test_each_record_gets_its_own_budget(student, tiny_stack):
-    model, tokenizer = student
+def _prompts_of_different_lengths(tokenizer, tiny_stack, max_prompt_length: int = 64) -> list[str]:
     by_length = {}
     for record in load_eval_records(tiny_stack["data_dir"]):
-        by_length.setdefault(len(encode_prompt(tokenizer, record.prompt, 64)), record.prompt)
+        by_length.setdefault(len(encode_prompt(tokenizer, record.prompt, max_prompt_length)), record.prompt)
     prompts = list(by_length.values())[:8]
     assert len(prompts) >= 4
+    return prompts
+
+
+class _NewTokenCounter:
+    """Wraps ``model.generate`` to record how many tokens each call may generate (its max_new_tokens)."""
+
+    def __init__(self, model, monkeypatch):
+        self.budgets: list[int] = []
+        original = model.generate
+
+        def generate(*args, generation_config, stopping_criteria, **kwargs):
+            self.budgets += stopping_criteria[0].budgets.tolist()
+            return original(*args, generation_config=generation_config, stopping_criteria=stopping_criteria, **kwargs)
+
+        monkeypatch.setattr(model, "generate", generate)
+
+
+def test_fixed_budget_is_minillms_max_length_minus_max_prompt_length(student, tiny_stack, monkeypatch):
+    """Default (MiniLLM's evaluate_main.py): every record may generate max_length - max_prompt_length new tokens,
+    whatever its prompt's length; max_new_tokens caps it."""
+    model, tokenizer = student
+    prompts = _prompts_of_different_lengths(tokenizer, tiny_stack)
+    assert GenerationSettings().budget == "fixed"
+    counter = _NewTokenCounter(model, monkeypatch)
+    generate_responses(model, tokenizer, prompts, GenerationSettings(max_prompt_length=64, max_length=70,
+                                                                     do_sample=False, batch_size=8), seed=0)
+    assert counter.budgets == [6] * len(prompts)
+    counter.budgets.clear()
+    generate_responses(model, tokenizer, prompts, GenerationSettings(max_prompt_length=64, max_length=70,
+                                                                     max_new_tokens=3, do_sample=False), seed=0)
+    assert counter.budgets == [3] * len(prompts)
+
+
+def test_remaining_budget_gives_each_record_its_own(student, tiny_stack, monkeypatch):
+    model, tokenizer = student
+    prompts = _prompts_of_different_lengths(tokenizer, tiny_stack)
     # max_length - prompt length differs per record: 4 new tokens for the longest prompt, more for shorter ones.
     settings = GenerationSettings(max_prompt_length=64, max_length=68, do_sample=False, no_repeat_ngram_size=0,
-                                  batch_size=8)
+                                  batch_size=8, budget="remaining")
+    counter = _NewTokenCounter(model, monkeypatch)
     batched = generate_responses(model, tokenizer, prompts, settings, seed=0)
+    lengths = [len(encode_prompt(tokenizer, p, 64)) for p in prompts]
+    assert counter.budgets == [68 - n for n in lengths] and len(set(counter.budgets)) > 1
     # A batch of one generates exactly max_length - len(prompt) tokens (or stops at EOS): batching changes nothing.
     assert batched == [generate_responses(model, tokenizer, [p], settings, seed=0)[0] for p in prompts]
     capped = generate_responses(model, tokenizer, prompts, GenerationSettings(
-        max_prompt_length=64, max_length=68, max_new_tokens=2, do_sample=False, no_repeat_ngram_size=0), seed=0)
+        max_prompt_length=64, max_length=68, max_new_tokens=2, do_sample=False, no_repeat_ngram_size=0,
+        budget="remaining"), seed=0)
     assert capped == [generate_responses(model, tokenizer, [p], GenerationSettings(
-        max_new_tokens=2, do_sample=False, no_repeat_ngram_size=0), seed=0)[0] for p in prompts]
+        max_new_tokens=2, do_sample=False, no_repeat_ngram_size=0, budget="remaining"), seed=0)[0] for p in prompts]
+
+
+def test_generation_stops_and_cuts_at_every_end_token_of_the_generation_config(student, records, tmp_path):
+    """A chat model lists several end ids in generation_config.eos_token_id (Qwen2.5-Instruct: <|im_end|> and
+    <|endoftext|>): generation must stop and cut at any of them, not only at the tokenizer's EOS."""
+    from transformers import AutoModelForCausalLM
+
+    from eakd_llm.generation import end_token_ids, generate_token_ids
+
+    model, tokenizer = student
+    prompts = [encode_prompt(tokenizer, r.prompt, 256) for r in records[:4]]
+    greedy = GenerationSettings(max_new_tokens=12, do_sample=False, no_repeat_ngram_size=0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    plain = generate_token_ids(model, prompts, greedy, [eos], pad)
+    # A token the greedy student emits mid-response, which is not the tokenizer's EOS: call it the chat end token.
+    second_end = next(t for ids in plain for t in ids[1:] if t != eos)
+
+    chat = AutoModelForCausalLM.from_pretrained(model.name_or_path)
+    chat.generation_config.eos_token_id = [eos, second_end]
+    folder = tmp_path / "chat"
+    chat.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    chat, chat_tokenizer = load_model_for_eval(str(folder), device="cpu")  # the real from_pretrained path
+    assert end_token_ids(chat_tokenizer, chat) == [eos, second_end]
+    ends = end_token_ids(chat_tokenizer, chat)
+    cut = generate_token_ids(chat, prompts, greedy, ends, pad)
+    kept = generate_token_ids(chat, prompts, greedy, ends, pad, keep_eos=True)
+    for before, after, with_end in zip(plain, cut, kept):
+        stop = next((i for i, t in enumerate(before) if t in (eos, second_end)), None)
+        assert after == (before if stop is None else before[:stop])  # the same greedy tokens, cut at either end
+        assert with_end == (before if stop is None else before[:stop + 1])
+    assert any(second_end in ids for ids in plain)
+    # generate_responses uses the union too: its texts are the decoded cut token lists.
+    texts = generate_responses(chat, chat_tokenizer, [r.prompt for r in records[:4]], greedy, seed=0)
+    assert texts == [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in cut]
 
 
 def test_top_k_zero_adds_no_top_k_filter_and_model_generation_config_is_ignored(student, records, monkeypatch):
