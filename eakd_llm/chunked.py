@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from .losses import (
     DEFAULT_ENTROPY_TEMPERATURE,
     IGNORE_INDEX,
+    SparseTeacher,
     check_divergence_params,
     check_ea_options,
     check_temperature,
@@ -54,6 +55,8 @@ from .losses import (
     entropy_from_log_probs,
     log_probs,
     loss_denominator,
+    sequence_rows,
+    sparse_divergence,
     weights_for_tokens,
 )
 
@@ -76,6 +79,7 @@ def fused_distillation_loss(
     teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
     *,
+    teacher_sparse: SparseTeacher | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
@@ -90,6 +94,7 @@ def fused_distillation_loss(
     jsd_beta: float = 0.5,
     ea_formula: str = "full",
     ea_normalize: str = "none",
+    sequence_ids: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
     student_logit_scale: float = 1.0,
     teacher_logit_scale: float = 1.0,
@@ -120,6 +125,10 @@ def fused_distillation_loss(
         teacher_hidden: ``[B, T, H_t]`` final hidden states of the teacher, aligned like the student's (``None`` when
             ``kd_ratio == 0``). Gets no gradient.
         teacher_weight: ``[V_t, H_t]`` teacher ``lm_head`` weight (``None`` when ``kd_ratio == 0``). Gets no gradient.
+        teacher_sparse: instead of ``teacher_hidden`` / ``teacher_weight``, the teacher's cached top-k distribution of
+            the ``N`` loss tokens (:class:`eakd_llm.losses.SparseTeacher`, row-major order of the loss positions): the
+            KD term is then taken on the top-k tokens plus one tail bucket, H_T is the cached exact entropy, and no
+            teacher projection is computed. ``vocab_size`` defaults to ``V_s``.
         labels: ``[B, T]`` targets; ``-100`` marks positions without loss.
         student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` ``lm_head`` biases.
         vocab_size: ``V``, the shared vocabulary of the KD term: the first ``V`` columns of both models' logits
@@ -129,8 +138,9 @@ def fused_distillation_loss(
         kd_scale: a constant multiplier of the KD term (> 0; 1 by default). A control for experiments: plain KD
             scaled by EA's mean weight has EA's KD scale without its adaptivity.
         divergence, temperature, ea, ea_granularity, entropy_temperature, skew_alpha, jsd_beta, ea_formula,
-            ea_normalize: as in :func:`eakd_llm.losses.distillation_loss`. With ``ea_normalize="mean"`` the weights'
-            mean over all loss tokens is known only after the last chunk: with a CE term, the KD gradient is then
+            ea_normalize, sequence_ids: as in :func:`eakd_llm.losses.distillation_loss` (packed ``sequence_ids`` must
+            number the documents in row-major order). With ``ea_normalize="mean"`` the weights' mean over all loss
+            tokens is known only after the last chunk: with a CE term, the KD gradient is then
             accumulated apart (one more fp32 ``[V_s, H_s]`` buffer and a second gradient GEMM per chunk) and scaled
             by 1 / mean at the end; without CE it costs nothing.
         num_items_in_batch: ``N``, the global loss-token count (gradient accumulation / several processes); ``None``:
@@ -203,7 +213,15 @@ def fused_distillation_loss(
     use_teacher = kd_ratio > 0
     _check_weight("student_weight", student_weight)
     _check_shapes("student", student_hidden, student_weight, student_bias, labels)
-    if use_teacher:
+    if use_teacher and teacher_sparse is not None:
+        vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
+        if not 2 <= vocab_size <= student_weight.shape[0]:
+            raise ValueError(f"vocab_size must be in [2, V_s = {student_weight.shape[0]}], got {vocab_size}")
+        if teacher_sparse.ids.shape[0] != int((labels != IGNORE_INDEX).sum()):
+            raise ValueError(f"teacher_sparse has {teacher_sparse.ids.shape[0]} tokens for "
+                             f"{int((labels != IGNORE_INDEX).sum())} loss positions")
+        devices = {t.device for t in (student_hidden, student_weight, labels, teacher_sparse.log_probs)}
+    elif use_teacher:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError(f"kd_ratio={kd_ratio} needs teacher_hidden and teacher_weight (kd_ratio 0 is plain SFT)")
         _check_weight("teacher_weight", teacher_weight)
@@ -252,11 +270,14 @@ def fused_distillation_loss(
     num_tokens = mask.sum()
     denominator = loss_denominator(num_tokens, num_items_in_batch)
     targets = labels[mask]
-    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    rows, num_rows = sequence_rows(labels, sequence_ids)
     h_s = student_hidden[mask]
-    h_t = teacher_hidden[mask] if use_teacher else None
-    w_t = teacher_weight[: spec.vocab_size] if use_teacher else None  # padding rows beyond V never enter the KD term
-    b_t = teacher_bias[: spec.vocab_size] if use_teacher and teacher_bias is not None else None
+    teacher: SparseTeacher | tuple | None = None
+    if use_teacher and teacher_sparse is not None:
+        teacher = teacher_sparse
+    elif use_teacher:  # padding rows beyond V never enter the KD term
+        b_t = teacher_bias[: spec.vocab_size] if teacher_bias is not None else None
+        teacher = (teacher_hidden[mask], teacher_weight[: spec.vocab_size], b_t)
 
     grad_enabled = torch.is_grad_enabled()
     needs = tuple(
@@ -267,12 +288,10 @@ def fused_distillation_loss(
         h_s,
         student_weight,
         student_bias,
-        h_t,
-        w_t,
-        b_t,
+        teacher,
         targets,
         rows,
-        labels.shape[0],
+        num_rows,
         denominator,
         spec,
         chunk_size,
@@ -289,7 +308,7 @@ def fused_distillation_loss(
         if int(num_tokens) > 0:
             h_t_all, h_s_all = stats_out["teacher_entropy"], stats_out["student_entropy"]
             weights = weights_for_tokens(
-                h_t_all, h_s_all, rows, labels.shape[0], spec.vocab_size, spec.granularity, spec.formula
+                h_t_all, h_s_all, rows, num_rows, spec.vocab_size, spec.granularity, spec.formula
             )
             stats.update(
                 teacher_entropy=h_t_all.mean(),
@@ -409,7 +428,7 @@ def _transform_logits(logits: torch.Tensor, scale: float, softcap: float | None)
 
 def _chunk_terms(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | SparseTeacher | None,
     targets: torch.Tensor,
     spec: _LossSpec,
     ce_grad: bool,
@@ -419,7 +438,9 @@ def _chunk_terms(
     Args:
         student_logits: ``[c, V_s]`` (or ``[c, V]`` when no CE is needed) ``h_s @ W_s.T + b_s``, fp32 or the
             low-precision logits of a CUDA GEMM (upcast here, so the maths below is fp32 either way).
-        teacher_logits: ``[c, V]`` ``h_t @ W_t[:V].T + b_t[:V]`` (same dtypes) or ``None`` without teacher.
+        teacher_logits: ``[c, V]`` ``h_t @ W_t[:V].T + b_t[:V]`` (same dtypes), the chunk's rows of a cached
+            :class:`~eakd_llm.losses.SparseTeacher` (top-k + tail divergence, stored H_T), or ``None`` without
+            teacher.
         targets: ``[c]`` labels (all valid).
         ce_grad: keep the CE term in the graph (else it is computed detached, for the stats only).
 
@@ -438,12 +459,23 @@ def _chunk_terms(
 
     if teacher_logits is None:
         return _ChunkTerms(cross_entropy(None), None, None, None)
-    with torch.no_grad():
-        z_t = _transform_logits(teacher_logits.float(), spec.teacher_logit_scale, spec.teacher_softcap)
-        log_t = log_probs(z_t, spec.temperature)
     z_s_kd = z_s[:, : spec.vocab_size] if z_s.shape[-1] != spec.vocab_size else z_s
     log_s = log_probs(z_s_kd, spec.temperature)
     ce = cross_entropy(log_s if spec.temperature == 1.0 and z_s_kd is z_s else None)
+    if isinstance(teacher_logits, SparseTeacher):
+        per_token = sparse_divergence(log_s, teacher_logits, spec.divergence, spec.skew_alpha, spec.jsd_beta)
+        h_t = h_s = None
+        if spec.need_entropies:
+            with torch.no_grad():
+                h_t = teacher_logits.entropy.float()
+                same_tau = spec.entropy_temperature == spec.temperature
+                h_s = entropy_from_log_probs(
+                    log_s.detach() if same_tau else log_probs(z_s_kd.detach(), spec.entropy_temperature)
+                )
+        return _ChunkTerms(ce, per_token, h_t, h_s)
+    with torch.no_grad():
+        z_t = _transform_logits(teacher_logits.float(), spec.teacher_logit_scale, spec.teacher_softcap)
+        log_t = log_probs(z_t, spec.temperature)
     per_token = divergence_from_log_probs(
         log_s, log_t, spec.divergence, skew_alpha=spec.skew_alpha, jsd_beta=spec.jsd_beta
     )
@@ -459,11 +491,11 @@ def _chunk_terms(
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_chunk_terms(spec: _LossSpec, ce_grad: bool):
+def _compiled_chunk_terms(spec: _LossSpec, ce_grad: bool, sparse: bool):
     """:func:`_chunk_terms` for one loss configuration, compiled (a tuple of tensors in, a tuple out)."""
 
-    def terms(student_logits, teacher_logits, targets):
-        t = _chunk_terms(student_logits, teacher_logits, targets, spec, ce_grad)
+    def terms(student_logits, targets, *teacher):
+        t = _chunk_terms(student_logits, SparseTeacher(*teacher) if sparse else teacher[0], targets, spec, ce_grad)
         return t.ce, t.divergence, t.teacher_entropy, t.student_entropy
 
     return torch.compile(terms, fullgraph=True)
@@ -471,7 +503,7 @@ def _compiled_chunk_terms(spec: _LossSpec, ce_grad: bool):
 
 def _run_chunk_terms(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | SparseTeacher | None,
     targets: torch.Tensor,
     spec: _LossSpec,
     ce_grad: bool,
@@ -479,10 +511,15 @@ def _run_chunk_terms(
     """:func:`_chunk_terms`, eager or compiled as ``spec.compile`` says."""
     if not spec.compile:
         return _chunk_terms(student_logits, teacher_logits, targets, spec, ce_grad)
-    for tensor in (student_logits, teacher_logits, targets):
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if sparse:
+        teacher = (teacher_logits.ids, teacher_logits.log_probs, teacher_logits.log_tail, teacher_logits.entropy)
+    else:
+        teacher = (teacher_logits,)
+    for tensor in (student_logits, targets, *teacher):
         if tensor is not None:  # chunks differ in length (the last one, row boundaries): one dynamic-length graph
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    return _ChunkTerms(*_compiled_chunk_terms(spec, ce_grad)(student_logits, teacher_logits, targets))
+    return _ChunkTerms(*_compiled_chunk_terms(spec, ce_grad, sparse)(student_logits, targets, *teacher))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -531,6 +568,10 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, autocast_dtype: t
     if autocast_dtype in _LOW_PRECISION:
         dtype = autocast_dtype
     return dtype if _low_precision_gemms(hidden.device) and dtype in _LOW_PRECISION else torch.float32
+
+
+def _project_rows(projection: _Projection, cols: int, start: int, end: int) -> torch.Tensor:
+    return projection.forward(projection.chunk(start, end), cols)
 
 
 class _Projection:
@@ -645,9 +686,7 @@ def _fused_forward(
     h_s: torch.Tensor,
     w_s: torch.Tensor,
     b_s: torch.Tensor | None,
-    h_t: torch.Tensor | None,
-    w_t: torch.Tensor | None,
-    b_t: torch.Tensor | None,
+    teacher_in: SparseTeacher | tuple | None,
     targets: torch.Tensor,
     rows: torch.Tensor,
     num_rows: int,
@@ -672,7 +711,13 @@ def _fused_forward(
     normalized = kd_in_loss and spec.ea and spec.normalize != "none"
 
     student = _Projection(h_s, w_s, b_s, spec.autocast_dtype)
-    teacher = _Projection(h_t, w_t, b_t, spec.autocast_dtype) if kd_in_loss else None
+    # The teacher's side of a chunk (the one interface the chunk maths consumes): logits projected from its hidden
+    # states, or the chunk's rows of a cached top-k distribution.
+    if isinstance(teacher_in, SparseTeacher):
+        teacher_rows = teacher_in.rows
+    elif teacher_in is not None:
+        teacher = _Projection(*teacher_in, spec.autocast_dtype)
+        teacher_rows = functools.partial(_project_rows, teacher, vocab)
     student_cols = w_s.shape[0] if spec.need_ce else vocab  # pure KD without stats needs only the shared columns
 
     zero = torch.zeros((), device=device, dtype=torch.float32)
@@ -714,7 +759,7 @@ def _fused_forward(
             hs_chunk = student.chunk(start, end)
             with torch.no_grad():
                 s_logits = student.forward(hs_chunk, student_cols)
-                t_logits = teacher.forward(teacher.chunk(start, end), vocab) if teacher is not None else None
+                t_logits = teacher_rows(start, end) if teacher_in is not None else None
             s_logits.requires_grad_(need_grad)
             terms = _run_chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad=ce_in_loss and need_grad)
             if spec.need_entropies:
@@ -829,11 +874,10 @@ class _FusedDistillationFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator, spec, chunk_size, needs,
-                stats_out):
+    def forward(ctx, h_s, w_s, b_s, teacher, targets, rows, num_rows, denominator, spec, chunk_size, needs, stats_out):
         # GEMM dtypes are chosen explicitly (spec.autocast_dtype holds the caller's autocast state): no autocast inside.
         with torch.autocast(device_type=h_s.device.type, enabled=False):
-            args = (h_s, w_s, b_s, h_t, w_t, b_t, targets, rows, num_rows, denominator)
+            args = (h_s, w_s, b_s, teacher, targets, rows, num_rows, denominator)
             try:
                 loss, grads, buffers = _fused_forward(*args, _eager_if_compile_failed(spec), chunk_size, needs)
             except Exception as err:  # any compiler failure (no C compiler, an inductor bug, ...)
@@ -852,4 +896,4 @@ class _FusedDistillationFunction(torch.autograd.Function):
         for grad, dtype in zip(ctx.grads, ctx.dtypes):  # our own fp32 buffers: scale in place, no second copy
             out.append(None if grad is None else grad.mul_(grad_output).to(dtype))
         ctx.grads = None
-        return (*out, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)

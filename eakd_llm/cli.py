@@ -44,6 +44,61 @@ def train_main(argv: Sequence[str]) -> int:
     return 0
 
 
+CACHE_USAGE = ("eakd-llm cache-teacher RECIPE.yaml [--key value ...] --output DIR --top-k K "
+               "[--value-format float32|float16|uint8] [--shard-size N] [--batch-size N] [--debug]")
+_CACHE_FLAGS = {"--output": str, "--top-k": int, "--value-format": str, "--shard-size": int, "--batch-size": int}
+
+
+def cache_teacher_main(argv: Sequence[str]) -> int:
+    """Run the recipe's teacher once and write its top-k cache (see :mod:`eakd_llm.teacher_cache`)."""
+    argv = list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {CACHE_USAGE}\n\nThe recipe's other keys can be overridden as in `eakd-llm train`. Use "
+              "`accelerate launch ... -m eakd_llm.cli cache-teacher ...` for several processes.")
+        return 0 if argv else 2
+    _setup_logging()
+    flags: dict[str, object] = {}
+    rest: list[str] = []
+    i = 1
+    try:
+        while i < len(argv):
+            name, eq, value = argv[i].partition("=")
+            if name in _CACHE_FLAGS:
+                if not eq:
+                    if i + 1 >= len(argv):
+                        raise ConfigError(f"{name} needs a value")
+                    value, i = argv[i + 1], i + 1
+                try:
+                    flags[name] = _CACHE_FLAGS[name](value)
+                except ValueError as err:
+                    raise ConfigError(f"{name} expects {_CACHE_FLAGS[name].__name__}, got {value!r}") from err
+            else:
+                rest.append(argv[i])
+            i += 1
+        for required in ("--output", "--top-k"):
+            if required not in flags:
+                raise ConfigError(f"{required} is required: {CACHE_USAGE}")
+        from .recipe import load_recipe
+        from .teacher_cache import build_cache
+
+        config = load_recipe(argv[0], rest)
+        manifest = build_cache(
+            config, str(flags["--output"]), int(flags["--top-k"]), str(flags.get("--value-format", "float16")),
+            int(flags.get("--shard-size", 256)), flags.get("--batch-size"),
+        )
+    except ConfigError as err:
+        if debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    done = all(entry.get("complete") for entry in manifest.splits.values())
+    counts = ", ".join(f"{split}: {entry['examples']} examples" for split, entry in manifest.splits.items())
+    print(f"teacher cache {'complete' if done else 'INCOMPLETE'}: {flags['--output']} ({counts})")
+    return 0 if done else 1
+
+
 def prepare_tiny_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="eakd-llm prepare-tiny",
@@ -93,6 +148,7 @@ def eval_main(argv: Sequence[str]) -> int:
 COMMANDS = {
     "demo": (demo_main, "the embedded default: teacher, SFT/KD/EA-KD students, table and plots (offline, CPU)"),
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
+    "cache-teacher": (cache_teacher_main, "cache a recipe's teacher (top-k log-probs + exact entropies) once"),
     "eval": (eval_main, "score a model or LoRA adapter on instruction benchmarks (ROUGE-L, exact match)"),
     "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
     "config": (config_main, "print the reference of the recipe keys"),

@@ -123,15 +123,19 @@ def detect_format(columns: Sequence[str], config: EAKDConfig) -> str:
     return "prompt_response"
 
 
-def required_columns(fmt: str, config: EAKDConfig) -> list[str]:
+def required_columns(fmt: str, config: EAKDConfig, prompt_only: bool = False) -> list[str]:
     if fmt == "messages":
         return [config.messages_column]
-    if fmt == "instruction":
-        return [config.instruction_column, config.response_column]
-    return [config.prompt_column, config.response_column]
+    prompt = config.instruction_column if fmt == "instruction" else config.prompt_column
+    return [prompt] if prompt_only else [prompt, config.response_column]
 
 
-def check_columns(columns: Sequence[str], fmt: str, config: EAKDConfig, split: str) -> None:
+def is_prompt_only(columns: Sequence[str], fmt: str, config: EAKDConfig) -> bool:
+    """A dataset of prompts without responses (for fully on-policy or seq_kd runs: responses are generated)."""
+    return fmt != "messages" and config.response_column not in columns
+
+
+def check_columns(columns: Sequence[str], fmt: str, config: EAKDConfig, split: str, prompt_only: bool = False) -> None:
     """Raise a :class:`ConfigError` naming the missing column, the key that sets it, and the columns present."""
     keys = {
         config.messages_column: "messages_column",
@@ -139,11 +143,16 @@ def check_columns(columns: Sequence[str], fmt: str, config: EAKDConfig, split: s
         config.prompt_column: "prompt_column",
         config.response_column: "response_column",
     }
-    for column in required_columns(fmt, config):
+    for column in required_columns(fmt, config, prompt_only):
         if column not in columns:
+            hint = ""
+            if column == config.response_column and split == config.dataset_train_split:
+                hint = ("; a prompt-only dataset (no response column) needs every step's responses generated: "
+                        f"on_policy_fraction: 1 or seq_kd: true (got on_policy_fraction={config.on_policy_fraction}, "
+                        f"seq_kd={config.seq_kd})")
             raise ConfigError(
                 f"{split} data ({fmt} format) has no column {column!r} (set by {keys.get(column, 'config')}); "
-                f"columns present: {', '.join(columns)}"
+                f"columns present: {', '.join(columns)}{hint}"
             )
 
 
@@ -276,16 +285,24 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
     if len(raw) == 0:
         raise ConfigError(f"the {split} split of {config.dataset_name} is empty")
     fmt = detect_format(raw.column_names, config)
-    check_columns(raw.column_names, fmt, config, split)
+    generated = split == config.dataset_train_split and (config.on_policy_fraction == 1 or config.seq_kd)
+    prompt_only = generated and is_prompt_only(raw.column_names, fmt, config)
+    check_columns(raw.column_names, fmt, config, split, prompt_only)
     first = raw[0]
-    for column in required_columns(fmt, config):
+    for column in required_columns(fmt, config, prompt_only):
         if first[column] in (None, "", []):
             raise ConfigError(f"{split} data: column {column!r} is empty in the first record")
     if config.exclude_eval_prompts and split == config.dataset_train_split:
         raw = drop_eval_prompts(raw, fmt, config, split)
 
     def encode(record):
+        if prompt_only:
+            record = {**record, config.response_column: ""}
         prompt, response = render_example(record, fmt, config, tokenizer)
+        if prompt_only:  # no response: the prompt alone, every label masked (responses are generated in training)
+            example = tokenize_example(prompt, "", tokenizer, config.max_prompt_length + 1, config.max_prompt_length)
+            n = prompt_length(example["labels"])
+            return {"input_ids": example["input_ids"][:n], "labels": example["labels"][:n]}
         return tokenize_example(
             prompt,
             response,
@@ -296,6 +313,10 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
         )
 
     tokenized = raw.map(encode, remove_columns=raw.column_names, desc=f"Tokenizing {split}")
+    if prompt_only:
+        logger.info("%s data is prompt-only (no %r column): every response is generated during training", split,
+                    config.response_column)
+        return tokenized
     # labels[0] is never a target (nothing precedes it): an example needs a response token after the first position.
     kept = tokenized.filter(lambda ex: any(label != IGNORE_INDEX for label in ex["labels"][1:]), desc="Dropping empty")
     dropped = len(tokenized) - len(kept)
@@ -312,12 +333,34 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
 
 @dataclass
 class DistillationCollator:
-    """Right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``."""
+    """Right-pads ``input_ids`` (pad id), ``labels`` (-100) and builds ``attention_mask``.
+
+    ``packing_capacity``: pack the examples into rows of at most this many tokens instead
+    (:func:`eakd_llm.packing.pack_batch`: ``position_ids`` and ``sequence_ids`` per document, no ``attention_mask``).
+    ``with_prompts``: also return the prompts left-padded (``prompt_input_ids``, ``prompt_attention_mask``) for
+    on-policy generation; a prompt is an example's tokens before its first response label.
+    """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    packing_capacity: int | None = None
+    with_prompts: bool = False
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.packing_capacity:
+            from .packing import pack_batch
+
+            batch = pack_batch(features, self.pad_token_id, self.packing_capacity)
+        else:
+            batch = self._pad(features)
+        if self.with_prompts:
+            from .generation import left_pad
+
+            prompts = [list(f["input_ids"][: prompt_length(f["labels"])]) for f in features]
+            batch["prompt_input_ids"], batch["prompt_attention_mask"] = left_pad(prompts, self.pad_token_id)
+        return batch
+
+    def _pad(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -332,3 +375,11 @@ class DistillationCollator:
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.as_tensor(feature["labels"])
         return batch
+
+
+def prompt_length(labels: Sequence[int]) -> int:
+    """Tokens before the first response label (the whole example when it has none: a prompt-only record)."""
+    for index, label in enumerate(labels):
+        if label != IGNORE_INDEX:
+            return index
+    return len(labels)

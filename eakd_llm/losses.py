@@ -27,6 +27,7 @@ multiplies the KD term by their mean, about 4 at tau' = 2 on the demo's pair):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -179,6 +180,76 @@ def token_divergence(
     )
 
 
+@dataclass
+class SparseTeacher:
+    """A teacher distribution known on its top-k tokens plus one tail bucket, per loss token (an offline cache).
+
+    Attributes (``N`` loss tokens in row-major order of the batch's loss positions):
+        ids: ``[N, k]`` the teacher's top-k token ids.
+        log_probs: ``[N, k]`` their log-probabilities at the divergence temperature tau (normalised over the full
+            vocabulary, not over the top-k).
+        log_tail: ``[N]`` log of the mass outside the top-k at tau (``-inf`` or ignored when ``k == V``).
+        entropy: ``[N]`` the teacher's exact entropy at the entropy temperature tau', over the full vocabulary.
+    """
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    log_tail: torch.Tensor
+    entropy: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def rows(self, start: int, end: int) -> SparseTeacher:
+        return SparseTeacher(self.ids[start:end], self.log_probs[start:end], self.log_tail[start:end],
+                             self.entropy[start:end])
+
+    def select(self, mask: torch.Tensor) -> SparseTeacher:
+        return SparseTeacher(self.ids[mask], self.log_probs[mask], self.log_tail[mask], self.entropy[mask])
+
+    def to(self, device: torch.device) -> SparseTeacher:
+        return SparseTeacher(*(t.to(device) for t in (self.ids, self.log_probs, self.log_tail, self.entropy)))
+
+
+def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(student, teacher)`` log-distributions ``[N, k + 1]`` over the teacher's top-k tokens plus the tail bucket
+    (everything else), or ``[N, k]`` when ``k == V`` (no tail).
+
+    The student's tail is the log-sum-exp of its log-probabilities outside the top-k (exact, differentiable). The
+    teacher's buckets are renormalised to sum to 1 (a quantised cache sums to 1 only approximately).
+    """
+    vocab = student_log_probs.shape[-1]
+    ids = teacher.ids.long()
+    log_s = student_log_probs.gather(-1, ids)
+    log_t = teacher.log_probs.float()
+    if teacher.k < vocab:
+        outside = student_log_probs.scatter(-1, ids, float("-inf"))
+        log_s = torch.cat([log_s, outside.logsumexp(-1, keepdim=True)], dim=-1)
+        log_t = torch.cat([log_t, teacher.log_tail.float().unsqueeze(-1)], dim=-1)
+    log_t = log_t - log_t.logsumexp(-1, keepdim=True)
+    return log_s, log_t
+
+
+def sparse_divergence(
+    student_log_probs: torch.Tensor,
+    teacher: SparseTeacher,
+    divergence: Divergence = "fkl",
+    skew_alpha: float = 0.1,
+    jsd_beta: float = 0.5,
+) -> torch.Tensor:
+    """The divergence between the teacher's top-k + tail distribution and the student's, coarsened the same way
+    (:func:`bucket_log_probs`), ``[N]``.
+
+    With ``k == V`` it is the full divergence (the buckets are the vocabulary). With ``k < V`` it is the divergence of
+    the two distributions with the tail tokens merged into one bucket, which by the data-processing inequality never
+    exceeds the full one; the gap is the divergence *inside* the tail, weighted by its mass (for forward KL exactly
+    ``p_T(tail) * KL(p_T(.|tail) || p_S(.|tail))``): small when the teacher's tail mass is small.
+    """
+    log_s, log_t = bucket_log_probs(student_log_probs, teacher)
+    return divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+
+
 def ea_weights_from_entropies(
     teacher_entropy: torch.Tensor, student_entropy: torch.Tensor, vocab_size: int, formula: EAFormula = "full"
 ) -> torch.Tensor:
@@ -276,6 +347,21 @@ def ea_weights(
         return weights / ea_normalizer(weights[row_of_token], normalize)
 
 
+def sequence_rows(labels: torch.Tensor, sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``(row of each loss token [N], number of rows)``: the sequence each loss position belongs to, for sequence-level
+    EA. Without ``sequence_ids`` a sequence is a row of ``labels``; packed batches give each document's number
+    (``sequence_ids [B, T]``, non-decreasing in row-major order over the loss positions)."""
+    mask = labels != IGNORE_INDEX
+    if sequence_ids is None:
+        return torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask], labels.shape[0]
+    if sequence_ids.shape != labels.shape:
+        raise ValueError(f"sequence_ids shape {tuple(sequence_ids.shape)} does not match labels {tuple(labels.shape)}")
+    rows = sequence_ids[mask]
+    if rows.numel() and (rows.min() < 0 or (rows[1:] < rows[:-1]).any()):
+        raise ValueError("sequence_ids must be >= 0 on loss positions and non-decreasing in row-major order")
+    return rows, int(rows.max()) + 1 if rows.numel() else 0
+
+
 def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
     """N in ``sum / N``: the global token count when the Trainer gives one, else the local count, never below 1."""
     if num_items_in_batch is None:
@@ -287,7 +373,7 @@ def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Te
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTeacher,
     labels: torch.Tensor,
     divergence: Divergence = "fkl",
     temperature: float = 1.0,
@@ -299,12 +385,16 @@ def distillation_loss(
     jsd_beta: float = 0.5,
     ea_formula: EAFormula = "full",
     ea_normalize: EANormalization = "none",
+    sequence_ids: torch.Tensor | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The (EA-weighted) distillation loss ``tau^2 * sum_n w_n * d_n / N`` over positions with ``labels != -100``.
 
     Args:
-        student_logits, teacher_logits: ``[B, T, V]``, aligned with ``labels`` and sliced to the same vocabulary.
+        student_logits, teacher_logits: ``[B, T, V]``, aligned with ``labels`` and sliced to the same vocabulary. The
+            teacher may instead be a :class:`SparseTeacher` (an offline cache) over the ``N`` loss positions: the
+            divergence is then taken on its top-k tokens plus one tail bucket (:func:`sparse_divergence`) and H_T is
+            its stored exact entropy, so the EA weights stay exact.
         labels: ``[B, T]``; ``-100`` marks positions without loss.
         divergence: one of :data:`DIVERGENCES`, see :func:`token_divergence`.
         temperature: tau of the divergence; the loss is multiplied by tau^2 so gradients keep their scale.
@@ -319,6 +409,8 @@ def distillation_loss(
         ea_normalize: ``none`` (the paper), or ``mean``: the weights are divided by their mean over this batch's loss
             positions (:func:`ea_normalizer`), so EA reweights positions without scaling the KD term. The mean is
             taken per call (per micro-batch), so gradient accumulation equals one big batch only up to that mean.
+        sequence_ids: ``[B, T]`` document numbers of a packed batch (several documents per row): sequence-level EA
+            then averages per document. ``None``: each row is one sequence.
         return_stats: also return detached statistics over the loss positions: ``teacher_entropy``,
             ``student_entropy`` (means, at tau'), ``ea_weight_mean/min/max`` (of the formula's weights *before*
             normalisation, so they show the scale EA would apply) and ``num_tokens``.
@@ -330,7 +422,8 @@ def distillation_loss(
     check_temperature("temperature", temperature)
     tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
     check_temperature("entropy_temperature", tau_e)
-    if student_logits.shape != teacher_logits.shape:
+    sparse = isinstance(teacher_logits, SparseTeacher)
+    if not sparse and student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have the same shape, got {tuple(student_logits.shape)} and "
             f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first"
@@ -340,21 +433,31 @@ def distillation_loss(
 
     mask = labels != IGNORE_INDEX
     # Work only on loss positions: at LLM scale the prompt and padding are a large share of B*T*V.
-    s_logits, t_logits = student_logits[mask], teacher_logits[mask]  # [N, V]
-    row_of_token = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    s_logits = student_logits[mask]  # [N, V]
+    if sparse and teacher_logits.ids.shape[0] != s_logits.shape[0]:
+        raise ValueError(f"the sparse teacher has {teacher_logits.ids.shape[0]} tokens for {s_logits.shape[0]} loss "
+                         "positions")
+    row_of_token, num_rows = sequence_rows(labels, sequence_ids)
 
     log_s = log_probs(s_logits, temperature)
-    log_t = log_probs(t_logits.detach(), temperature)
-    per_token = divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+    if sparse:
+        per_token = sparse_divergence(log_s, teacher_logits, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+    else:
+        t_logits = teacher_logits[mask]
+        log_t = log_probs(t_logits.detach(), temperature)
+        per_token = divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
 
     need_entropies = ea or return_stats
     if need_entropies:
         with torch.no_grad():
             same_tau = tau_e == temperature
-            h_t = entropy_from_log_probs(log_t if same_tau else log_probs(t_logits, tau_e))
+            if sparse:
+                h_t = teacher_logits.entropy.float()
+            else:
+                h_t = entropy_from_log_probs(log_t if same_tau else log_probs(t_logits, tau_e))
             h_s = entropy_from_log_probs(log_s.detach() if same_tau else log_probs(s_logits.detach(), tau_e))
             weights = weights_for_tokens(
-                h_t, h_s, row_of_token, labels.shape[0], s_logits.shape[-1], ea_granularity, ea_formula
+                h_t, h_s, row_of_token, num_rows, s_logits.shape[-1], ea_granularity, ea_formula
             )
     if ea:
         per_token = per_token * (weights / ea_normalizer(weights, ea_normalize))

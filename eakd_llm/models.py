@@ -177,3 +177,12 @@ def final_hidden_states(model: nn.Module, **inputs) -> torch.Tensor:
     if len(captured) != 1:
         raise RuntimeError(f"expected one output of {type(decoder).__name__} per forward, caught {len(captured)}")
     return captured[0]
+
+
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) that the model applies to its logits after the projection (1, None for most models)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = getattr(config, "logit_scale", None)
+    if scale is None and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling  # Granite divides its logits
+    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)

@@ -234,8 +234,21 @@ def gathered_for_generation(model: nn.Module):
     if partitioned:
         import deepspeed
 
+        # ZeRO-3's per-module hooks would release the gathered parameters after every module's forward (and gather
+        # them again for the next token): take them off for the call, as DeepSpeed's own unwrap_model_for_generation.
+        offload = getattr(model, "optimizer", None)
+        offload = getattr(offload, "parameter_offload", offload)
+        hooked = offload is not None and hasattr(offload, "forward_hooks") and hasattr(offload, "module")
         with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-            yield inner
+            if hooked:
+                for hook in offload.forward_hooks + offload.backward_hooks:
+                    hook.remove()
+                offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield inner
+            finally:
+                if hooked:
+                    offload._register_deepspeed_module(offload.module)
         return
     fsdp2 = [m for m in inner.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
     if fsdp2:

@@ -12,6 +12,7 @@ from .config import ConfigError, EAKDConfig
 from .data import build_dataset, load_split
 from .models import apply_lora, check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
 from .sharding import save_final_model
+from .teacher_cache import CacheManifest, TeacherCache, check_cache_vocabulary, check_manifest
 from .trainer import EAKDTrainer
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,10 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
     set_seed(config.seed)
     tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code,
                                key="tokenizer_name_or_path" if config.tokenizer_name_or_path else "model_name_or_path")
-    if config.kd_ratio > 0:  # checked here, before data and weights are loaded
+    cache = None
+    if config.kd_ratio > 0 and config.teacher_cache:
+        cache_manifest = CacheManifest.read(config.teacher_cache)  # a wrong folder fails before the data is read
+    if config.kd_ratio > 0 and not config.teacher_cache:  # checked here, before data and weights are loaded
         teacher_tokenizer = load_tokenizer(
             config.teacher_model_name_or_path, config.trust_remote_code, key="teacher_model_name_or_path"
         )
@@ -51,13 +55,19 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         )
     elif config.eval_strategy != "no":
         raise ConfigError(f"eval_strategy={config.eval_strategy.value!r} needs dataset_eval_split")
+    if config.kd_ratio > 0 and config.teacher_cache:
+        splits = {config.dataset_train_split: train_dataset}
+        if eval_dataset is not None:
+            splits[config.dataset_eval_split] = eval_dataset
+        check_manifest(cache_manifest, config, tokenizer, splits)
+        cache = TeacherCache(config.teacher_cache, cache_manifest)  # every shard present and readable
 
     model = load_causal_lm(config.model_name_or_path, config.model_dtype, config.trust_remote_code,
                            config.attn_implementation)
     if config.use_peft:
         model = apply_lora(model, config)
-    teacher = teacher_model if config.kd_ratio > 0 else None
-    if config.kd_ratio > 0 and teacher is None:
+    teacher = teacher_model if config.kd_ratio > 0 and cache is None else None
+    if config.kd_ratio > 0 and cache is None and teacher is None:
         teacher = load_causal_lm(
             config.teacher_model_name_or_path,
             config.teacher_dtype or config.model_dtype,
@@ -67,6 +77,8 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         )
     if teacher is not None:
         shared_vocab_size(model, teacher, tokenizer)  # the vocabulary check names the real problem first
+    if cache is not None:
+        check_cache_vocabulary(cache.manifest, model, tokenizer)
     _check_token_ids(train_dataset, model, teacher)
     return {
         "model": model,
@@ -74,6 +86,7 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         "processing_class": tokenizer,
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
+        **({"teacher_cache": cache} if cache is not None else {}),
     }
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
 import math
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -18,8 +20,17 @@ from transformers import Trainer
 from .chunked import fused_distillation_loss
 from .config import EAKDConfig
 from .data import DistillationCollator
-from .losses import IGNORE_INDEX, distillation_loss, loss_denominator
-from .models import check_tokenizers_match, final_hidden_states, load_causal_lm, load_tokenizer, shared_vocab_size
+from .losses import IGNORE_INDEX, SparseTeacher, distillation_loss, loss_denominator
+from .models import (
+    check_tokenizers_match,
+    final_hidden_states,
+    load_causal_lm,
+    load_tokenizer,
+    logit_transform,
+    shared_vocab_size,
+)
+from .on_policy import OnPolicyBatches
+from .packing import check_isolation
 from .sharding import (
     full_head,
     head_forward,
@@ -29,10 +40,12 @@ from .sharding import (
     unwrap_causal_lm,
     zero3_trainable,
 )
+from .teacher_cache import CachedTeacherCollator, TeacherCache, sparse_teacher_of
 
 logger = logging.getLogger(__name__)
 
 # Statistics averaged over the steps between two log lines, then over processes; min/max keep their extremes.
+_EA_KEYS = ("teacher_entropy", "student_entropy", "ea_weight_mean", "ea_weight_min", "ea_weight_max")
 _MIN_KEYS = ("ea_weight_min",)
 _MAX_KEYS = ("ea_weight_max",)
 
@@ -58,16 +71,23 @@ class EAKDTrainer(Trainer):
         processing_class=None,
         teacher_processing_class=None,
         data_collator=None,
+        teacher_cache: TeacherCache | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, EAKDConfig):
             raise TypeError(f"args must be an EAKDConfig, got {type(args).__name__}")
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_dtype, args.trust_remote_code, args.attn_implementation)
+        generates = args.on_policy_fraction > 0 or args.seq_kd
         if data_collator is None:
             if processing_class is None:
                 raise ValueError("pass processing_class (the student tokenizer) or a data_collator")
-            data_collator = DistillationCollator(processing_class.pad_token_id)
+            data_collator = DistillationCollator(
+                processing_class.pad_token_id, packing_capacity=args.max_length if args.packing else None,
+                with_prompts=generates,
+            )
+        if teacher_cache is not None:  # each batch carries its cached teacher entries
+            data_collator = CachedTeacherCollator(data_collator, teacher_cache)
         super().__init__(
             model=model,
             args=args,
@@ -85,7 +105,22 @@ class EAKDTrainer(Trainer):
         self.teacher: nn.Module | None = None
         self.vocab_size: int | None = None
         self._loss_path: str | None = None
-        if args.kd_ratio > 0:
+        self._packing_checked = False
+        self.on_policy: OnPolicyBatches | None = None
+        if generates:
+            if processing_class is None:
+                raise ValueError("on-policy / seq_kd generation needs processing_class (the student tokenizer)")
+            # Generated responses are re-collated without the prompt columns (they are only read to generate).
+            recollate = dataclasses.replace(data_collator, with_prompts=False) if isinstance(
+                data_collator, DistillationCollator) else data_collator
+            self.on_policy = OnPolicyBatches(args, processing_class, recollate, self.accelerator.process_index)
+        self._last_log_time = time.perf_counter()
+        if args.kd_ratio > 0 and teacher_cache is not None:
+            manifest = teacher_cache.manifest
+            self.vocab_size = manifest.vocab_size
+            logger.info("teacher: none loaded; top-%d cache %s (%s, %d B/token)", manifest.top_k, teacher_cache.folder,
+                        manifest.value_format, manifest.bytes_per_token())
+        elif args.kd_ratio > 0:
             if teacher_model is None:
                 raise ValueError(f"kd_ratio={args.kd_ratio} needs a teacher_model (kd_ratio 0 is plain SFT)")
             if isinstance(teacher_model, str):
@@ -128,28 +163,35 @@ class EAKDTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        """``(1 - kd_ratio) * CE + kd_ratio * (EA-)KD`` over response tokens, divided by the global token count.
+        """``(1 - kd_ratio) * CE + kd_ratio * kd_scale * (EA-)KD`` over response tokens, divided by the global token
+        count. Student-generated batches (``inputs["source"] == "student"``) carry no CE term.
 
         The fused chunked path (:func:`eakd_llm.chunked.fused_distillation_loss`) is used when the config asks for it
         and the models allow it; it never holds full-vocabulary logits. Otherwise both models' logits are computed.
         """
         args: EAKDConfig = self.args
         labels = inputs["labels"][:, 1:]  # position t predicts token t+1
-        forward_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        sequence_ids = inputs["sequence_ids"][:, 1:] if "sequence_ids" in inputs else None
+        forward_inputs = model_inputs(inputs)
+        if args.packing and not self._packing_checked:
+            self._check_packing(model)
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
             # nn.DataParallel (one process, several GPUs): the Trainer repeats the count per GPU, but this loss is
             # computed once on the gathered outputs.
             num_items_in_batch = num_items_in_batch.reshape(-1)[0]
         num_tokens = (labels != IGNORE_INDEX).sum()
         denominator = loss_denominator(num_tokens, num_items_in_batch)
+        source = inputs.get("source", "dataset")
+        terms = _loss_terms(args, source, sequence_ids)
+        sparse = sparse_teacher_of(inputs)
 
         outputs_wanted = return_outputs and not args.prediction_loss_only  # logits for metrics: full path
         blocker = "outputs requested" if outputs_wanted else self._fused_blocker(model)
         self._log_loss_path(model, blocker)
         if blocker is None:
-            loss, stats, outputs = self._fused_loss(model, forward_inputs, labels, denominator)
+            loss, stats, outputs = self._fused_loss(model, forward_inputs, labels, denominator, terms, sparse)
         else:
-            loss, stats, outputs = self._full_logits_loss(model, forward_inputs, labels, denominator)
+            loss, stats, outputs = self._full_logits_loss(model, forward_inputs, labels, denominator, terms, sparse)
 
         if loss is None:  # a non-finite batch skipped by ``nonfinite_logits: skip``
             loss = _zero_loss(model)
@@ -158,44 +200,44 @@ class EAKDTrainer(Trainer):
                 # The denominator counts every process's tokens while DDP averages gradients: undo the average.
                 loss = loss * self.accelerator.num_processes
             if num_tokens > 0:
-                mode = "train" if model.training else "eval"
-                for key, value in stats.items():
-                    if key != "num_tokens":
-                        self._metrics[mode][key].append(float(value))
+                self._record(stats, "train" if model.training else "eval", source)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, forward_inputs, labels, denominator):
-        """The reference path: full logits of both models, :func:`eakd_llm.losses.distillation_loss`."""
-        args: EAKDConfig = self.args
+    def _full_logits_loss(self, model, forward_inputs, labels, denominator, terms, sparse=None):
+        """The reference path: full logits of both models, :func:`eakd_llm.losses.distillation_loss` (a cached teacher:
+        its top-k entries, ``sparse``)."""
+        kd_ratio, kd_scale, kd_kwargs = terms
         outputs = model(**forward_inputs, use_cache=False)
         student_logits = outputs.logits[:, :-1]
         teacher_logits = None
-        if self.teacher is not None:
+        if sparse is not None:
+            teacher_logits = sparse
+        elif self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(**forward_inputs, use_cache=False).logits[:, :-1]
         mask = labels != IGNORE_INDEX
         # Only response positions matter (as in the fused path): the prompt and padding may hold anything.
-        named = (("teacher", teacher_logits), ("student", student_logits))
+        named = (("teacher", None if sparse is not None else teacher_logits), ("student", student_logits))
         bad = [n for n, t in named if t is not None and not torch.isfinite(t[mask]).all()]
         if not self._finite_or_skip(bad):
             return None, {}, outputs
 
         num_tokens = mask.sum().clamp(min=1)
         ce_sum = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")
-        loss = (1.0 - args.kd_ratio) * ce_sum / denominator
+        loss = (1.0 - kd_ratio) * ce_sum / denominator
         stats: dict[str, torch.Tensor] = {"ce_loss": ce_sum.detach() / num_tokens}
         if teacher_logits is not None:
             vocab = self.vocab_size
             kd, kd_stats = distillation_loss(
                 student_logits[..., :vocab],
-                teacher_logits[..., :vocab],
+                teacher_logits if sparse is not None else teacher_logits[..., :vocab],
                 labels,
                 num_items_in_batch=denominator,
                 return_stats=True,
-                **_divergence_kwargs(args),
+                **kd_kwargs,
             )
-            loss = loss + args.kd_ratio * args.kd_scale * kd
-            stats["kd_loss"] = args.kd_scale * kd.detach() * denominator / num_tokens
+            loss = loss + kd_ratio * kd_scale * kd
+            stats["kd_loss"] = kd_scale * kd.detach() * denominator / num_tokens
             stats.update(kd_stats)
         return loss, stats, outputs
 
@@ -245,7 +287,7 @@ class EAKDTrainer(Trainer):
             self._loss_path = path
             logger.info("EA-KD loss path: %s", path)
 
-    def _fused_loss(self, model, forward_inputs, labels, denominator):
+    def _fused_loss(self, model, forward_inputs, labels, denominator, terms, sparse=None):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
         # logits_to_keep=1: the model projects one position only; the loss projects the response positions itself.
         student_hidden = final_hidden_states(model, **forward_inputs)[:, :-1]
@@ -257,11 +299,21 @@ class EAKDTrainer(Trainer):
         loss, stats, bad = fused_head_loss(
             unwrap_causal_lm(model), student_hidden,
             None if self.teacher is None else unwrap_causal_lm(self.teacher), t_hidden,
-            labels, self.args, self.vocab_size, denominator,
+            labels, self.args, self.vocab_size, denominator, terms, sparse,
         )
         if bad is not None and not self._finite_or_skip(bad):  # e.g. an overflow in the projection
             return None, {}, outputs
         return loss, stats, outputs
+
+    def _check_packing(self, model: nn.Module) -> None:
+        """Once, before the first packed batch: both models must keep packed documents apart (else ConfigError)."""
+        vocab = self.vocab_size or unwrap_causal_lm(model).config.get_text_config().vocab_size
+        for name, m in (("student", model), ("teacher", self.teacher)):
+            if m is not None:
+                difference = check_isolation(m, name, vocab, self.accelerator.device)
+                logger.info("packing: the %s keeps packed documents apart (relative difference %.1e)", name,
+                            difference)
+        self._packing_checked = True
 
     def _finite_or_skip(self, bad: list[str]) -> bool:
         """Stop (``nonfinite_logits: error``) or skip the batch (``skip``) when any logit is NaN or infinite."""
@@ -279,29 +331,65 @@ class EAKDTrainer(Trainer):
     # Logging
     # ------------------------------------------------------------------------------------------------------------
 
+    def _record(self, stats: dict[str, torch.Tensor], mode: str, source: str) -> None:
+        """Keep a batch's statistics for the next log line; with generation on, also by data source."""
+        for key, value in stats.items():
+            if key == "num_tokens":
+                continue
+            self._metrics[mode][key].append(float(value))
+            if self.on_policy is not None and mode == "train":
+                self._metrics[mode][f"{key}/{'dataset' if source == 'dataset' else 'generated'}"].append(float(value))
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The Trainer's accumulation group of micro-batches, generated by the student or the teacher when this step
+        draws so (:mod:`eakd_llm.on_policy`), counted *after* generation: the loss is divided by the tokens that
+        really carry it, over the group's micro-batches and every process."""
+        if self.on_policy is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if batches:
+            batches = self.on_policy.prepare(batches, self.state.global_step, self.model_wrapped, self.teacher)
+        return batches, self._get_num_items_in_batch(batches, device)
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         mode = "train" if self.model.training else "eval"
         is_eval_log = any(key.startswith("eval") and key.endswith("_loss") for key in logs)
         if "loss" not in logs and not is_eval_log:  # e.g. the final train summary
             return super().log(logs, *args, **kwargs)
-        metrics = self._reduce_metrics(self._metrics[mode])
+        metrics = self._reduce_metrics(self._metrics[mode], self._metric_keys(mode))
         if mode == "eval":
             metrics = {f"eval_{k}": v for k, v in metrics.items()}
+        elif self.on_policy is not None:
+            now = time.perf_counter()
+            metrics.update(self.on_policy.metrics(now - self._last_log_time))
+            self._last_log_time = now
         logs = {**logs, **metrics}
         self._metrics[mode].clear()
         return super().log(logs, *args, **kwargs)
 
-    def _reduce_metrics(self, metrics: dict[str, list[float]]) -> dict[str, float]:
+    def _metric_keys(self, mode: str) -> list[str]:
+        """The statistics every process reduces, in one fixed order (a gather needs the same columns everywhere)."""
+        keys = ["ce_loss", "kd_loss", *_EA_KEYS]
+        if self.on_policy is not None and mode == "train":
+            keys += [f"{key}/{source}" for source in ("dataset", "generated") for key in ("ce_loss", "kd_loss",
+                                                                                           *_EA_KEYS)]
+        return keys
+
+    def _reduce_metrics(self, metrics: dict[str, list[float]], keys: list[str]) -> dict[str, float]:
         """Aggregate the steps since the last log, then across processes (every rank calls ``log``)."""
-        keys = ("ce_loss", "kd_loss", "teacher_entropy", "student_entropy", "ea_weight_mean", *_MIN_KEYS, *_MAX_KEYS)
         local = []
         for key in keys:
             values = metrics.get(key, [])
             if not values:
                 local.append(math.nan)
-            elif key in _MIN_KEYS:
+            elif key.startswith(_MIN_KEYS):
                 local.append(min(values))
-            elif key in _MAX_KEYS:
+            elif key.startswith(_MAX_KEYS):
                 local.append(max(values))
             else:
                 local.append(sum(values) / len(values))
@@ -316,9 +404,9 @@ class EAKDTrainer(Trainer):
             column = column[~torch.isnan(column)]
             if column.numel() == 0:
                 continue
-            if key in _MIN_KEYS:
+            if key.startswith(_MIN_KEYS):
                 out[key] = column.min().item()
-            elif key in _MAX_KEYS:
+            elif key.startswith(_MAX_KEYS):
                 out[key] = column.max().item()
             else:
                 out[key] = column.mean().item()
@@ -339,8 +427,13 @@ def fused_head_loss(
     args: EAKDConfig,
     vocab_size: int | None,
     denominator: torch.Tensor,
+    terms: tuple[float, float, dict[str, Any]] | None = None,
+    teacher_sparse: SparseTeacher | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str] | None]:
     """The trainer's fused loss from both models' final hidden states and their ``lm_head`` modules.
+
+    ``terms``: ``(kd_ratio, kd_scale, kd_kwargs)`` of the batch (default: the config's, for a dataset batch).
+    ``teacher_sparse``: a cached teacher's entries instead of a teacher model (``teacher`` is then ``None``).
 
     Sharded heads are gathered once for the whole call, not per chunk. The teacher's head and a frozen student head (a
     ZeRO-3 partition, an FSDP2 ``DTensor``) are gathered for the call and released when it returns: the fused loss
@@ -350,14 +443,16 @@ def fused_head_loss(
     Returns ``(loss, stats, bad)``: ``bad`` names the models whose inputs hold non-finite values when the loss is not
     finite (``None`` when it is finite).
     """
+    kd_ratio, kd_scale, kd_kwargs = terms or _loss_terms(args, "dataset", None)
     s_head = student.get_output_embeddings()
-    s_scale, s_cap = _logit_transform(student)
+    s_scale, s_cap = logit_transform(student)
     with contextlib.ExitStack() as stack:
-        teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None}
+        teacher_kwargs: dict[str, Any] = {"teacher_hidden": None, "teacher_weight": None,
+                                          "teacher_sparse": teacher_sparse}
         t_weight = None
         if teacher is not None:
             t_weight, t_bias = stack.enter_context(full_head(teacher.get_output_embeddings()))
-            t_scale, t_cap = _logit_transform(teacher)
+            t_scale, t_cap = logit_transform(teacher)
             teacher_kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=t_weight, teacher_bias=t_bias,
                                   teacher_logit_scale=t_scale, teacher_softcap=t_cap)
         stats: dict[str, torch.Tensor] = {}
@@ -369,8 +464,8 @@ def fused_head_loss(
                 labels=labels,
                 student_bias=bias,
                 vocab_size=vocab_size,
-                kd_ratio=args.kd_ratio,
-                kd_scale=args.kd_scale,
+                kd_ratio=kd_ratio,
+                kd_scale=kd_scale,
                 num_items_in_batch=denominator,
                 student_logit_scale=s_scale,
                 student_softcap=s_cap,
@@ -378,7 +473,7 @@ def fused_head_loss(
                 compile=args.compile_loss_on(student_hidden.device.type),
                 return_stats=True,
                 **teacher_kwargs,
-                **_divergence_kwargs(args),
+                **kd_kwargs,
             )
             stats.update(chunk_stats)
             return loss
@@ -413,13 +508,23 @@ def _divergence_kwargs(args: EAKDConfig) -> dict[str, Any]:
     }
 
 
-def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
-    """(scale, softcap) that the model applies to its logits after the projection (1, None for most models)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    scale = getattr(config, "logit_scale", None)
-    if scale is None and getattr(config, "logits_scaling", None):
-        scale = 1.0 / config.logits_scaling  # Granite divides its logits
-    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+def _loss_terms(
+    args: EAKDConfig, source: str, sequence_ids: torch.Tensor | None
+) -> tuple[float, float, dict[str, Any]]:
+    """``(kd_ratio, kd_scale, kd_kwargs)`` of a batch. A student-generated batch has no CE term: ``kd_ratio`` 1 with
+    the KD term scaled by the configured ``kd_ratio`` (the same KD weight as on dataset batches)."""
+    kd_kwargs = {**_divergence_kwargs(args), "sequence_ids": sequence_ids}
+    if source == "student" and args.kd_ratio > 0:
+        return 1.0, args.kd_ratio * args.kd_scale, kd_kwargs
+    return args.kd_ratio, args.kd_scale, kd_kwargs
+
+
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the models are called with: a padded batch's attention mask, or a packed batch's position ids (no mask:
+    transformers then keeps the documents apart, see :mod:`eakd_llm.packing`)."""
+    if "position_ids" in inputs:
+        return {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
 
 
 def _zero_loss(model: nn.Module) -> torch.Tensor:

@@ -190,7 +190,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
     monkeypatch.setattr(chunked, "_COMPILE_FAILURE", None)
     calls = []
 
-    def broken(spec, ce_grad):
+    def broken(*key):
         def fail(*args):
             calls.append(1)
             raise RuntimeError("backend compiler failed: no working C compiler found")
