@@ -1,0 +1,332 @@
+"""The offline teacher cache: encoding, the top-k + tail maths, exactness against the online teacher, resuming, and
+the refusals (mismatched recipe, missing or corrupted shards, bad k)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eakd_llm.teacher_cache as cache_module
+from eakd_llm.chunked import fused_distillation_loss
+from eakd_llm.config import ConfigError, EAKDConfig
+from eakd_llm.losses import SparseTeacher, distillation_loss, ea_weights, sparse_divergence
+from eakd_llm.teacher_cache import (
+    CacheManifest,
+    TeacherCache,
+    build_cache,
+    bytes_per_token,
+    decode_ids,
+    decode_values,
+    encode_ids,
+    encode_values,
+    teacher_entries,
+)
+from eakd_llm.train import prepare_run
+from eakd_llm.trainer import EAKDTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+DIVS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
+
+
+def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:
+    values = dict(
+        output_dir=str(tmp_path / "out"), model_name_or_path=tiny_stack["student"],
+        teacher_model_name_or_path=tiny_stack["teacher"], dataset_name=tiny_stack["data_dir"],
+        response_column="output", max_length=96, max_prompt_length=64, use_cpu=True, per_device_train_batch_size=8,
+        max_steps=2, logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, max_train_samples=120,
+        temperature=1.5, entropy_temperature=2.0,
+    )
+    values.update(overrides)
+    return EAKDConfig(**values)
+
+
+def _sparse(teacher_logits: torch.Tensor, k: int, tau: float, tau_e: float) -> SparseTeacher:
+    e = teacher_entries(teacher_logits, k, tau, tau_e)
+    return SparseTeacher(e["ids"], e["log_probs"], e["log_tail"], e["entropy"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("k", "vocab"), [(1, 2), (8, 1024), (128, 1024), (32, 151_936), (128, 151_936), (37, 37)])
+def test_id_encoding_round_trips_and_its_size(k, vocab):
+    g = torch.Generator().manual_seed(k)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k].sort().values for _ in range(5)]).numpy()
+    packed = encode_ids(ids, vocab)
+    bitmap = vocab <= k * math.ceil(math.log2(vocab))
+    assert packed.shape == (5, math.ceil(vocab / 8) if bitmap else math.ceil(k * math.ceil(math.log2(vocab)) / 8))
+    np.testing.assert_array_equal(decode_ids(packed, k, vocab), ids)
+
+
+def test_value_formats_round_trip_within_their_precision():
+    values = torch.log_softmax(torch.randn(6, 1000) * 3, -1).topk(64).values
+    for fmt, tolerance in (("float32", 0.0), ("float16", 2e-2), ("uint8", None)):
+        decoded = decode_values(encode_values(values, fmt), fmt)
+        step = ((values.max(-1).values - values.min(-1).values) / 255).unsqueeze(-1)
+        bound = step / 2 + 1e-6 if tolerance is None else tolerance * values.abs().clamp(min=1)
+        assert ((decoded - values).abs() <= bound).all(), fmt
+
+
+def test_bytes_per_token_arithmetic():
+    # demo vocabulary (1024): k=128 ids as a 1024-bit bitmap (128 B) beat 128 x 10 bits (160 B)
+    assert bytes_per_token(128, 1024, "uint8") == 128 + (128 + 8) + 8
+    assert bytes_per_token(32, 1024, "float16") == 40 + 64 + 8
+    # Qwen2.5 (151,936): 18 bits an id
+    assert bytes_per_token(128, 151_936, "uint8") == 288 + 136 + 8
+    assert bytes_per_token(32, 151_936, "float32") == 72 + 128 + 8
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Top-k + tail maths
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _np_bucket_divergence(s_logits, t_logits, ids, tau, name):
+    """Independent float64 reference: merge every token outside ``ids`` into one bucket, then the divergence."""
+    def softmax(x):
+        z = np.asarray(x, dtype=np.float64) / tau
+        z -= z.max(-1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+    out = []
+    for row in range(s_logits.shape[0]):
+        ps, pt = softmax(s_logits[row]), softmax(t_logits[row])
+        top = ids[row]
+        rest = np.setdiff1d(np.arange(ps.shape[0]), top)
+        q = np.append(ps[top], ps[rest].sum()) if len(rest) else ps[top]
+        p = np.append(pt[top], pt[rest].sum()) if len(rest) else pt[top]
+
+        def kl(a, b):
+            return float(np.sum(np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0)))
+
+        if name == "fkl":
+            out.append(kl(p, q))
+        elif name == "rkl":
+            out.append(kl(q, p))
+        elif name == "skl":
+            out.append(kl(p, 0.1 * p + 0.9 * q))
+        elif name == "srkl":
+            out.append(kl(q, 0.9 * p + 0.1 * q))
+        elif name == "jsd":
+            m = 0.5 * p + 0.5 * q
+            out.append(0.5 * kl(p, m) + 0.5 * kl(q, m))
+        else:
+            out.append(0.5 * float(np.abs(p - q).sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_tail_bucket_divergence_matches_a_float64_reference_and_never_exceeds_the_full_one(div):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(7, 53, generator=g) * 3, torch.randn(7, 53, generator=g) * 3
+    for k in (1, 5, 52):
+        sparse = _sparse(t, k, 1.5, 2.0)
+        got = sparse_divergence(torch.log_softmax(s / 1.5, -1), sparse, div)
+        ref = _np_bucket_divergence(s.numpy(), t.numpy(), sparse.ids.numpy(), 1.5, div)
+        np.testing.assert_allclose(got.numpy(), ref, rtol=1e-4, atol=1e-6)
+        full = _np_bucket_divergence(s.numpy(), t.numpy(), np.tile(np.arange(53), (7, 1)), 1.5, div)
+        assert (got.numpy() <= full + 1e-5).all()  # data processing: merging tokens never adds divergence
+
+
+def _make_batch(seed: int = 0, b: int = 3, t: int = 9, v: int = 41):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(b, t, v, generator=g) * 2).requires_grad_()
+    teacher = torch.randn(b, t, v, generator=g) * 2
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    return s, teacher, labels
+
+
+@pytest.mark.parametrize(("div", "gran"), list(itertools.product(DIVS, ("token", "sequence"))))
+def test_k_equal_to_vocabulary_gives_the_online_loss_and_gradients(div, gran):
+    s, t, labels = _make_batch()
+    mask = labels != -100
+    sparse = _sparse(t[mask], t.shape[-1], 1.5, 2.0)
+    kw = dict(divergence=div, temperature=1.5, entropy_temperature=2.0, ea_granularity=gran)
+    online = distillation_loss(s, t, labels, **kw)
+    cached = distillation_loss(s, sparse, labels, **kw)
+    torch.testing.assert_close(cached, online, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(cached, s)[0], torch.autograd.grad(online, s)[0], rtol=1e-4,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4, 20])
+def test_ea_weights_from_a_top_k_cache_are_the_online_ones(k):
+    s, t, labels = _make_batch(seed=2)
+    mask = labels != -100
+    sparse = _sparse(t[mask], k, 1.0, 2.0)
+    for gran in ("token", "sequence"):
+        _, online = distillation_loss(s, t, labels, ea_granularity=gran, return_stats=True)
+        _, cached = distillation_loss(s, sparse, labels, ea_granularity=gran, return_stats=True)
+        for key in ("teacher_entropy", "student_entropy", "ea_weight_mean", "ea_weight_min", "ea_weight_max"):
+            torch.testing.assert_close(cached[key], online[key], rtol=1e-6, atol=1e-6)
+    w = ea_weights(s, t, labels, 2.0, "token")[mask]
+    torch.testing.assert_close(sparse.entropy, torch.special.entr(torch.softmax(t[mask] / 2.0, -1)).sum(-1))
+    assert w.shape == sparse.entropy.shape
+
+
+@pytest.mark.parametrize(("kd_ratio", "gran", "k"), [(0.5, "token", 41), (1.0, "sequence", 41), (0.3, "token", 6)])
+def test_fused_path_with_a_cache_matches_the_full_logits_path(kd_ratio, gran, k):
+    g = torch.Generator().manual_seed(5)
+    hs = (torch.randn(3, 9, 8, generator=g)).requires_grad_()
+    w = (torch.randn(41, 8, generator=g)).requires_grad_()
+    t_logits = torch.randn(3, 9, 41, generator=g) * 2
+    labels = torch.randint(0, 41, (3, 9), generator=g)
+    labels[1, :4] = -100
+    mask = labels != -100
+    sparse = _sparse(t_logits[mask], k, 1.0, 2.0)
+    kw = dict(kd_ratio=kd_ratio, ea_granularity=gran, entropy_temperature=2.0)
+    fused = fused_distillation_loss(hs, w, None, None, labels, teacher_sparse=sparse, chunk_size=4, **kw)
+    z = hs @ w.T
+    ce = torch.nn.functional.cross_entropy(z[mask], labels[mask], reduction="sum") / mask.sum()
+    ref = (1 - kd_ratio) * ce + kd_ratio * distillation_loss(z, sparse, labels, ea_granularity=gran,
+                                                             entropy_temperature=2.0)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused, [hs, w]), torch.autograd.grad(ref, [hs, w])):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building, resuming, training from a cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_cache(tiny_stack, tmp_path_factory):
+    """A k = V, float32 cache of 120 training examples (exact) and its config."""
+    folder = tmp_path_factory.mktemp("cache") / "full"
+    config = _config(tiny_stack, folder.parent)
+    vocab = json.load(open(Path(tiny_stack["teacher"]) / "config.json"))["vocab_size"]
+    build_cache(config, str(folder), top_k=vocab, value_format="float32", shard_size=50, show_progress=False)
+    return str(folder)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_training_from_a_full_cache_equals_the_online_teacher(tiny_stack, tmp_path, full_cache, fused):
+    online = EAKDTrainer(args=_config(tiny_stack, tmp_path, fused_loss=fused),
+                         **prepare_run(_config(tiny_stack, tmp_path, fused_loss=fused)))
+    config = _config(tiny_stack, tmp_path, fused_loss=fused, teacher_cache=full_cache,
+                     teacher_model_name_or_path=None)
+    parts = prepare_run(config)
+    assert parts["teacher_model"] is None  # no teacher in memory
+    cached = EAKDTrainer(args=config, **parts)
+    features = [online.train_dataset[i] for i in range(8)]
+    params = [p for p in online.model.parameters()]
+    for a, b in zip(params, cached.model.parameters()):
+        assert torch.equal(a, b)
+    loss_online = online.compute_loss(online.model, online.data_collator(features))
+    loss_cached = cached.compute_loss(cached.model, cached.data_collator(features))
+    torch.testing.assert_close(loss_cached, loss_online, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(loss_cached, list(cached.model.parameters())),
+                         torch.autograd.grad(loss_online, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_an_interrupted_build_resumes_to_the_same_cache(tiny_stack, tmp_path, monkeypatch):
+    config = _config(tiny_stack, tmp_path, max_train_samples=60)
+    build_cache(config, str(tmp_path / "straight"), top_k=8, value_format="uint8", shard_size=25, show_progress=False)
+
+    original, written = cache_module.write_shard, []
+
+    def write_then_die(path, *args):
+        original(path, *args)
+        written.append(path)
+        if len(written) == 1:
+            raise KeyboardInterrupt  # killed after the first shard
+    monkeypatch.setattr(cache_module, "write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config, str(tmp_path / "resumed"), top_k=8, value_format="uint8", shard_size=25,
+                    show_progress=False)
+    assert not CacheManifest.read(str(tmp_path / "resumed")).splits["train"]["complete"]
+    with pytest.raises(ConfigError, match="its build did not finish"):
+        prepare_run(_config(tiny_stack, tmp_path, max_train_samples=60, teacher_cache=str(tmp_path / "resumed")))
+    (tmp_path / "resumed" / "train-00001.safetensors.tmp").write_bytes(b"half a shard")  # killed mid-write
+    monkeypatch.setattr(cache_module, "write_shard", original)
+    written.clear()
+    manifest = build_cache(config, str(tmp_path / "resumed"), top_k=8, value_format="uint8", shard_size=25,
+                           show_progress=False)
+    assert manifest.splits["train"]["complete"]
+    straight, resumed = TeacherCache(str(tmp_path / "straight")), TeacherCache(str(tmp_path / "resumed"))
+    assert straight.index.keys() == resumed.index.keys()
+    for name in manifest.splits["train"]["shards"]:
+        assert (tmp_path / "straight" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes()
+
+
+def test_mismatched_missing_or_corrupted_caches_are_refused(tiny_stack, tmp_path, full_cache):
+    def run(**overrides):
+        return prepare_run(_config(tiny_stack, tmp_path, teacher_cache=full_cache, **overrides))
+
+    with pytest.raises(ConfigError, match="entropy_temperature: cache 2.0, recipe 3.0"):
+        run(entropy_temperature=3.0)
+    with pytest.raises(ConfigError, match="temperature: cache 1.5, recipe 1.0"):
+        run(temperature=1.0)
+    with pytest.raises(ConfigError, match="tokenized data differs"):
+        run(max_train_samples=100)
+    with pytest.raises(ConfigError, match="teacher_model_name_or_path: cache"):
+        run(teacher_model_name_or_path=tiny_stack["student"])
+    with pytest.raises(ConfigError, match="has no manifest.json"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(tmp_path)))
+    broken = tmp_path / "broken"
+    shutil.copytree(full_cache, broken)
+    (broken / "train-00001.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match="shard .*train-00001.safetensors is corrupted"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(broken)))
+    os.remove(broken / "train-00001.safetensors")
+    with pytest.raises(ConfigError, match="shard train-00001.safetensors of split 'train' is missing"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(broken)))
+
+
+def test_bad_k_and_a_folder_holding_another_cache(tiny_stack, tmp_path, full_cache):
+    config = _config(tiny_stack, tmp_path)
+    for k in (0, 10**6):
+        with pytest.raises(ConfigError, match="--top-k must be in \\[1, V\\]"):
+            build_cache(config, str(tmp_path / "c"), top_k=k)
+    before = sorted(os.listdir(full_cache))
+    stamps = [os.path.getmtime(os.path.join(full_cache, name)) for name in before]
+    with pytest.raises(ConfigError, match="already holds a teacher cache built with other settings .*top_k"):
+        build_cache(config, full_cache, top_k=4)
+    assert sorted(os.listdir(full_cache)) == before  # nothing overwritten
+    assert [os.path.getmtime(os.path.join(full_cache, name)) for name in before] == stamps
+
+
+@pytest.mark.slow
+def test_cache_teacher_command_then_training_from_the_cache(tiny_stack, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    recipe = str(REPO / "recipes" / "tiny" / "eakd_token.yaml")
+    common = ["--model_name_or_path", tiny_stack["student"], "--dataset_name", tiny_stack["data_dir"],
+              "--max_train_samples", "64", "--max_length", "96", "--max_prompt_length", "64",
+              "--dataset_eval_split", "validation", "--max_eval_samples", "16", "--eval_strategy", "no"]
+    build = subprocess.run(
+        [sys.executable, "-m", "eakd_llm.cli", "cache-teacher", recipe, "--teacher_model_name_or_path",
+         tiny_stack["teacher"], *common, "--output", str(tmp_path / "cache"), "--top-k", "16"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "B/token" in build.stdout and "teacher cache complete" in build.stdout
+    manifest = CacheManifest.read(str(tmp_path / "cache"))
+    assert set(manifest.splits) == {"train", "validation"} and manifest.top_k == 16
+    train = subprocess.run(
+        [sys.executable, "-m", "eakd_llm.cli", "train", recipe, *common, "--teacher_cache", str(tmp_path / "cache"),
+         "--teacher_model_name_or_path", tiny_stack["teacher"], "--output_dir", str(tmp_path / "out"),
+         "--max_steps", "2", "--save_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "teacher: none loaded; top-16 cache" in train.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "eakd_llm.cli", "cache-teacher", recipe, "--teacher_model_name_or_path",
+         tiny_stack["teacher"], *common, "--output", str(tmp_path / "cache"), "--top-k", "0"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("eakd-llm: error: --top-k must be in [1, V]")
+    assert "Traceback" not in bad.stderr
