@@ -1,27 +1,35 @@
-"""``eakd-llm demo``: the embedded default that shows EA-KD working, offline, on a CPU, in minutes.
+"""``eakd-llm demo``: the embedded default: a controlled, multi-seed study of EA-KD, offline, on 2 CPU cores.
 
-One process runs the whole study so the libraries load once and the teacher's outputs are computed once:
+The plan is fixed before anything trains (:data:`FULL`, :data:`QUICK`):
 
-1. the tiny stack: synthetic instruction data (train/validation/test), a local BPE tokenizer, tiny Llama models;
-2. the teacher, trained with SFT (``kd_ratio: 0``) and cached in the output folder;
-3. the student, trained the same number of steps with SFT, KD (forward KL), EA-KD token and sequence level, and
-   reverse KL with and without EA; every distilled run sees the same batches, so the teacher's logits for a batch
-   are computed once and reused (:class:`CachedTeacher`);
-4. the teacher and every student evaluated on the held-out test split with the MiniLLM/DistiLLM protocol (ROUGE-L
-   and exact match, sampling, mean ± std over seeds);
-5. an ablation of EA-KD over the entropy temperature and ``kd_ratio``, token and sequence level;
-6. ``results.json``, ``results.md`` and PNG plots.
+1. the tiny stack: synthetic instruction data (train/validation/test), a local BPE tokenizer, a tiny Llama teacher and
+   one tiny student initialisation per training seed;
+2. the teacher, trained with SFT and kept in the output folder (a second run reuses it), and its top-k cache
+   (``eakd-llm cache-teacher``'s code) for the cached-teacher row;
+3. the main comparison, every method trained once per training seed (the seed sets the student's initialisation and
+   the data order; every method of a seed sees the same batches): SFT, KD, KD x w̄ (plain KD scaled by the mean EA weight
+   measured in the EA-KD token run of the same seed: EA's scale without its adaptivity), EA-KD token, EA-KD token with
+   normalised weights, EA-KD sequence, KD and EA-KD token on-policy (λ = 0.5), and EA-KD token from the k-cache;
+4. every trained model scored on the same held-out prompts with the same sampling seeds (MiniLLM/DistiLLM protocol);
+5. paired differences with two-stage bootstrap intervals and a verdict per comparison (:mod:`eakd_llm.study`);
+6. an ablation over τ′ × kd_ratio, with and without normalisation (one training seed);
+7. ``results.json``, ``results.md`` and PNG plots (:mod:`eakd_llm.demo_report`).
+
+Runs go to a pool of worker processes (one thread each: on 2 cores two single-threaded runs do more work than one
+two-threaded run). The console shows one progress bar and one line per finished run; the libraries' own output goes to
+``demo.log`` in the output folder.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
-import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,13 +43,14 @@ logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# What runs
+# The plan
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoPlan:
-    """Sizes of one demo run; :data:`FULL` is the default, :data:`QUICK` the CI smoke test."""
+    """Sizes and seeds of one demo run, fixed before training; :data:`FULL` is the default, :data:`QUICK` a smoke
+    test."""
 
     num_train: int
     num_validation: int
@@ -52,54 +61,115 @@ class DemoPlan:
     learning_rate: float
     eval_records: int
     max_new_tokens: int
-    seeds: tuple[int, ...]
-    ablation: tuple[tuple[str, float, float], ...]  # (granularity, entropy_temperature, kd_ratio)
+    sampling_seeds: tuple[int, ...]
+    train_seeds: tuple[int, ...]
+    ablation_taus: tuple[float, ...]
+    ablation_ratios: tuple[float, ...]
+    cache_top_k: int = 32
+    on_policy_fraction: float = 0.5
     max_length: int = 128
     max_prompt_length: int = 96
+    entropy_temperature: float = 2.0
 
 
-_ABLATION_FULL = tuple(
-    (granularity, tau, ratio)
-    for granularity in ("token", "sequence")
-    for ratio in (1.0, 0.5)
-    for tau in (1.0, 2.0, 3.0)
-)
 FULL = DemoPlan(
-    num_train=4000, num_validation=200, num_test=200, teacher_steps=600, student_steps=300, batch_size=32,
-    learning_rate=3e-3, eval_records=200, max_new_tokens=24, seeds=(10, 20, 30), ablation=_ABLATION_FULL,
+    num_train=4000, num_validation=200, num_test=200, teacher_steps=600, student_steps=160, batch_size=32,
+    learning_rate=3e-3, eval_records=200, max_new_tokens=24, sampling_seeds=(10, 20, 30), train_seeds=(1, 2, 3),
+    ablation_taus=(1.0, 2.0, 3.0), ablation_ratios=(1.0, 0.5),
 )
 QUICK = DemoPlan(
-    num_train=600, num_validation=40, num_test=40, teacher_steps=60, student_steps=30, batch_size=16,
-    learning_rate=3e-3, eval_records=24, max_new_tokens=16, seeds=(10,),
-    ablation=(("token", 1.0, 1.0), ("token", 2.0, 0.5)),
+    num_train=600, num_validation=40, num_test=40, teacher_steps=60, student_steps=20, batch_size=16,
+    learning_rate=3e-3, eval_records=24, max_new_tokens=12, sampling_seeds=(10,), train_seeds=(1,),
+    ablation_taus=(1.0,), ablation_ratios=(1.0,), cache_top_k=16,
 )
 
-# name -> config overrides of the student run (kd_ratio 0.5 keeps the CE term beside KD, see the README)
+KD = {"kd_ratio": 0.5, "divergence": "fkl", "ea": False}
+EA_TOKEN = {"kd_ratio": 0.5, "divergence": "fkl", "ea": True, "ea_granularity": "token"}
+# name -> config overrides of the main comparison's methods (kd_ratio 0.5 keeps the CE term beside KD, see the README)
 METHODS: dict[str, dict[str, Any]] = {
     "SFT": {"kd_ratio": 0.0},
-    "KD (fkl)": {"kd_ratio": 0.5, "divergence": "fkl", "ea": False},
-    "EA-KD token (fkl)": {"kd_ratio": 0.5, "divergence": "fkl", "ea": True, "ea_granularity": "token"},
-    "EA-KD sequence (fkl)": {"kd_ratio": 0.5, "divergence": "fkl", "ea": True, "ea_granularity": "sequence"},
-    "KD (rkl)": {"kd_ratio": 0.5, "divergence": "rkl", "ea": False},
-    "EA-KD token (rkl)": {"kd_ratio": 0.5, "divergence": "rkl", "ea": True, "ea_granularity": "token"},
+    "KD": KD,
+    "KD × w̄": {**KD, "kd_scale": "measured"},  # the mean EA weight of the same seed's EA-KD token run
+    "EA-KD token": EA_TOKEN,
+    "EA-KD token, normalised": {**EA_TOKEN, "ea_normalize": "mean"},
+    "EA-KD sequence": {**EA_TOKEN, "ea_granularity": "sequence"},
+    "KD, on-policy λ=0.5": {**KD, "on_policy_fraction": "plan"},
+    "EA-KD token, on-policy λ=0.5": {**EA_TOKEN, "on_policy_fraction": "plan"},
+    "EA-KD token, k-cache": {**EA_TOKEN, "teacher_cache": "plan"},
 }
+SCALE_SOURCE = {"KD × w̄": "EA-KD token"}
+# (A, B): A - B, paired by training seed, sampling seed and prompt
+COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("EA-KD token", "KD"),
+    ("EA-KD token", "KD × w̄"),
+    ("EA-KD token, normalised", "KD"),
+    ("EA-KD sequence", "KD"),
+    ("KD, on-policy λ=0.5", "KD"),
+    ("EA-KD token, on-policy λ=0.5", "EA-KD token"),
+    ("EA-KD token, on-policy λ=0.5", "KD, on-policy λ=0.5"),
+    ("EA-KD token, k-cache", "EA-KD token"),
+)
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+@dataclass(frozen=True)
+class RunSpec:
+    """One student run: a method (or an ablation point) and a training seed."""
+
+    name: str
+    train_seed: int
+    overrides: tuple[tuple[str, Any], ...]
+    group: str = "main"  # "main" or "ablation"
+
+    @property
+    def slug(self) -> str:
+        text = "".join(c if c.isascii() and c.isalnum() else "-" for c in self.name.lower()).strip("-")
+        while "--" in text:
+            text = text.replace("--", "-")
+        return f"{self.group}/{text}/seed-{self.train_seed}"
+
+
+def plan_runs(plan: DemoPlan) -> list[RunSpec]:
+    """Every student run of the plan (main comparison x training seeds, then the one-seed ablation)."""
+    runs = [RunSpec(name, seed, tuple(overrides.items())) for seed in plan.train_seeds
+            for name, overrides in METHODS.items()]
+    for normalize in ("none", "mean"):
+        for ratio in plan.ablation_ratios:
+            for tau in plan.ablation_taus:
+                if tau == plan.entropy_temperature and ratio == 0.5:
+                    continue  # the same run as the main comparison's first seed
+                overrides = {**EA_TOKEN, "kd_ratio": ratio, "entropy_temperature": tau, "ea_normalize": normalize}
+                name = f"τ′={tau:g} kd_ratio={ratio:g}{' normalised' if normalize == 'mean' else ''}"
+                runs.append(RunSpec(name, plan.train_seeds[0], tuple(overrides.items()), group="ablation"))
+    return runs
+
+
+def ablation_points(plan: DemoPlan) -> list[tuple[float, float, str, str]]:
+    """``(tau', kd_ratio, normalize, run name)`` of every ablation point (some are main-comparison runs)."""
+    points = []
+    for normalize in ("none", "mean"):
+        for ratio in plan.ablation_ratios:
+            for tau in plan.ablation_taus:
+                if tau == plan.entropy_temperature and ratio == 0.5:
+                    name = "EA-KD token" if normalize == "none" else "EA-KD token, normalised"
+                else:
+                    name = f"τ′={tau:g} kd_ratio={ratio:g}{' normalised' if normalize == 'mean' else ''}"
+                points.append((tau, ratio, normalize, name))
+    return points
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Teacher outputs computed once per batch
+# The teacher's outputs, computed once per example
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class CachedTeacher(nn.Module):
-    """A frozen teacher whose final hidden states are remembered per batch (keyed by the token ids and mask).
+    """A frozen teacher whose final hidden states are remembered per example (keyed by its token ids).
 
-    Runs with the same seed see the same batches, so a sweep pays the teacher's backbone once. Only the final hidden
-    states ``[B, T, H]`` are kept (H is far smaller than the vocabulary); logits, when asked for, are projected from
-    them with the teacher's own head, so cached and uncached batches give identical values.
+    Every run of a worker, whatever its data order, then pays the teacher's backbone once per training example. Rows
+    are right-padded, so an example's hidden states do not depend on the batch it sits in (a causal model, padding
+    after the tokens); other batches (left padding, packing) are computed whole, uncached. Only the final hidden states
+    ``[T, H]`` are kept (H is far smaller than the vocabulary); logits, when asked for, are projected from them with
+    the teacher's own head.
     """
 
     def __init__(self, teacher: nn.Module) -> None:
@@ -118,48 +188,41 @@ class CachedTeacher(nn.Module):
 
     @torch.no_grad()
     def final_hidden_states(self, **inputs: torch.Tensor) -> torch.Tensor:
-        """The teacher's ``[B, T, H]`` final hidden states, computed once per distinct batch (how the fused loss asks,
-        see :func:`eakd_llm.models.final_hidden_states`)."""
-        digest = hashlib.blake2b(digest_size=16)
-        for name in sorted(inputs):
-            value = inputs[name]
-            if torch.is_tensor(value):
-                digest.update(name.encode())
-                digest.update(str(tuple(value.shape)).encode())
-                digest.update(value.cpu().numpy().tobytes())
-        key = digest.digest()
-        hidden = self.cache.get(key)
-        if hidden is None:
-            self.misses += 1
-            hidden = final_hidden_states(self.teacher, **inputs).cpu()
-            self.cache[key] = hidden
-        else:
-            self.hits += 1
-        return hidden.to(inputs["input_ids"].device)
+        """The teacher's ``[B, T, H]`` final hidden states (how the fused loss asks, see
+        :func:`eakd_llm.models.final_hidden_states`)."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        lengths = mask.sum(1) if mask is not None else None
+        right_padded = (mask is not None and set(inputs) == {"input_ids", "attention_mask"}
+                        and bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()))
+        if not right_padded:
+            return final_hidden_states(self.teacher, **inputs)
+        keys = [ids[row, : int(lengths[row])].cpu().numpy().tobytes() for row in range(ids.shape[0])]
+        missing = [row for row, key in enumerate(keys) if key not in self.cache]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            width = int(lengths[missing].max())
+            hidden = final_hidden_states(self.teacher, input_ids=ids[missing, :width],
+                                         attention_mask=mask[missing, :width])
+            for i, row in enumerate(missing):
+                self.cache[keys[row]] = hidden[i, : int(lengths[row])].cpu().clone()
+        out = torch.zeros(ids.shape[0], ids.shape[1], self.config.hidden_size, device=ids.device)
+        for row, key in enumerate(keys):
+            out[row, : int(lengths[row])] = self.cache[key].to(ids.device)
+        return out
 
     @torch.no_grad()
-    def forward(self, use_cache: bool = False, **inputs: torch.Tensor) -> SimpleNamespace:
-        """Full logits (the full-logits loss path), projected from the cached hidden states with the teacher's head."""
+    def forward(self, use_cache: bool = False, logits_to_keep: int = 0, **inputs: torch.Tensor) -> SimpleNamespace:
+        """Logits projected from the cached hidden states with the teacher's head (the last ``logits_to_keep``
+        positions, all when 0), as a causal LM's forward gives them."""
         hidden = self.final_hidden_states(**inputs)
-        return SimpleNamespace(logits=self.teacher.get_output_embeddings()(hidden), hidden_states=(hidden,))
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return SimpleNamespace(logits=self.teacher.get_output_embeddings()(kept), hidden_states=(hidden,))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Steps
+# Building blocks (run in the main process or in a worker)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunRecord:
-    name: str
-    output_dir: str
-    train_seconds: float
-    overrides: dict[str, Any]
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _stage(message: str) -> None:
-    print(f"== {message}", flush=True)
 
 
 def _base_config(plan: DemoPlan, stack: dict[str, str], output_dir: Path, steps: int, **overrides: Any):
@@ -184,6 +247,9 @@ def _base_config(plan: DemoPlan, stack: dict[str, str], output_dir: Path, steps:
         seed=42,
         data_seed=42,
         report_to="none",
+        disable_tqdm=True,
+        entropy_temperature=plan.entropy_temperature,
+        max_new_tokens=plan.max_new_tokens,
     )
     values.update(overrides)
     return EAKDConfig(**values)
@@ -203,20 +269,6 @@ def _train(config, teacher: nn.Module | None = None) -> tuple[Any, float]:
     return trainer, seconds
 
 
-def _prepare_stack(root: Path, plan: DemoPlan) -> dict[str, str]:
-    from .synthetic import prepare_tiny_stack
-
-    marker = root / "stack" / "plan.json"
-    wanted = {"num_train": plan.num_train, "num_validation": plan.num_validation, "num_test": plan.num_test}
-    if marker.exists() and json.loads(marker.read_text()) == wanted:
-        stack = {k: str(root / "stack" / v) for k, v in _STACK_LAYOUT.items()}
-        if all(os.path.exists(p) for p in stack.values()):
-            return stack
-    stack = prepare_tiny_stack(str(root / "stack"), **wanted, seed=0)
-    marker.write_text(json.dumps(wanted))
-    return stack
-
-
 _STACK_LAYOUT = {
     "data_dir": "data",
     "train_file": "data/train.jsonl",
@@ -226,6 +278,28 @@ _STACK_LAYOUT = {
     "teacher": "teacher",
     "student": "student",
 }
+
+
+def _prepare_stack(root: Path, plan: DemoPlan) -> dict[str, str]:
+    """The tiny stack (reused when a previous run of the same plan wrote it) and one student init per seed."""
+    from .models import load_tokenizer
+    from .synthetic import prepare_tiny_stack, save_tiny_model
+
+    marker = root / "stack" / "plan.json"
+    wanted = {"num_train": plan.num_train, "num_validation": plan.num_validation, "num_test": plan.num_test,
+              "train_seeds": list(plan.train_seeds)}
+    stack = {k: str(root / "stack" / v) for k, v in _STACK_LAYOUT.items()}
+    for seed in plan.train_seeds:
+        stack[f"student-{seed}"] = str(root / "stack" / f"student-seed-{seed}")
+    if marker.exists() and json.loads(marker.read_text()) == wanted and all(os.path.exists(p) for p in stack.values()):
+        return stack
+    stack.update(prepare_tiny_stack(str(root / "stack"), num_train=plan.num_train, num_validation=plan.num_validation,
+                                    num_test=plan.num_test, seed=0))
+    tokenizer = load_tokenizer(stack["tokenizer"])
+    for seed in plan.train_seeds:  # the training seed sets the student's initialisation
+        save_tiny_model("student", Path(stack[f"student-{seed}"]), tokenizer, 1000 + seed)
+    marker.write_text(json.dumps(wanted))
+    return stack
 
 
 def _train_teacher(root: Path, plan: DemoPlan, stack: dict[str, str]) -> tuple[str, float | None]:
@@ -242,21 +316,30 @@ def _train_teacher(root: Path, plan: DemoPlan, stack: dict[str, str]) -> tuple[s
     return str(folder), seconds
 
 
-def _train_student(root: Path, plan: DemoPlan, stack: dict[str, str], name: str, overrides: dict[str, Any],
-                   teacher_dir: str, teacher: CachedTeacher) -> RunRecord:
-    folder = root / "students" / _slug(name)
-    kd = overrides.get("kd_ratio", 0.0) > 0
-    config = _base_config(
-        plan, stack, folder, plan.student_steps, model_name_or_path=stack["student"],
-        teacher_model_name_or_path=teacher_dir if kd else None, **overrides,
-    )
-    trainer, seconds = _train(config, teacher if kd else None)
-    history = [dict(entry) for entry in trainer.state.log_history]
-    return RunRecord(name=name, output_dir=str(folder), train_seconds=seconds, overrides=overrides,
-                     log_history=history)
+def _build_teacher_cache(root: Path, plan: DemoPlan, stack: dict[str, str], teacher_dir: str) -> dict[str, Any]:
+    """The top-k cache of the teacher over the training split (the code of ``eakd-llm cache-teacher``)."""
+    from .teacher_cache import CacheManifest, build_cache
+
+    folder = root / f"teacher-cache-k{plan.cache_top_k}"
+    config = _base_config(plan, stack, root / "tmp", 1, model_name_or_path=stack["student"],
+                          teacher_model_name_or_path=teacher_dir, **EA_TOKEN)
+    start = time.perf_counter()
+    if (folder / "manifest.json").exists() and (root / "teacher-sft" / "demo_plan.json").stat().st_mtime > (
+            folder / "manifest.json").stat().st_mtime:
+        import shutil
+
+        shutil.rmtree(folder)  # a newer teacher: the cache is stale
+    manifest = build_cache(config, str(folder), plan.cache_top_k, value_format="float16", shard_size=512,
+                           show_progress=False)
+    seconds = time.perf_counter() - start
+    manifest = CacheManifest.read(str(folder))
+    files = [folder / name for name in manifest.splits["train"]["shards"]]
+    return {"folder": str(folder), "top_k": plan.cache_top_k, "value_format": manifest.value_format,
+            "bytes_per_token": manifest.bytes_per_token(), "tokens": manifest.splits["train"]["tokens"],
+            "disk_bytes": sum(f.stat().st_size for f in files), "build_seconds": seconds}
 
 
-def _evaluate(path: str, records, plan: DemoPlan, name: str) -> dict[str, Any]:
+def _evaluate(path: str, records, plan: DemoPlan) -> dict[str, Any]:
     from .evaluation import GenerationSettings, evaluate_model, load_model_for_eval
 
     model, tokenizer = load_model_for_eval(path)
@@ -264,14 +347,255 @@ def _evaluate(path: str, records, plan: DemoPlan, name: str) -> dict[str, Any]:
         max_prompt_length=plan.max_prompt_length, max_length=plan.max_length, max_new_tokens=plan.max_new_tokens,
         batch_size=64,
     )
-    results = evaluate_model(model, tokenizer, {"synthetic-test": records}, seeds=plan.seeds, settings=settings,
-                             output_dir=str(Path(path) / "eval"))
+    results = evaluate_model(model, tokenizer, {"synthetic-test": records}, seeds=plan.sampling_seeds,
+                             settings=settings, output_dir=str(Path(path) / "eval"), keep_per_example=True)
     return results["synthetic-test"]
 
 
+@torch.no_grad()
+def _validation_ce(model_dir: str, dataset, tokenizer) -> float:
+    """Cross-entropy per response token of a trained student on the validation split."""
+    from transformers import AutoModelForCausalLM
+
+    from .data import DistillationCollator
+    from .losses import IGNORE_INDEX
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    collator = DistillationCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    for start in range(0, len(dataset), 64):
+        batch = collator([dataset[i] for i in range(start, min(len(dataset), start + 64))])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        ).item()
+        count += int((labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def _history_mean(history: list[dict[str, Any]], key: str, reduce=None) -> float | None:
+    values = [entry[key] for entry in history if key in entry and "loss" in entry]
+    if not values:
+        return None
+    return float(reduce(values)) if reduce else float(sum(values) / len(values))
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Entropy and weight distributions
+# Workers
 # ----------------------------------------------------------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(log_path: str, teacher_dir: str, stack: dict[str, str], plan: DemoPlan, threads: int) -> None:
+    """One worker process: its own thread budget, its output into the log, the teacher and shared data loaded once."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .data import build_dataset, load_split
+    from .evaluation import load_eval_records
+    from .models import load_tokenizer
+
+    hf_logging.set_verbosity_error()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    tokenizer = load_tokenizer(stack["student"])
+    config = _base_config(plan, stack, Path(teacher_dir).parent / "tmp", 1, model_name_or_path=stack["student"],
+                          kd_ratio=0.0)
+    _WORKER.update(
+        teacher=CachedTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval()),
+        tokenizer=tokenizer,
+        validation=build_dataset(load_split(stack["data_dir"], "validation"), config, tokenizer, split="validation"),
+        records=load_eval_records(stack["test_file"], max_samples=plan.eval_records),
+    )
+
+
+def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str, teacher_dir: str,
+                settings: dict[str, Any]) -> dict[str, Any]:
+    """Train one student run, evaluate it, and return its row (runs in a worker)."""
+    overrides = dict(spec.overrides)
+    for key, value in list(overrides.items()):
+        if value == "plan":
+            overrides[key] = settings["teacher_cache"] if key == "teacher_cache" else plan.on_policy_fraction
+        elif value == "measured":
+            overrides[key] = settings["kd_scale"]
+    kd = overrides.get("kd_ratio", 0.0) > 0
+    cached = "teacher_cache" in overrides
+    folder = Path(root) / "students" / spec.slug
+    config = _base_config(
+        plan, stack, folder, plan.student_steps, model_name_or_path=stack[f"student-{spec.train_seed}"],
+        teacher_model_name_or_path=teacher_dir if kd else None, seed=spec.train_seed, data_seed=spec.train_seed,
+        **overrides,
+    )
+    trainer, seconds = _train(config, _WORKER["teacher"] if kd and not cached else None)
+    history = [dict(entry) for entry in trainer.state.log_history]
+    evaluation = _evaluate(str(folder), _WORKER["records"], plan)
+    return {
+        "name": spec.name, "group": spec.group, "train_seed": spec.train_seed, "output_dir": str(folder),
+        "overrides": overrides, "train_seconds": seconds,
+        "eval_ce_loss": _validation_ce(str(folder), _WORKER["validation"], _WORKER["tokenizer"]),
+        "final_train_ce_loss": _history_mean(history[-2:], "ce_loss"),
+        "ea_weight_mean": _history_mean(history, "ea_weight_mean"),
+        "ea_weight_min": _history_mean(history, "ea_weight_min", min),
+        "generation_time_share": _history_mean(history, "generation_time_share"),
+        "generated_length": _history_mean(history, "generated_length"),
+        "rougeL": evaluation["rougeL"], "exact_match": evaluation["exact_match"],
+        "per_example": evaluation["per_example"],
+        "log_history": history,
+    }
+
+
+def _evaluate_teacher(teacher_dir: str, plan: DemoPlan) -> dict[str, Any]:
+    return _evaluate(teacher_dir, _WORKER["records"], plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send this process's stdout/stderr (libraries, progress bars of the tokenizer) to the log while the block runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for handle in (*saved, fd):
+            os.close(handle)
+
+
+def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | None = None,
+             ablation: bool = True) -> dict[str, Any]:
+    """Run the whole study (see the module docstring) and return what ``results.json`` holds."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    from .demo_report import assemble_results, write_markdown, write_plots
+
+    plan = QUICK if quick else FULL
+    if not ablation:
+        plan = replace(plan, ablation_taus=(), ablation_ratios=())
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / "demo.log"
+    log_path.write_text("")
+    workers = workers or min(2, os.cpu_count() or 1)
+    started = time.perf_counter()
+    console = sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=console, flush=True)
+
+    runs = [spec for spec in plan_runs(plan) if ablation or spec.group == "main"]
+    say(f"eakd-llm demo: {len(runs)} student runs ({len(METHODS)} methods x {len(plan.train_seeds)} training seeds + "
+        f"{len(runs) - len(METHODS) * len(plan.train_seeds)} ablation runs), {plan.student_steps} steps each, "
+        f"{workers} worker process(es); library output -> {log_path}")
+    with _output_to(log_path):
+        stack = _prepare_stack(root, plan)
+    say(f"  tiny stack ready ({root / 'stack'})")
+    with _output_to(log_path):
+        teacher_dir, teacher_seconds = _train_teacher(root, plan, stack)
+    say(f"  teacher SFT, {plan.teacher_steps} steps: "
+        + ("reusing the trained teacher" if teacher_seconds is None else f"{teacher_seconds:.0f} s"))
+    with _output_to(log_path):
+        cache = _build_teacher_cache(root, plan, stack, teacher_dir)
+    say(f"  teacher top-{cache['top_k']} cache: {cache['bytes_per_token']} B/token, "
+        f"{cache['disk_bytes'] / 2**20:.1f} MiB, {cache['build_seconds']:.0f} s")
+
+    settings = {"teacher_cache": cache["folder"]}
+    rows: list[dict[str, Any]] = []
+    teacher_eval: dict[str, Any] | None = None
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    total, finished = len(runs) + 1, 0
+    # One bar on a terminal; elsewhere (a log, CI) the numbered line of each finished run says the same.
+    bar = tqdm(total=total, desc="demo runs", unit="run", file=console, dynamic_ncols=True,
+               disable=not console.isatty())
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                             initargs=(str(log_path), teacher_dir, stack, plan, threads)) as pool:
+        pending: dict[Future, RunSpec | None] = {}
+        waiting = [spec for spec in runs if spec.name in SCALE_SOURCE]
+        # Longest first (generation), then the runs others wait for, then the rest.
+        order = sorted((s for s in runs if s not in waiting),
+                       key=lambda s: (0 if "on-policy" in s.name else 1 if s.name in SCALE_SOURCE.values() else 2))
+        for spec in order:
+            pending[pool.submit(run_student, spec, plan, stack, str(root), teacher_dir, settings)] = spec
+        pending[pool.submit(_evaluate_teacher, teacher_dir, plan)] = None
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                spec = pending.pop(future)
+                result = future.result()
+                bar.update(1)
+                finished += 1
+                if spec is None:
+                    teacher_eval = result
+                    bar.write(f"  [{finished}/{total}] {'Teacher (SFT)':<36} evaluated: ROUGE-L "
+                              f"{result['rougeL']['mean']:.1f}", file=console)
+                    console.flush()
+                    continue
+                rows.append(result)
+                bar.write(f"  [{finished}/{total}] {spec.name:<36} seed {spec.train_seed}  "
+                          f"{result['train_seconds']:5.1f} s  validation CE {result['eval_ce_loss']:.3f}  "
+                          f"ROUGE-L {result['rougeL']['mean']:.1f}", file=console)
+                console.flush()
+                for other in [w for w in waiting if SCALE_SOURCE[w.name] == spec.name
+                              and w.train_seed == spec.train_seed]:
+                    waiting.remove(other)
+                    measured = {**settings, "kd_scale": result["ea_weight_mean"]}
+                    pending[pool.submit(run_student, other, plan, stack, str(root), teacher_dir, measured)] = other
+    bar.close()
+
+    say(f"  writing results.json, results.md and plots to {root}")
+    with _output_to(log_path):
+        stats = _entropy_statistics(root, plan, stack, teacher_dir, rows)
+    results = assemble_results(plan, rows, teacher_eval, teacher_dir, teacher_seconds, cache, _machine(),
+                               time.perf_counter() - started)
+    (root / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    with _output_to(log_path):
+        write_plots(results, rows, stats, root)
+    text = write_markdown(results, root / "results.md")
+    say(text)
+    return results
+
+
+def _entropy_statistics(root: Path, plan: DemoPlan, stack: dict[str, str], teacher_dir: str,
+                        rows: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    from transformers import AutoModelForCausalLM
+
+    from .data import DistillationCollator, build_dataset, load_split
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(stack["student"])
+    config = _base_config(plan, stack, root / "tmp", 1, model_name_or_path=stack["student"], kd_ratio=0.0)
+    train = build_dataset(load_split(stack["data_dir"], "train"), config, tokenizer, split="train")
+    collator = DistillationCollator(tokenizer.pad_token_id)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    seed = plan.train_seeds[0]
+    trained = next(r for r in rows if r["name"] == "EA-KD token" and r["train_seed"] == seed)
+    return {
+        "initial student": token_statistics(teacher, AutoModelForCausalLM.from_pretrained(stack[f"student-{seed}"]),
+                                            train, collator, plan.entropy_temperature),
+        "EA-KD token student": token_statistics(teacher, AutoModelForCausalLM.from_pretrained(trained["output_dir"]),
+                                                train, collator, plan.entropy_temperature),
+    }
 
 
 @torch.no_grad()
@@ -299,113 +623,6 @@ def token_statistics(teacher: nn.Module, student: nn.Module, dataset, collator, 
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Reports
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _fmt(metric: dict[str, Any]) -> str:
-    return f"{metric['mean']:.1f} ± {metric['std']:.1f}"
-
-
-def write_markdown(results: dict[str, Any], path: Path) -> str:
-    seeds = ", ".join(str(s) for s in results["plan"]["seeds"])
-    lines = [
-        "# eakd-llm demo results",
-        "",
-        f"Held-out synthetic test split ({results['num_test_records']} prompts), sampling at temperature 1 "
-        f"(MiniLLM/DistiLLM protocol), mean ± std over seeds {seeds}. ROUGE-L and exact match are ×100. "
-        f"Every student: {results['plan']['student_steps']} steps, batch {results['plan']['batch_size']}. "
-        f"Machine: {results['machine']}. Total wall time: {results['total_seconds']:.0f} s. The first distilled "
-        "run's train time includes computing the teacher's hidden states, which every later run reuses.",
-        "",
-        "| model | ROUGE-L | exact match | validation CE | train time (s) |",
-        "|---|---|---|---|---|",
-    ]
-    for row in results["methods"]:
-        ce = f"{row['eval_ce_loss']:.3f}" if row.get("eval_ce_loss") is not None else "–"
-        seconds = f"{row['train_seconds']:.0f}" if row.get("train_seconds") is not None else "cached"
-        lines.append(f"| {row['name']} | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} | {ce} | {seconds} |")
-    if results.get("ablation"):
-        lines += [
-            "",
-            "## EA-KD ablation (forward KL): entropy temperature τ′ × kd_ratio",
-            "",
-            "kd_ratio 1.0 is pure EA-KD (no cross-entropy term); 0.5 keeps CE beside the weighted KD term. "
-            "`min w` is the smallest EA weight logged during training: near 0, confident teacher tokens (EOS among "
-            "them) get almost no signal.",
-            "",
-            "| granularity | τ′ | kd_ratio | ROUGE-L | exact match | mean w | min w | train time (s) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for row in results["ablation"]:
-            lines.append(
-                f"| {row['granularity']} | {row['entropy_temperature']:g} | {row['kd_ratio']:g} | "
-                f"{_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} | {row['ea_weight_mean']:.3f} | "
-                f"{row['ea_weight_min']:.3f} | {row['train_seconds']:.0f} |"
-            )
-    text = "\n".join(lines) + "\n"
-    path.write_text(text, encoding="utf-8")
-    return text
-
-
-def write_plots(results: dict[str, Any], runs: list[RunRecord], stats: dict[str, dict[str, list[float]]],
-                folder: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    rows = results["methods"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = [row["name"] for row in rows]
-    ax.bar(range(len(rows)), [row["rougeL"]["mean"] for row in rows], yerr=[row["rougeL"]["std"] for row in rows],
-           color=["#555555"] + ["#4C72B0" if "EA" not in n else "#DD8452" for n in names[1:]], capsize=4)
-    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-    ax.set_ylabel("ROUGE-L (×100)")
-    ax.set_title("Held-out ROUGE-L (mean ± std over seeds)")
-    fig.tight_layout()
-    fig.savefig(folder / "rougeL.png", dpi=120)
-    plt.close(fig)
-    written.append("rougeL.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for run in runs:
-        points = [(e["step"], e["ce_loss"]) for e in run.log_history if "ce_loss" in e and "loss" in e]
-        if points:
-            ax.plot(*zip(*points), label=run.name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy per token")
-    ax.set_title("Training curves (CE term, comparable across methods)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=120)
-    plt.close(fig)
-    written.append("loss_curves.png")
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    first = next(iter(stats.values()))
-    axes[0].hist(first["teacher_entropy"], bins=40, color="#555555", label="teacher")
-    axes[0].set_title("teacher entropy H_T")
-    for ax, key, title in ((axes[1], "student_entropy", "student entropy H_S"), (axes[2], "ea_weight", "EA weight w")):
-        values = [v for run in stats.values() for v in run[key]]
-        bins = torch.linspace(min(values), max(values) + 1e-6, 41).tolist()  # shared bins: spikes stay visible
-        for label, run in stats.items():
-            ax.hist(run[key], bins=bins, alpha=0.55, label=label)
-        ax.set_title(title)
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("nats")
-    axes[0].set_ylabel("training tokens")
-    fig.suptitle(f"Over response tokens of the training set (τ′ = {results['plan']['entropy_temperature']:g})")
-    fig.tight_layout()
-    fig.savefig(folder / "entropy_distributions.png", dpi=120)
-    plt.close(fig)
-    written.append("entropy_distributions.png")
-    return written
-
-
 def _machine() -> str:
     import platform
 
@@ -420,159 +637,27 @@ def _machine() -> str:
     return f"{name} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
-def _last(history: list[dict[str, Any]], key: str) -> float | None:
-    values = [e[key] for e in history if key in e]
-    return values[-1] if values else None
-
-
-def _window(history: list[dict[str, Any]], key: str, reduce) -> float:
-    values = [e[key] for e in history if key in e and "loss" in e]
-    return reduce(values) if values else math.nan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Entry point
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def run_demo(output_dir: str = "runs/demo", quick: bool = False, seeds: tuple[int, ...] | None = None,
-             ablation: bool = True) -> dict[str, Any]:
-    """Run the whole study (see the module docstring) and return what ``results.json`` holds."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from .data import DistillationCollator, build_dataset, load_split
-    from .evaluation import load_eval_records
-    from .models import load_tokenizer
-
-    hf_logging.set_verbosity_error()
-    plan = QUICK if quick else FULL
-    if seeds:
-        plan = DemoPlan(**{**asdict(plan), "seeds": tuple(seeds)})
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    num_stages = 5 + len(METHODS)
-
-    _stage(f"[1/{num_stages}] tiny stack: synthetic data, local tokenizer, tiny Llama models -> {root / 'stack'}")
-    stack = _prepare_stack(root, plan)
-
-    _stage(f"[2/{num_stages}] teacher SFT, {plan.teacher_steps} steps (cached in {root / 'teacher-sft'})")
-    teacher_dir, teacher_seconds = _train_teacher(root, plan, stack)
-    if teacher_seconds is None:
-        print("   reusing the trained teacher", flush=True)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    teacher = CachedTeacher(teacher_model)
-
-    runs: list[RunRecord] = []
-    for i, (name, overrides) in enumerate(METHODS.items()):
-        _stage(f"[{3 + i}/{num_stages}] student: {name}, {plan.student_steps} steps")
-        runs.append(_train_student(root, plan, stack, name, overrides, teacher_dir, teacher))
-
-    stage = 3 + len(METHODS)
-    _stage(f"[{stage}/{num_stages}] evaluating the teacher and {len(runs)} students on the test split "
-           f"(seeds {', '.join(map(str, plan.seeds))})")
-    records = load_eval_records(stack["test_file"], max_samples=plan.eval_records)
-    teacher_state = json.loads((Path(teacher_dir) / "trainer_state.json").read_text())
-    rows = [{
-        "name": "Teacher (SFT)", "output_dir": teacher_dir, "train_seconds": teacher_seconds,
-        "eval_ce_loss": None, "final_train_ce_loss": _last(teacher_state["log_history"], "ce_loss"),
-        **_evaluate(teacher_dir, records, plan, "teacher"),
-    }]
-    tokenizer = load_tokenizer(stack["student"])
-    config = _base_config(plan, stack, root / "tmp", 1, model_name_or_path=stack["student"], kd_ratio=0.0)
-    validation = build_dataset(load_split(stack["data_dir"], "validation"), config, tokenizer, split="validation")
-    for run in runs:
-        rows.append({
-            "name": run.name, "output_dir": run.output_dir, "train_seconds": run.train_seconds,
-            "overrides": run.overrides, "final_train_ce_loss": _last(run.log_history, "ce_loss"),
-            "eval_ce_loss": _validation_ce(run.output_dir, validation, tokenizer),
-            **_evaluate(run.output_dir, records, plan, run.name),
-        })
-
-    ablation_rows = []
-    if ablation:
-        stage += 1
-        _stage(f"[{stage}/{num_stages}] EA-KD ablation: {len(plan.ablation)} runs over τ′ × kd_ratio × granularity")
-        for granularity, tau, ratio in plan.ablation:
-            name = f"EA-KD {granularity} tau'={tau:g} kd_ratio={ratio:g}"
-            overrides = {"kd_ratio": ratio, "divergence": "fkl", "ea": True, "ea_granularity": granularity,
-                         "entropy_temperature": tau}
-            run = _train_student(root / "ablation", plan, stack, name, overrides, teacher_dir, teacher)
-            ablation_rows.append({
-                "granularity": granularity, "entropy_temperature": tau, "kd_ratio": ratio,
-                "train_seconds": run.train_seconds, "output_dir": run.output_dir,
-                "ea_weight_mean": _window(run.log_history, "ea_weight_mean", lambda v: sum(v) / len(v)),
-                "ea_weight_min": _window(run.log_history, "ea_weight_min", min),
-                **_evaluate(run.output_dir, records, plan, name),
-            })
-
-    stage += 1
-    _stage(f"[{stage}/{num_stages}] writing results.json, results.md and plots to {root}")
-    train = build_dataset(load_split(stack["data_dir"], "train"), config, tokenizer, split="train")
-    collator = DistillationCollator(tokenizer.pad_token_id)
-    tau = 2.0
-    stats = {
-        "initial student": token_statistics(teacher_model, AutoModelForCausalLM.from_pretrained(stack["student"]),
-                                            train, collator, tau),
-        "EA-KD token student": token_statistics(
-            teacher_model, AutoModelForCausalLM.from_pretrained(runs[2].output_dir), train, collator, tau
-        ),
-    }
-    results = {
-        "plan": {**asdict(plan), "entropy_temperature": tau},
-        "machine": _machine(),
-        "num_test_records": len(records),
-        "teacher_cache": {"hits": teacher.hits, "misses": teacher.misses},
-        "methods": rows,
-        "ablation": ablation_rows,
-        "total_seconds": time.perf_counter() - started,
-    }
-    (root / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
-    write_plots(results, runs, stats, root)
-    text = write_markdown(results, root / "results.md")
-    print(text, flush=True)
-    return results
-
-
-@torch.no_grad()
-def _validation_ce(model_dir: str, dataset, tokenizer) -> float:
-    """Cross-entropy per response token of a trained student on the validation split."""
-    from transformers import AutoModelForCausalLM
-
-    from .data import DistillationCollator
-    from .losses import IGNORE_INDEX
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    collator = DistillationCollator(tokenizer.pad_token_id)
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), 64):
-        batch = collator([dataset[i] for i in range(start, min(len(dataset), start + 64))])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        ).item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
-
-
 def demo_main(argv) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="eakd-llm demo",
-        description="Train a tiny teacher, distil tiny students with SFT, KD and EA-KD, and compare them on held-out "
-        "data (offline, CPU). Writes results.json, results.md and PNG plots.",
+        description="A controlled multi-seed study of EA-KD on a tiny teacher/student pair (offline, CPU): SFT, KD, "
+        "KD x mean EA weight, EA-KD (token, normalised, sequence, on-policy, from a top-k cache), paired intervals and "
+        "verdicts, an ablation over tau' x kd_ratio. Writes results.json, results.md and PNG plots.",
     )
     parser.add_argument("--output-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="a smoke test in about 2 minutes (tiny sizes)")
-    parser.add_argument("--seeds", type=int, nargs="+", help="evaluation seeds (default: 10 20 30; quick: 10)")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the τ′ × kd_ratio ablation")
+    parser.add_argument("--quick", action="store_true", help="a smoke test (one training seed, tiny sizes)")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: min(2, CPU count))")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the tau' x kd_ratio ablation")
     args = parser.parse_args(list(argv))
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be >= 1")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(args.output_dir, quick=args.quick, seeds=tuple(args.seeds) if args.seeds else None,
-             ablation=not args.no_ablation)
+    run_demo(args.output_dir, quick=args.quick, workers=args.workers, ablation=not args.no_ablation)
     return 0
+
+
+__all__ = ["COMPARISONS", "FULL", "METHODS", "QUICK", "CachedTeacher", "DemoPlan", "RunSpec", "demo_main",
+           "plan_runs", "run_demo", "token_statistics"]

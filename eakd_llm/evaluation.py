@@ -377,6 +377,7 @@ def evaluate_model(
     seeds: Sequence[int] = DEFAULT_SEEDS,
     settings: GenerationSettings | None = None,
     output_dir: str | None = None,
+    keep_per_example: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Generate and score every dataset once per seed; report mean ± std over the seeds.
 
@@ -384,6 +385,8 @@ def evaluate_model(
     "num_records": n}}`` with values in [0, 100]. ``std`` is the POPULATION standard deviation over the seeds
     (``numpy.std``, ``ddof=0``; 0 for a single seed). Generation is re-seeded before each dataset x seed
     (:func:`generate_responses`), so a dataset's numbers do not depend on which datasets come before it.
+    ``keep_per_example``: also return ``"per_example": {metric: {seed: [score of each record]}}`` (for paired
+    statistics across models).
 
     With ``output_dir``: ``predictions_<dataset>_seed<seed>.jsonl`` (prompt, references, prediction and the record's
     scores), ``results.json`` (``{"results": <the returned dict>, "seeds": [...], "settings": {...}}``) and
@@ -408,12 +411,14 @@ def evaluate_model(
         prompts = [r.prompt for r in records]
         references = [list(r.references) for r in records]
         per_seed: dict[str, dict[int, float]] = {metric: {} for metric in METRICS}
+        per_example_scores: dict[str, dict[int, list[float]]] = {metric: {} for metric in METRICS}
         for seed in seeds:
             logger.info("evaluating %s (%d records), seed %d", name, len(records), seed)
             predictions = generate_responses(model, tokenizer, prompts, settings, seed)
             per_example = score_examples(predictions, references)
             for metric in METRICS:
                 per_seed[metric][seed] = float(np.mean(per_example[metric]))
+                per_example_scores[metric][seed] = [float(v) for v in per_example[metric]]
             if output_dir is not None:
                 path = os.path.join(output_dir, f"predictions_{_file_safe(name)}_seed{seed}.jsonl")
                 with open(path, "w", encoding="utf-8") as f:
@@ -430,6 +435,8 @@ def evaluate_model(
             for metric in METRICS
         }
         results[name]["num_records"] = len(records)
+        if keep_per_example:
+            results[name]["per_example"] = per_example_scores
         logger.info(
             "%s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f", name, results[name]["rougeL"]["mean"],
             results[name]["rougeL"]["std"], results[name]["exact_match"]["mean"], results[name]["exact_match"]["std"],

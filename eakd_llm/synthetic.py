@@ -696,9 +696,10 @@ def tiny_llama_config(role: str, vocab_size: int, **overrides: Any) -> LlamaConf
     return LlamaConfig(**kwargs)
 
 
-def _save_model(
-    role: str, folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int, overrides: Mapping[str, Any] | None
+def save_tiny_model(
+    role: str, folder: Path, tokenizer: PreTrainedTokenizerFast, seed: int, overrides: Mapping[str, Any] | None = None
 ) -> None:
+    """A randomly initialised tiny model of ``role`` (initialisation from ``seed``) saved with its tokenizer."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -749,8 +750,8 @@ def prepare_tiny_stack(
     tokenizer_dir = root / "tokenizer"
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, output_dir=tokenizer_dir)
 
-    _save_model("teacher", root / "teacher", tokenizer, seed, teacher_overrides)
-    _save_model("student", root / "student", tokenizer, seed + 1, student_overrides)
+    save_tiny_model("teacher", root / "teacher", tokenizer, seed, teacher_overrides)
+    save_tiny_model("student", root / "student", tokenizer, seed + 1, student_overrides)
     return {
         "data_dir": str(data_dir),
         "train_file": files["train"],

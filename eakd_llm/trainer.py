@@ -53,12 +53,15 @@ _MAX_KEYS = ("ea_weight_max",)
 class EAKDTrainer(Trainer):
     """Distils ``teacher_model`` into ``model`` with EA-KD (or plain KD / SFT, see :class:`EAKDConfig`).
 
-    The teacher is frozen (eval mode, no gradients, its own dtype) and run once per batch without gradient. Under
-    DeepSpeed ZeRO-3 it becomes an inference engine holding only this rank's parameter shards; under FSDP it is
-    sharded like the student; otherwise it is moved to the device as is (never wrapped in DDP: it has no gradients).
+    The teacher is frozen (eval mode, no gradients, its own dtype) and run once per batch without gradient, placed as
+    the run is launched (:func:`eakd_llm.sharding.place_teacher`: a ZeRO-3 inference engine, FSDP shards, or a plain
+    copy per device). With ``teacher_cache`` no teacher is loaded: each batch carries the teacher's cached top-k entries
+    (:mod:`eakd_llm.teacher_cache`). With ``on_policy_fraction`` / ``seq_kd`` some steps' batches are generated
+    (:mod:`eakd_llm.on_policy`); with ``packing`` several examples share a row (:mod:`eakd_llm.packing`).
 
     Logged every ``logging_steps``: ``ce_loss``, ``kd_loss`` (per loss token), ``teacher_entropy`` and
-    ``student_entropy`` (means at ``entropy_temperature`` over response tokens) and ``ea_weight_mean/min/max``.
+    ``student_entropy`` (means at ``entropy_temperature`` over response tokens) and ``ea_weight_mean/min/max``; with
+    generation also ``on_policy``, ``generated_length``, ``generation_time_share`` and the statistics by source.
     """
 
     def __init__(

@@ -2,11 +2,14 @@
 """The distributed code paths on one GPU: the real ``scripts/distill.py`` under ``accelerate launch`` with the
 project's ZeRO-3 and FSDP2 configs (one process), against a plain single-process run of the same recipe.
 
-For each student kind (full fine-tuning, LoRA) it runs the tiny recipe for a few steps four ways (plain, ZeRO-3, FSDP2
-on the same GPU, all fp32) and compares the per-step training losses and the loss path each run reports ("EA-KD loss
-path: ..."). One process on one GPU exercises the wrapping code (DeepSpeed engines, ``zero.Init`` loading, the teacher
-inference engine, FSDP2 sharding through accelerate's plugin, gathered heads in the fused loss) but not the
-communication between ranks, which the CPU tests under torchrun/gloo cover.
+For each student kind (full fine-tuning, LoRA, and a full student trained fully on-policy with greedy generation) it
+runs the tiny recipe for a few steps three ways (plain, ZeRO-3, FSDP2 on the same GPU, all fp32) and compares the
+per-step training losses and the loss path each run reports ("EA-KD loss path: ..."). It also checks that each run's
+final save left a loadable model or adapter plus tokenizer in its output folder (FSDP's SHARDED_STATE_DICT config
+included) by loading it as ``eakd-llm eval`` does. One process on one GPU exercises the wrapping code (DeepSpeed
+engines, ``zero.Init`` loading, the teacher inference engine, FSDP2 sharding through accelerate's plugin, gathered
+heads in the fused loss, generation from a sharded student) but not the communication between ranks, which the CPU
+tests under torchrun/gloo cover.
 
 Usage (on a machine with one GPU)::
 
@@ -49,6 +52,17 @@ def _losses(output_dir: Path) -> list[float]:
     return [e["loss"] for e in json.loads(path.read_text())["log_history"] if "loss" in e]
 
 
+def _loadable(output_dir: Path) -> str:
+    """'ok' when the final save left a model (or adapter) and tokenizer that eakd-llm eval loads, else why not."""
+    try:
+        from eakd_llm.evaluation import load_model_for_eval
+
+        load_model_for_eval(str(output_dir), device="cpu")
+        return "ok"
+    except Exception as err:  # report, do not stop the other checks
+        return f"{type(err).__name__}: {err}"[:500]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
@@ -75,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     launchers = {k: v for k, v in launchers.items() if k in args.launchers.split(",")}
     students = {"full": [], "lora": ["--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
-                                     "--lora_dropout", "0.0", "--learning_rate", "1e-2"]}
+                                     "--lora_dropout", "0.0", "--learning_rate", "1e-2"],
+                "on-policy": ["--on_policy_fraction", "1", "--generation_top_k", "1", "--max_new_tokens", "12"]}
     for student, student_args in students.items():
         for launcher, prefix in launchers.items():
             name = f"{launcher}-{student}"
@@ -94,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             paths = sorted(set(re.findall(r"EA-KD loss path: (.*)", text)))
             teacher = sorted(set(re.findall(r"teacher: (.*)", text)))
             results["runs"][name] = {"returncode": code, "seconds": round(seconds, 1), "losses": _losses(output_dir),
-                                     "loss_paths": paths, "teacher": teacher, "log_tail": text[-1500:] if code else ""}
+                                     "loss_paths": paths, "teacher": teacher, "log_tail": text[-1500:] if code else "",
+                                     "final_model": _loadable(output_dir) if code == 0 else "run failed"}
             (out / "gpu_checks.json").write_text(json.dumps(results, indent=2) + "\n")  # kept if cut short
             print(f"{name:<12} rc={code} {seconds:5.1f}s paths={paths} teacher={teacher} "
-                  f"losses={results['runs'][name]['losses']}", flush=True)
+                  f"final model={results['runs'][name]['final_model']} losses={results['runs'][name]['losses']}",
+                  flush=True)
         base = results["runs"][f"plain-{student}"]["losses"]
         for launcher in [k for k in launchers if k != "plain"]:
             got = results["runs"][f"{launcher}-{student}"]["losses"]

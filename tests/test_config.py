@@ -69,7 +69,8 @@ def test_compile_loss_needs_the_fused_loss(tmp_path):
 def test_validate_for_training_requires_paths(tmp_path):
     with pytest.raises(ConfigError, match="model_name_or_path is required"):
         EAKDConfig(output_dir=str(tmp_path)).validate_for_training()
-    with pytest.raises(ConfigError, match="teacher_model_name_or_path is required when kd_ratio > 0"):
+    with pytest.raises(ConfigError,
+                       match="teacher_model_name_or_path \\(or teacher_cache\\) is required when kd_ratio > 0"):
         EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", dataset_name="d").validate_for_training()
     with pytest.raises(ConfigError, match="dataset_name is required"):
         EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", kd_ratio=0.0).validate_for_training()
@@ -225,3 +226,28 @@ def test_yaml_12_scalars_no_is_a_string_and_exponents_are_floats(tmp_path):
     assert config.eval_strategy == "no" and config.save_strategy == "no"
     assert config.learning_rate == 2e-5 and config.ea is False
     assert config.warmup_steps == 10
+
+
+def test_compile_loss_is_auto_by_default_on_for_cuda_only(tmp_path):
+    config = build_config({"output_dir": str(tmp_path)})
+    assert config.compile_loss == "auto"
+    assert config.compile_loss_on("cuda") is True and config.compile_loss_on("cpu") is False
+    assert build_config({"output_dir": str(tmp_path), "compile_loss": False}).compile_loss_on("cuda") is False
+    assert build_config({"output_dir": str(tmp_path), "compile_loss": "true"}).compile_loss_on("cpu") is True
+    with pytest.raises(ConfigError, match="compile_loss: true needs fused_loss: true"):
+        build_config({"output_dir": str(tmp_path), "compile_loss": True, "fused_loss": False})
+    # auto with the full-logits path is fine: there is nothing to compile
+    assert build_config({"output_dir": str(tmp_path), "fused_loss": False}).compile_loss == "auto"
+
+
+def test_on_policy_and_generation_keys(tmp_path):
+    config = build_config({"output_dir": str(tmp_path), "max_length": 128, "max_prompt_length": 96,
+                           "on_policy_fraction": 0.5})
+    assert config.generation_budget == 32  # max_length - max_prompt_length, as MiniLLM's evaluation
+    assert build_config({"output_dir": str(tmp_path), "max_new_tokens": 7}).generation_budget == 7
+    for key, value, message in (("on_policy_fraction", -0.1, "on_policy_fraction must be in [0, 1]"),
+                                ("generation_top_p", 1.5, "generation_top_p must be in (0, 1]"),
+                                ("generation_top_k", -2, "generation_top_k must be >= 0"),
+                                ("max_new_tokens", 0, "max_new_tokens must be in [1, max_length - 1]")):
+        with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("(", "\\(")):
+            build_config({"output_dir": str(tmp_path), key: value})

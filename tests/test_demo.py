@@ -1,4 +1,5 @@
-"""``eakd-llm demo --quick`` end to end: the files and table rows the README's main job promises."""
+"""``eakd-llm demo``: the plan, the per-example teacher cache, and ``--quick`` end to end (the files, rows, comparisons
+and console lines the README's main job promises)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from eakd_llm.demo import METHODS, QUICK, CachedTeacher
+from eakd_llm.demo import COMPARISONS, FULL, METHODS, QUICK, CachedTeacher, plan_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_cached_teacher_returns_the_same_logits_and_counts_hits(tiny_stack):
+def test_cached_teacher_returns_the_same_hidden_states_per_example(tiny_stack):
     from transformers import AutoModelForCausalLM
 
     from eakd_llm.models import final_hidden_states
@@ -26,48 +27,77 @@ def test_cached_teacher_returns_the_same_logits_and_counts_hits(tiny_stack):
     ids = torch.tensor([[0, 5, 9, 12], [0, 7, 8, 2]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     first = cached(input_ids=ids, attention_mask=mask).logits
-    second = cached(input_ids=ids, attention_mask=mask).logits
-    assert (cached.hits, cached.misses) == (1, 1)
-    torch.testing.assert_close(first, second)
+    assert (cached.hits, cached.misses) == (0, 2)
     with torch.no_grad():
         direct = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    torch.testing.assert_close(first, direct.logits, atol=1e-5, rtol=1e-5)
-    # the fused loss asks for hidden states only, through the same helper as for any model
-    torch.testing.assert_close(final_hidden_states(cached, input_ids=ids, attention_mask=mask),
-                               direct.hidden_states[-1])
-    assert cached.hits == 2
-    cached(input_ids=ids, attention_mask=torch.ones_like(mask))  # another mask is another batch
-    assert cached.misses == 2
+    real = mask.bool()
+    torch.testing.assert_close(first[real], direct.logits[real], atol=1e-5, rtol=1e-5)
+    # the fused loss asks for hidden states, through the same helper as for any model; an example is found again in
+    # another batch (another row, another padding width)
+    again = final_hidden_states(cached, input_ids=torch.tensor([[0, 7, 8], [3, 3, 3]]),
+                                attention_mask=torch.ones(2, 3, dtype=torch.long))
+    assert (cached.hits, cached.misses) == (1, 3)
+    torch.testing.assert_close(again[0], direct.hidden_states[-1][1, :3], atol=1e-5, rtol=1e-5)
+    # packed or left-padded batches are computed whole, never mixed up with the right-padded entries
+    left = torch.tensor([[0, 1, 1, 1]])
+    torch.testing.assert_close(final_hidden_states(cached, input_ids=ids[1:], attention_mask=left),
+                               final_hidden_states(teacher, input_ids=ids[1:], attention_mask=left))
+    assert (cached.hits, cached.misses) == (1, 3)
+
+
+def test_the_plan_is_fixed_before_training():
+    runs = plan_runs(FULL)
+    main = [r for r in runs if r.group == "main"]
+    assert len(main) == len(METHODS) * len(FULL.train_seeds) and len(FULL.train_seeds) >= 3
+    assert {r.train_seed for r in main} == set(FULL.train_seeds)
+    ablation = [r for r in runs if r.group == "ablation"]
+    # tau' x kd_ratio x {raw, normalised}, less the two points that are main-comparison runs of the first seed
+    assert len(ablation) == len(FULL.ablation_taus) * len(FULL.ablation_ratios) * 2 - 2
+    assert len({r.slug for r in runs}) == len(runs)
+    assert {a for a, _ in COMPARISONS} | {b for _, b in COMPARISONS} <= set(METHODS)
+    assert plan_runs(FULL) == runs  # nothing random, nothing picked after the fact
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_results_table_and_plots(tmp_path):
+def test_demo_quick_writes_results_table_comparisons_and_plots(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, "-m", "eakd_llm.cli", "demo", "--quick", "--output-dir", str(out)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "== [1/" in result.stdout and "teacher SFT" in result.stdout
+    assert result.returncode == 0, result.stderr[-4000:] + (out / "demo.log").read_text()[-4000:]
+    # The console: stage lines and one line per finished run; the libraries' output went to the log.
+    assert "teacher SFT" in result.stdout and "Tokenizing" not in result.stdout
+    assert f"[{len(plan_runs(QUICK)) + 1}/{len(plan_runs(QUICK)) + 1}]" in result.stdout
+    assert "Tokenizing" in (out / "demo.log").read_text()
 
     results = json.loads((out / "results.json").read_text())
-    names = [row["name"] for row in results["methods"]]
-    assert names == ["Teacher (SFT)", *METHODS]
-    for row in results["methods"]:
+    assert list(results["methods"]) == ["Teacher (SFT)", *METHODS]
+    for name, row in results["methods"].items():
         for metric in ("rougeL", "exact_match"):
             assert 0.0 <= row[metric]["mean"] <= 100.0
-            assert len(row[metric]["per_seed"]) == len(QUICK.seeds)
-    assert len(results["ablation"]) == len(QUICK.ablation)
-    assert results["teacher_cache"]["hits"] > 0  # every distilled run after the first reused the teacher's logits
+        if name != "Teacher (SFT)":
+            assert row["train_seeds"] == list(QUICK.train_seeds)
+    scale = results["methods"]["KD × w̄"]["kd_scale"]["mean"]
+    assert scale == pytest.approx(results["methods"]["EA-KD token"]["ea_weight_mean"]["mean"])  # measured, not guessed
+    assert results["methods"]["KD, on-policy λ=0.5"]["generation_time_share"]["mean"] > 0
+    names = {c["name"] for c in results["comparisons"]}
+    assert names == {f"{a} − {b}" for a, b in COMPARISONS}
+    for comparison in results["comparisons"]:
+        assert set(comparison) >= {"name", "metric", "mean_diff", "ci_low", "ci_high", "verdict"}
+        assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
+    assert len(results["ablation"]) == len(QUICK.ablation_taus) * len(QUICK.ablation_ratios) * 2
+    assert results["teacher_cache"]["bytes_per_token"] > 0
 
     table = (out / "results.md").read_text()
-    for name in names:
-        assert f"| {name} |" in table
-    assert "| granularity | τ′ | kd_ratio |" in table
-    for plot in ("rougeL.png", "loss_curves.png", "entropy_distributions.png"):
+    for name in results["methods"]:
+        assert f"| {name}" in table
+    assert "## Paired differences (A − B)" in table and "→ not distinguishable at 95%" in table or "→ better" in table
+    assert "| τ′ | kd_ratio | weights |" in table
+    for plot in ("rougeL.png", "loss_curves.png", "entropy_distributions.png", "paired_differences.png"):
         assert (out / plot).stat().st_size > 5000
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # A second run reuses the trained teacher instead of training it again.
+    # A second run reuses the trained teacher and the stack.
     again = subprocess.run([sys.executable, "-m", "eakd_llm.cli", "demo", "--quick", "--no-ablation",
                             "--output-dir", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-4000:]

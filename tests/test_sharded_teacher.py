@@ -66,3 +66,18 @@ def test_fused_loss_gathers_sharded_heads(mode, tiny_stack, tmp_path):
         assert r["loss"] == pytest.approx(r["expected_loss"], rel=1e-6)
         assert r["grad_max_abs_diff"] <= 1e-6 * max(1.0, r["grad_max_abs"])
         assert r["grad_max_abs"] > 0 and 0 < r["ea_weight_mean"] <= math.log(512)  # w <= H_ub = log V
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "zero3"])
+def test_generation_from_a_sharded_student(mode, tiny_stack, tmp_path):
+    """On-policy generation under FSDP2 and ZeRO-3: the unsharded model's greedy tokens, no parameter gather while
+    tokens are generated (gathered once before), the parameters sharded again afterwards."""
+    if mode == "zero3":
+        pytest.importorskip("deepspeed", reason="install the deepspeed extra")
+    ranks = _torchrun("sharded_generation.py", tiny_stack, tmp_path, [mode, tiny_stack["student"]])
+    for r in ranks:
+        assert r["equal"], r
+        assert max(r["new_tokens"]) > 1
+        assert r["gathers_during_generate"] == 0
+        assert r["full"] == r["model_full"] and r["local"] <= r["full"] // 2 + 1000
+        assert r["forward_after_max_abs_diff"] < 1e-5

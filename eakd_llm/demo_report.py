@@ -1,0 +1,281 @@
+"""The demo's results: ``results.json`` (every per-seed number and interval), ``results.md`` and the plots.
+
+Every sentence of the verdicts is generated here from the paired intervals (:mod:`eakd_llm.study`), never written by
+hand, so what the report says is what the numbers say.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .study import paired_difference, seed_summary, stack_scores, verdict_line
+
+METRICS = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
+
+
+def _scores(rows: list[dict[str, Any]], metric: str, sampling_seeds) -> np.ndarray:
+    rows = sorted(rows, key=lambda r: r["train_seed"])
+    return stack_scores([{int(k): v for k, v in r["per_example"][metric].items()} for r in rows], sampling_seeds)
+
+
+def _summary(values: list[float | None]) -> dict[str, Any] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "per_train_seed": values}
+
+
+def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, Any] | None, teacher_dir: str,
+                     teacher_seconds: float | None, cache: dict[str, Any], machine: str,
+                     total_seconds: float) -> dict[str, Any]:
+    """Everything ``results.json`` holds: per method its training seeds, per-seed numbers and spread; the paired
+    comparisons with intervals and verdicts; the ablation; the plan, machine and wall time."""
+    from dataclasses import asdict
+
+    from .demo import COMPARISONS, METHODS, ablation_points
+
+    seeds = list(plan.sampling_seeds)
+    main = {name: sorted((r for r in rows if r["group"] == "main" and r["name"] == name),
+                         key=lambda r: r["train_seed"]) for name in METHODS}
+    methods: dict[str, Any] = {}
+    if teacher_eval is not None:
+        methods["Teacher (SFT)"] = {
+            "train_seeds": [], "output_dir": teacher_dir, "train_seconds": teacher_seconds,
+            **{m: {"mean": teacher_eval[m]["mean"], "std": teacher_eval[m]["std"], "std_over": "sampling seeds",
+                   "per_sampling_seed": teacher_eval[m]["per_seed"]} for m in METRICS},
+        }
+    for name, runs in main.items():
+        if not runs:
+            continue
+        entry: dict[str, Any] = {
+            "train_seeds": [r["train_seed"] for r in runs],
+            "overrides": runs[0]["overrides"],
+            "eval_ce_loss": _summary([r["eval_ce_loss"] for r in runs]),
+            "train_seconds": _summary([r["train_seconds"] for r in runs]),
+            "ea_weight_mean": _summary([r["ea_weight_mean"] for r in runs]),
+            "ea_weight_min": _summary([r["ea_weight_min"] for r in runs]),
+            "generation_time_share": _summary([r["generation_time_share"] for r in runs]),
+            "generated_length": _summary([r["generated_length"] for r in runs]),
+            "kd_scale": _summary([r["overrides"].get("kd_scale") for r in runs]),
+            "per_run": [{"train_seed": r["train_seed"], "output_dir": r["output_dir"],
+                         **{m: {"mean": r[m]["mean"], "std_over_sampling_seeds": r[m]["std"],
+                                "per_sampling_seed": r[m]["per_seed"]} for m in METRICS}} for r in runs],
+        }
+        for metric in METRICS:
+            entry[metric] = {**seed_summary(_scores(runs, metric, seeds)), "std_over": "training seeds"}
+        methods[name] = entry
+
+    comparisons = []
+    for a, b in COMPARISONS:
+        if not main.get(a) or not main.get(b):
+            continue
+        if [r["train_seed"] for r in main[a]] != [r["train_seed"] for r in main[b]]:
+            continue
+        for metric, label in METRICS.items():
+            result = paired_difference(_scores(main[a], metric, seeds), _scores(main[b], metric, seeds),
+                                       f"{a} − {b}", metric)
+            result["line"] = verdict_line(result, label)
+            comparisons.append(result)
+
+    by_name = {r["name"]: r for r in rows if r["train_seed"] == plan.train_seeds[0]}
+    ablation = []
+    for tau, ratio, normalize, name in ablation_points(plan):
+        row = by_name.get(name)
+        if row is None:
+            continue
+        ablation.append({
+            "entropy_temperature": tau, "kd_ratio": ratio, "ea_normalize": normalize, "run": name,
+            "train_seed": row["train_seed"], "train_seconds": row["train_seconds"],
+            "ea_weight_mean": row["ea_weight_mean"], "ea_weight_min": row["ea_weight_min"],
+            "eval_ce_loss": row["eval_ce_loss"],
+            **{m: {"mean": row[m]["mean"], "std": row[m]["std"], "std_over": "sampling seeds",
+                   "per_sampling_seed": row[m]["per_seed"]} for m in METRICS},
+        })
+    return {
+        "plan": asdict(plan),
+        "machine": machine,
+        "total_seconds": total_seconds,
+        "num_test_records": plan.eval_records,
+        "teacher_cache": cache,
+        "methods": methods,
+        "comparisons": comparisons,
+        "ablation": ablation,
+    }
+
+
+def _fmt(metric: dict[str, Any] | None, digits: int = 1) -> str:
+    if metric is None:
+        return "–"
+    return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> str:
+    plan = results["plan"]
+    train_seeds = ", ".join(str(s) for s in plan["train_seeds"])
+    sampling = ", ".join(str(s) for s in plan["sampling_seeds"])
+    cache = results["teacher_cache"]
+    lines = [
+        "# eakd-llm demo results",
+        "",
+        f"Held-out synthetic test split ({results['num_test_records']} prompts), sampled at temperature 1 "
+        f"(MiniLLM/DistiLLM protocol) with sampling seeds {sampling}. Every student: {plan['student_steps']} steps, "
+        f"batch {plan['batch_size']}, trained once per training seed ({train_seeds}: the student's initialisation and "
+        f"the data order). ROUGE-L and exact match ×100: mean ± std over training seeds (each seed's score averaged "
+        f"over the prompts and sampling seeds). Machine: {results['machine']}. Total wall time: "
+        f"{results['total_seconds']:.0f} s.",
+        "",
+        "| model | ROUGE-L | exact match | validation CE | mean EA weight | train time per run (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in results["methods"].items():
+        if name == "Teacher (SFT)":
+            seconds = "cached" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
+            lines.append(f"| {name} (std over sampling seeds) | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} "
+                         f"| – | – | {seconds} |")
+            continue
+        weight = _fmt(row["ea_weight_mean"], 2) if row["overrides"].get("ea") or name.startswith("KD × w̄") else "–"
+        if name.startswith("KD × w̄") and row["kd_scale"]:
+            weight = f"scale {_fmt(row['kd_scale'], 2)}"
+        lines.append(f"| {name} | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} | {_fmt(row['eval_ce_loss'], 3)} "
+                     f"| {weight} | {_fmt(row['train_seconds'], 0)} |")
+    if results["comparisons"]:
+        lines += [
+            "",
+            "## Paired differences (A − B)",
+            "",
+            "Paired by training seed, sampling seed and prompt. 95% interval: two-stage bootstrap (training seeds, "
+            "then prompts within each seed; 4000 replicates). Verdict: better / worse when the interval excludes 0.",
+            "",
+            "| comparison | metric | mean difference | 95% CI | per training seed | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in results["comparisons"]:
+            per_seed = ", ".join(f"{v:+.1f}" for v in c["per_train_seed_diff"])
+            lines.append(f"| {c['name']} | {METRICS[c['metric']]} | {c['mean_diff']:+.2f} | "
+                         f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {per_seed} | {c['verdict']} |")
+        lines += ["", "Verdicts:", ""] + [f"- {c['line']}" for c in results["comparisons"]]
+    generation = [(n, r) for n, r in results["methods"].items() if r.get("generation_time_share")]
+    if generation:
+        lines += ["", "## Cost of on-policy generation", ""]
+        for name, row in generation:
+            off = results["methods"].get(name.replace(", on-policy λ=0.5", ""))
+            slower = (f", {row['train_seconds']['mean'] / off['train_seconds']['mean']:.2f}× the off-policy run's "
+                      f"time" if off and off.get("train_seconds") else "")
+            lines.append(f"- {name}: generation took {100 * row['generation_time_share']['mean']:.0f}% of the "
+                         f"training time (mean {row['generated_length']['mean']:.1f} new tokens per response){slower}.")
+    if cache:
+        lines += ["", "## Teacher cache", "",
+                  f"Top-{cache['top_k']} cache ({cache['value_format']} log-probabilities): {cache['bytes_per_token']} "
+                  f"bytes per response token, {cache['disk_bytes'] / 2**20:.1f} MiB for {cache['tokens']} training "
+                  f"tokens, built in {cache['build_seconds']:.0f} s; the row `EA-KD token, k-cache` trains from it "
+                  "with no teacher in memory."]
+    if results["ablation"]:
+        lines += [
+            "",
+            f"## Ablation: entropy temperature τ′ × kd_ratio, raw and normalised EA weights (training seed "
+            f"{plan['train_seeds'][0]})",
+            "",
+            "One training seed: ± is the std over sampling seeds only (no training noise). kd_ratio 1.0 is pure EA-KD "
+            "(no cross-entropy term). `min w` is the smallest EA weight logged in training (before normalisation).",
+            "",
+            "| τ′ | kd_ratio | weights | ROUGE-L | exact match | validation CE | mean w | min w |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["ablation"]:
+            lines.append(
+                f"| {row['entropy_temperature']:g} | {row['kd_ratio']:g} | "
+                f"{'normalised' if row['ea_normalize'] == 'mean' else 'raw'} | {_fmt(row['rougeL'])} | "
+                f"{_fmt(row['exact_match'])} | {row['eval_ce_loss']:.3f} | {row['ea_weight_mean']:.3f} | "
+                f"{row['ea_weight_min']:.3f} |"
+            )
+    text = "\n".join(lines) + "\n"
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def write_plots(results: dict[str, Any], rows: list[dict[str, Any]], stats: dict[str, dict[str, list[float]]],
+                folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    methods = results["methods"]
+    names = list(methods)
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    ax.bar(range(len(names)), [methods[n]["rougeL"]["mean"] for n in names],
+           yerr=[methods[n]["rougeL"]["std"] for n in names], capsize=4,
+           color=["#555555" if n.startswith("Teacher") else "#DD8452" if "EA" in n else "#4C72B0" for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("ROUGE-L (×100)")
+    ax.set_title("Held-out ROUGE-L (mean ± std over training seeds; teacher: over sampling seeds)")
+    fig.tight_layout()
+    fig.savefig(folder / "rougeL.png", dpi=120)
+    plt.close(fig)
+    written.append("rougeL.png")
+
+    comparisons = results["comparisons"]
+    if comparisons:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 + 0.45 * len(comparisons)), sharey=True)
+        for ax, metric in zip(axes, METRICS):
+            rows_m = [c for c in comparisons if c["metric"] == metric]
+            y = np.arange(len(rows_m))[::-1]
+            means = np.array([c["mean_diff"] for c in rows_m])
+            low = means - np.array([c["ci_low"] for c in rows_m])
+            high = np.array([c["ci_high"] for c in rows_m]) - means
+            colors = ["#2ca02c" if c["verdict"] == "better" else "#d62728" if c["verdict"] == "worse" else "#7f7f7f"
+                      for c in rows_m]
+            for yi, mean, lo, hi, color in zip(y, means, low, high, colors):
+                ax.errorbar([mean], [yi], xerr=[[lo], [hi]], fmt="o", color=color, capsize=3)
+            ax.axvline(0, color="black", linewidth=0.8)
+            ax.set_title(f"{METRICS[metric]}: A − B, 95% CI")
+            ax.set_yticks(y, [c["name"] for c in rows_m], fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "paired_differences.png", dpi=120)
+        plt.close(fig)
+        written.append("paired_differences.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    first_seed = results["plan"]["train_seeds"][0]
+    for run in rows:
+        if run["group"] != "main" or run["train_seed"] != first_seed:
+            continue
+        points = [(e["step"], e["ce_loss"]) for e in run["log_history"] if "ce_loss" in e and "loss" in e]
+        if points:
+            ax.plot(*zip(*points), label=run["name"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy per token")
+    ax.set_title(f"Training curves, training seed {first_seed} (CE of the batch, generated batches included)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "loss_curves.png", dpi=120)
+    plt.close(fig)
+    written.append("loss_curves.png")
+
+    import torch
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    first = next(iter(stats.values()))
+    axes[0].hist(first["teacher_entropy"], bins=40, color="#555555", label="teacher")
+    axes[0].set_title("teacher entropy H_T")
+    for ax, key, title in ((axes[1], "student_entropy", "student entropy H_S"), (axes[2], "ea_weight", "EA weight w")):
+        values = [v for run in stats.values() for v in run[key]]
+        bins = torch.linspace(min(values), max(values) + 1e-6, 41).tolist()  # shared bins: spikes stay visible
+        for label, run in stats.items():
+            ax.hist(run[key], bins=bins, alpha=0.55, label=label)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    for ax in axes:
+        ax.set_xlabel("nats")
+    axes[0].set_ylabel("training tokens")
+    fig.suptitle(f"Over response tokens of the training set (τ′ = {results['plan']['entropy_temperature']:g})")
+    fig.tight_layout()
+    fig.savefig(folder / "entropy_distributions.png", dpi=120)
+    plt.close(fig)
+    written.append("entropy_distributions.png")
+    return written
