@@ -488,6 +488,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
     from tqdm.auto import tqdm
 
     from .demo_report import assemble_results, write_markdown, write_plots
+    from .study import machine_description
 
     plan = QUICK if quick else FULL
     if not ablation:
@@ -566,7 +567,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
     say(f"  writing results.json, results.md and plots to {root}")
     with _output_to(log_path):
         stats = _entropy_statistics(root, plan, stack, teacher_dir, rows)
-    results = assemble_results(plan, rows, teacher_eval, teacher_dir, teacher_seconds, cache, _machine(),
+    results = assemble_results(plan, rows, teacher_eval, teacher_dir, teacher_seconds, cache, machine_description(),
                                time.perf_counter() - started)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     with _output_to(log_path):
@@ -621,20 +622,6 @@ def token_statistics(teacher: nn.Module, student: nn.Module, dataset, collator, 
         out["student_entropy"] += h_s.tolist()
         out["ea_weight"] += ea_weights_from_entropies(h_t, h_s, vocab).tolist()
     return out
-
-
-def _machine() -> str:
-    import platform
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def demo_main(argv) -> int:

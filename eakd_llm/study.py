@@ -15,6 +15,8 @@ on the same held-out prompts with the same sampling seeds. Scores are arrays ``[
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,3 +84,18 @@ def stack_scores(per_seed: Sequence[dict[int, Sequence[float]]], sampling_seeds:
     """``[train seed, sampling seed, prompt]`` from one ``{sampling seed: per-prompt scores}`` dict per training
     seed."""
     return np.array([[list(scores[s]) for s in sampling_seeds] for scores in per_seed], dtype=np.float64)
+
+
+def machine_description() -> str:
+    """The machine a measurement ran on: the GPU's name, or the CPU's model and core count; with the torch version."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} CPU, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,18 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from eakd_llm.study import machine_description  # noqa: E402
 from eakd_llm.teacher_cache import VALUE_FORMATS, bytes_per_token  # noqa: E402
 
 QWEN_VOCAB = 151_936
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def _config(stack: dict[str, str], out: Path, **overrides):
@@ -137,7 +128,7 @@ def main() -> int:
             return 1
         runs[name] = json.loads(result.stdout.strip().splitlines()[-1])
     speedup = runs["online teacher"]["train_seconds"] / runs["k=32 cache"]["train_seconds"]
-    result = {"machine": machine(), "threads": args.threads, "vocab_size": vocab, "sizes": sizes,
+    result = {"machine": machine_description(), "threads": args.threads, "vocab_size": vocab, "sizes": sizes,
               "build_seconds_k32_4000_records": build_seconds, "epoch_steps": args.steps, "runs": runs,
               "epoch_speedup": speedup, "formats": list(VALUE_FORMATS),
               "command": "python scripts/cache_benchmark.py " + " ".join(sys.argv[1:])}

@@ -4,7 +4,7 @@
 For every batch of the demo's training split (tiny stack, 4000 records, batch 32, max_length 128), the padded and the
 packed collations are compared: the share of positions that hold no token, the rows per batch, and the time of a
 training step (student forward + backward, teacher forward, fused EA-KD loss) over the same batches, best of three
-passes. Writes ``<output>/packing-<machine>.md`` and ``.json``.
+passes. Writes ``<output>/packing-cpu.md`` and ``.json``.
 
     python scripts/packing_benchmark.py --output benchmarks/results
 """
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,18 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eakd_llm.config import EAKDConfig  # noqa: E402
 from eakd_llm.data import DistillationCollator  # noqa: E402
 from eakd_llm.packing import padding_fraction  # noqa: E402
+from eakd_llm.study import machine_description  # noqa: E402
 from eakd_llm.synthetic import prepare_tiny_stack  # noqa: E402
 from eakd_llm.train import prepare_run  # noqa: E402
 from eakd_llm.trainer import EAKDTrainer  # noqa: E402
-
-
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def step_seconds(trainer: EAKDTrainer, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -92,7 +82,7 @@ def main() -> int:
     speedup = stats["packed"]["tokens_per_second"] / stats["padded"]["tokens_per_second"]
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "threads": args.threads, "batches_timed": args.batches,
+    result = {"machine": machine_description(), "threads": args.threads, "batches_timed": args.batches,
               "batches_counted": len(groups), "stats": stats, "speedup": speedup,
               "command": "python scripts/packing_benchmark.py " + " ".join(sys.argv[1:])}
     stem = "packing-cpu"
