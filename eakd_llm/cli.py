@@ -93,9 +93,12 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
             raise
         print(f"eakd-llm: error: {err}", file=sys.stderr)
         return 2
+    from accelerate import PartialState
+
     done = all(entry.get("complete") for entry in manifest.splits.values())
     counts = ", ".join(f"{split}: {entry['examples']} examples" for split, entry in manifest.splits.items())
-    print(f"teacher cache {'complete' if done else 'INCOMPLETE'}: {flags['--output']} ({counts})")
+    if PartialState().is_main_process:
+        print(f"teacher cache {'complete' if done else 'INCOMPLETE'}: {flags['--output']} ({counts})")
     return 0 if done else 1
 
 

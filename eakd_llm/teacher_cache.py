@@ -388,24 +388,33 @@ def _batches(dataset, start: int, end: int, batch_size: int) -> Iterator[list[di
 
 @torch.no_grad()
 def shard_entries(
-    teacher, head_logits: Callable[[torch.Tensor], torch.Tensor], examples: list[dict[str, Any]], collator,
-    manifest: CacheManifest, device: torch.device, chunk_size: int = 1024,
+    teacher, examples: list[dict[str, Any]], collator, manifest: CacheManifest, device: torch.device,
+    chunk_size: int = 1024,
 ) -> list[dict[str, torch.Tensor]]:
     """Entries of a batch of examples, one dict per example (CPU tensors). The teacher's final hidden states are
-    projected ``chunk_size`` tokens at a time, so full ``[N, V]`` logits of the batch are never held."""
-    from .models import final_hidden_states
+    projected through its head ``chunk_size`` tokens at a time (a sharded head gathered once for the batch, after the
+    forward, as the fused loss does), so full ``[N, V]`` logits of the batch are never held."""
+    from .models import final_hidden_states, logit_transform
+    from .sharding import full_head, unwrap_causal_lm
     from .trainer import model_inputs
 
     batch = collator(examples)
     inputs = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
     hidden = final_hidden_states(teacher, **model_inputs(inputs))[:, :-1]
-    mask = inputs["labels"][:, 1:] != IGNORE_INDEX
-    hidden = hidden[mask]
+    hidden = hidden[inputs["labels"][:, 1:] != IGNORE_INDEX]
+    causal_lm = unwrap_causal_lm(teacher)
+    scale, softcap = logit_transform(causal_lm)
     parts = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        logits = head_logits(hidden[start:start + chunk_size]).float()[:, : manifest.vocab_size]
-        parts.append({name: value.cpu() for name, value in teacher_entries(
-            logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature).items()})
+    with full_head(causal_lm.get_output_embeddings()) as (weight, bias):
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = hidden[start:start + chunk_size] @ weight[: manifest.vocab_size].t()
+            if bias is not None:
+                logits = logits + bias[: manifest.vocab_size]
+            logits = logits.float() * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            parts.append({name: value.cpu() for name, value in teacher_entries(
+                logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature).items()})
     merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else None
     if merged is None:  # no example of the batch has a loss token
         merged = {"ids": torch.zeros(0, manifest.top_k, dtype=torch.long), "log_probs": torch.zeros(0, manifest.top_k),
@@ -440,8 +449,8 @@ def build_cache(
     from transformers import AutoConfig
 
     from .data import DistillationCollator, build_dataset, load_split
-    from .models import load_causal_lm, load_tokenizer, logit_transform
-    from .sharding import full_head, place_teacher, unwrap_causal_lm
+    from .models import load_causal_lm, load_tokenizer
+    from .sharding import place_teacher
 
     if value_format not in VALUE_FORMATS:
         raise ConfigError(f"--value-format {value_format!r} is not allowed; choose one of: {', '.join(VALUE_FORMATS)}")
@@ -511,44 +520,37 @@ def build_cache(
     collator = DistillationCollator(tokenizer.pad_token_id)
     batch_size = batch_size or config.per_device_eval_batch_size
     world, rank = accelerator.num_processes, accelerator.process_index
-    scale, softcap = logit_transform(unwrap_causal_lm(teacher))
     logger.info("cache-teacher: teacher %s on %s, %d process(es)", placement, accelerator.device, world)
 
-    with full_head(unwrap_causal_lm(teacher).get_output_embeddings()) as (weight, bias):
-        def head_logits(hidden: torch.Tensor) -> torch.Tensor:
-            logits = hidden @ weight.t() + (bias if bias is not None else 0)
-            logits = logits * scale
-            return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
-
-        plan = []  # per round, for this process: (split, its shard's example span or None, path, work to do, steps)
-        for split, dataset in datasets.items():
-            ranges = _shard_ranges(len(dataset), shard_size)
-            for first in range(0, len(ranges), world):
-                span = ranges[first + rank] if first + rank < len(ranges) else None
-                path = os.path.join(output_dir, shard_name(split, first + rank)) if span else None
-                todo = span is not None and not _shard_complete(path, dataset, span)
-                steps = max(math.ceil((end - start) / batch_size) for start, end in ranges[first:first + world])
-                plan.append((split, span, path, todo, steps))
-        work = sum(span[1] - span[0] for _, span, _, todo, _ in plan if todo)
-        progress = tqdm(total=work, desc="Caching teacher", unit="ex", disable=not (main and show_progress))
-        for split, span, path, todo, steps in plan:
-            dataset = datasets[split]
-            batches = list(_batches(dataset, *span, batch_size)) if todo else []
-            keys, entries, done = [], [], 0
-            for step in range(steps if lockstep else len(batches)):
-                examples = batches[step] if step < len(batches) else [dataset[0]]  # lockstep filler, discarded
-                result = shard_entries(teacher, head_logits, examples, collator, manifest, accelerator.device)
-                if step >= len(batches):
-                    continue
-                for example, entry in zip(examples, result):
-                    count = entry["entropy"].shape[0]
-                    keys.append((example_key(example["input_ids"], example["labels"]), done, count))
-                    entries.append(entry)
-                    done += count
-                progress.update(len(examples))
-            if todo:
-                write_shard(path, keys, entries, manifest)
-        progress.close()
+    plan = []  # per round, for this process: (split, its shard's example span or None, path, work to do, steps)
+    for split, dataset in datasets.items():
+        ranges = _shard_ranges(len(dataset), shard_size)
+        for first in range(0, len(ranges), world):
+            span = ranges[first + rank] if first + rank < len(ranges) else None
+            path = os.path.join(output_dir, shard_name(split, first + rank)) if span else None
+            todo = span is not None and not _shard_complete(path, dataset, span)
+            steps = max(math.ceil((end - start) / batch_size) for start, end in ranges[first:first + world])
+            plan.append((split, span, path, todo, steps))
+    work = sum(span[1] - span[0] for _, span, _, todo, _ in plan if todo)
+    progress = tqdm(total=work, desc="Caching teacher", unit="ex", disable=not (main and show_progress))
+    for split, span, path, todo, steps in plan:
+        dataset = datasets[split]
+        batches = list(_batches(dataset, *span, batch_size)) if todo else []
+        keys, entries, done = [], [], 0
+        for step in range(steps if lockstep else len(batches)):
+            examples = batches[step] if step < len(batches) else [dataset[0]]  # lockstep filler, discarded
+            result = shard_entries(teacher, examples, collator, manifest, accelerator.device)
+            if step >= len(batches):
+                continue
+            for example, entry in zip(examples, result):
+                count = entry["entropy"].shape[0]
+                keys.append((example_key(example["input_ids"], example["labels"]), done, count))
+                entries.append(entry)
+                done += count
+            progress.update(len(examples))
+        if todo:
+            write_shard(path, keys, entries, manifest)
+    progress.close()
     accelerator.wait_for_everyone()
     if main:
         for split, dataset in datasets.items():
@@ -557,7 +559,7 @@ def build_cache(
             manifest.splits[split]["complete"] = all(_shard_complete(p, dataset, r) for p, r in zip(paths, ranges))
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
-    return manifest
+    return CacheManifest.read(output_dir)  # what the main process recorded, on every process
 
 
 def _shard_complete(path: str, dataset, span: tuple[int, int]) -> bool:
