@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 
 import pytest
 
@@ -17,3 +19,26 @@ def tiny_stack(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("tiny")
     return prepare_tiny_stack(str(root), num_train=400, num_validation=40, num_test=40, vocab_size=512, seed=0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_with_a_free_port(make_commands, env: dict[str, str], timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Start the commands ``make_commands(port)`` together and wait for all. A port the OS handed out can be taken by
+    another process before ours binds it (EADDRINUSE): then everything is retried with a new port, never a fixed one."""
+    for _ in range(3):
+        commands = make_commands(free_port())
+        processes = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for c in commands]
+        results = []
+        for process, command in zip(processes, commands):
+            out, err = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(command, process.returncode, out, err))
+        if not any(r.returncode and ("EADDRINUSE" in r.stderr or "address already in use" in r.stderr.lower())
+                   for r in results):
+            break
+    return results

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_with_a_free_port
 from safetensors.torch import load_file
 
 from eakd_llm.sharding import check_saved_model
@@ -28,12 +28,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _args(tiny_stack, output_dir: Path, *extra: str) -> list[str]:
@@ -53,29 +47,13 @@ def _single(tiny_stack, output_dir: Path, *extra: str) -> subprocess.CompletedPr
     return result
 
 
-def _with_a_free_port(make_commands, env: dict[str, str]) -> list[subprocess.CompletedProcess]:
-    """Start the commands ``make_commands(port)`` together and wait for all; a port taken by someone else between
-    choosing it and binding it (EADDRINUSE) is retried with another port, never a fixed one."""
-    for _ in range(3):
-        processes = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                     for c in make_commands(_free_port())]
-        results = []
-        for process, command in zip(processes, make_commands(0)):
-            out, err = process.communicate(timeout=900)
-            results.append(subprocess.CompletedProcess(command, process.returncode, out, err))
-        if not any(r.returncode and ("EADDRINUSE" in r.stderr or "address already in use" in r.stderr.lower())
-                   for r in results):
-            return results
-    return results
-
-
 def _launch(tiny_stack, output_dir: Path, processes: int, *extra: str) -> None:
     def commands(port: int) -> list[list[str]]:
         return [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                  str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                  "--main_process_port", str(port), *_args(tiny_stack, output_dir, *extra)]]
 
-    (result,) = _with_a_free_port(commands, _env())
+    (result,) = run_with_a_free_port(commands, _env())
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -125,7 +103,7 @@ def _launch_deepspeed(tiny_stack, output_dir: Path, config: str, *extra: str) ->
                  "--mixed_precision", "no", "--main_process_port", str(port),
                  *_args(tiny_stack, output_dir, "--use_cpu", "false", "--ddp_backend", "gloo", *extra)]]
 
-    (result,) = _with_a_free_port(commands, env)
+    (result,) = run_with_a_free_port(commands, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
@@ -276,7 +254,7 @@ def test_two_machines_on_localhost_match_one_process(tiny_stack, tmp_path):
                  *_args(tiny_stack, tmp_path / "nodes", "--per_device_train_batch_size", "4", *steps)]
                 for rank in (0, 1)]
 
-    results = _with_a_free_port(commands, _env())
+    results = run_with_a_free_port(commands, _env())
     for rank, result in enumerate(results):
         assert result.returncode == 0, (rank, result.stderr[-3000:])
     reference, losses = _losses(tmp_path / "one"), _losses(tmp_path / "nodes")
@@ -311,7 +289,7 @@ def test_cache_teacher_on_two_processes_equals_one(tiny_stack, tmp_path, launch)
                  "--main_process_port", str(port), "-m", "eakd_llm.cli", "cache-teacher", *args, *extra,
                  "--output", str(tmp_path / "two")]]
 
-    (two,) = _with_a_free_port(commands, env)
+    (two,) = run_with_a_free_port(commands, env)
     assert two.returncode == 0, two.stderr[-3000:]
     shards = json.loads((tmp_path / "one" / "manifest.json").read_text())["splits"]["train"]["shards"]
     assert len(shards) == 3  # an odd count: under ZeRO-3 the second process fills the last round

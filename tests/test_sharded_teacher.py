@@ -5,26 +5,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_with_a_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _torchrun(script: str, tiny_stack, tmp_path: Path, args: list[str] | None = None) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               str(REPO / "tests" / "distributed_scripts" / script),
-               *(args if args is not None else [tiny_stack["teacher"]]), str(tmp_path)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    def commands(port: int) -> list[list[str]]:
+        return [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                 str(REPO / "tests" / "distributed_scripts" / script),
+                 *(args if args is not None else [tiny_stack["teacher"]]), str(tmp_path)]]
+
+    (result,) = run_with_a_free_port(commands, env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 

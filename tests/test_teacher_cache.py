@@ -279,6 +279,13 @@ def test_mismatched_missing_or_corrupted_caches_are_refused(tiny_stack, tmp_path
         run(teacher_model_name_or_path=tiny_stack["student"])
     with pytest.raises(ConfigError, match="has no manifest.json"):
         prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(tmp_path)))
+    other_tokenizer = tmp_path / "other-tokenizer"
+    shutil.copytree(full_cache, other_tokenizer)
+    manifest = json.loads((other_tokenizer / "manifest.json").read_text())
+    manifest["tokenizer"] = "0" * 32  # the fingerprint of another tokenizer's vocabulary and special tokens
+    (other_tokenizer / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="special tokens differ\\): built with another tokenizer"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(other_tokenizer)))
     broken = tmp_path / "broken"
     shutil.copytree(full_cache, broken)
     (broken / "train-00001.safetensors").write_bytes(b"not a safetensors file")
