@@ -3,14 +3,15 @@
 :func:`fused_distillation_loss` takes the final hidden states and the ``lm_head`` weights of the student and the
 teacher instead of their logits, and computes exactly
 
-    loss = (1 - r) * CE_sum / N  +  r * tau^2 * sum_n w_n * d_n / N            (r = ``kd_ratio``)
+    loss = (1 - r) * CE_sum / N  +  r * s * tau^2 * sum_n w_n * d_n / N        (r = ``kd_ratio``, s = ``kd_scale``)
 
 which is ``(1 - r) * CE_sum / N + r * eakd_llm.losses.distillation_loss(s_logits[..., :V], t_logits[..., :V], labels,
 ..., num_items_in_batch=N)`` with ``s_logits = softcap_s(scale_s * (student_hidden @ student_weight.T + student_bias))``
 (and the same for the teacher), ``CE_sum`` the summed cross-entropy of the full student logits over the loss tokens,
-``d_n`` the per-token divergence at temperature tau over the shared vocabulary ``V``, ``w_n`` the (detached) EA weight
-``(H_T + H_T * H_S / log V) / 2`` from the entropies at tau' (or 1 without EA), and ``N = num_items_in_batch`` or the
-local number of loss tokens (at least 1).
+``d_n`` the per-token divergence at temperature tau over the shared vocabulary ``V`` (or over a cached teacher's top-k
+tokens plus a tail bucket), ``w_n`` the (detached) EA weight ``(H_T + H_T * H_S / log V) / 2`` from the entropies at
+tau' (or another ``ea_formula``; divided by its mean over the loss tokens with ``ea_normalize="mean"``; 1 without EA),
+and ``N = num_items_in_batch`` or the local number of loss tokens (at least 1).
 
 Layout (Liger ``chunked_loss`` style): the chunking machinery (:class:`_FusedDistillationFunction`,
 :func:`_fused_forward`, :func:`_plan_chunks`, the projection helpers) is separate from the per-chunk maths
@@ -141,8 +142,8 @@ def fused_distillation_loss(
             ea_normalize, sequence_ids: as in :func:`eakd_llm.losses.distillation_loss` (packed ``sequence_ids`` must
             number the documents in row-major order). With ``ea_normalize="mean"`` the weights' mean over all loss
             tokens is known only after the last chunk: with a CE term, the KD gradient is then
-            accumulated apart (one more fp32 ``[V_s, H_s]`` buffer and a second gradient GEMM per chunk) and scaled
-            by 1 / mean at the end; without CE it costs nothing.
+            accumulated apart (one more set of fp32 gradient buffers, ``[V_s, H_s]`` and ``[N, H_s]``, and a second
+            gradient GEMM per chunk) and scaled by 1 / mean at the end; without CE it costs nothing.
         num_items_in_batch: ``N``, the global loss-token count (gradient accumulation / several processes); ``None``:
             the local count. A batch without loss tokens gives 0 (no NaN) and zero gradients.
         student_logit_scale, teacher_logit_scale: multipliers applied to the logits (models with a ``logit_scale``).
@@ -157,7 +158,7 @@ def fused_distillation_loss(
             maths, fp32 results equal to the eager path up to summation order. The projections stay GEMMs either way.
         return_stats: also return detached statistics: those of ``distillation_loss`` (``teacher_entropy``,
             ``student_entropy``, ``ea_weight_mean/min/max``, ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss
-            token (``kd_loss`` includes tau^2 and the EA weights, as the trainer logs it).
+            token (``kd_loss`` includes ``kd_scale``, tau^2 and the EA weights, as the trainer logs it).
 
     Returns:
         A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.

@@ -433,7 +433,12 @@ def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str,
         teacher_model_name_or_path=teacher_dir if kd else None, seed=spec.train_seed, data_seed=spec.train_seed,
         **overrides,
     )
-    trainer, seconds = _train(config, _WORKER["teacher"] if kd and not cached else None)
+    teacher = _WORKER["teacher"]
+    known = set(teacher.cache) if "on_policy_fraction" in overrides else None
+    trainer, seconds = _train(config, teacher if kd and not cached else None)
+    if known is not None:  # generated sequences are never seen again: keep the worker's memory flat
+        for key in set(teacher.cache) - known:
+            del teacher.cache[key]
     history = [dict(entry) for entry in trainer.state.log_history]
     evaluation = _evaluate(str(folder), _WORKER["records"], plan)
     return {

@@ -148,7 +148,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "## Paired differences (A − B)",
             "",
             "Paired by training seed, sampling seed and prompt. 95% interval: two-stage bootstrap (training seeds, "
-            "then prompts within each seed; 4000 replicates). Verdict: better / worse when the interval excludes 0.",
+            "then prompts within each seed; 4000 replicates). Verdict: better / worse when the interval excludes 0. "
+            "With three training seeds the resampling understates the between-seed variance (by about a third), so "
+            "the intervals are somewhat narrow: read them with the per-seed differences beside them.",
             "",
             "| comparison | metric | mean difference | 95% CI | per training seed | verdict |",
             "|---|---|---|---|---|---|",

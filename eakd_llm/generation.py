@@ -177,10 +177,13 @@ def generate_token_ids(
     device = model_device(model)
     eos = set(int(i) for i in eos_ids)
     was_training = model.training
-    saved_generation_config = getattr(model, "generation_config", None)
+    # A PEFT model's generate copies its config onto the base model: set aside and restore both.
+    holders = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    saved = [(holder, holder.generation_config) for holder in holders
+             if getattr(holder, "generation_config", None) is not None]
     model.eval()
-    if saved_generation_config is not None:
-        model.generation_config = transformers.GenerationConfig()
+    for holder, _ in saved:
+        holder.generation_config = transformers.GenerationConfig()
     out: list[list[int]] = []
     try:
         with torch.inference_mode():
@@ -204,7 +207,7 @@ def generate_token_ids(
                             break
                     out.append(new_tokens)
     finally:
-        if saved_generation_config is not None:
-            model.generation_config = saved_generation_config
+        for holder, config in saved:
+            holder.generation_config = config
         model.train(was_training)
     return out

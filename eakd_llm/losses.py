@@ -205,12 +205,6 @@ class SparseTeacher:
         return SparseTeacher(self.ids[start:end], self.log_probs[start:end], self.log_tail[start:end],
                              self.entropy[start:end])
 
-    def select(self, mask: torch.Tensor) -> SparseTeacher:
-        return SparseTeacher(self.ids[mask], self.log_probs[mask], self.log_tail[mask], self.entropy[mask])
-
-    def to(self, device: torch.device) -> SparseTeacher:
-        return SparseTeacher(*(t.to(device) for t in (self.ids, self.log_probs, self.log_tail, self.entropy)))
-
 
 def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
     """``(student, teacher)`` log-distributions ``[N, k + 1]`` over the teacher's top-k tokens plus the tail bucket

@@ -241,6 +241,8 @@ def gathered_for_generation(model: nn.Module):
         hooked = offload is not None and hasattr(offload, "forward_hooks") and hasattr(offload, "module")
         with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
             if hooked:
+                for param in partitioned:  # else releasing them can raise "still active in submodules"
+                    getattr(param, "ds_active_sub_modules", set()).clear()
                 for hook in offload.forward_hooks + offload.backward_hooks:
                     hook.remove()
                 offload.forward_hooks, offload.backward_hooks = [], []
@@ -252,14 +254,23 @@ def gathered_for_generation(model: nn.Module):
         return
     fsdp2 = [m for m in inner.modules() if hasattr(m, "unshard") and hasattr(m, "set_reshard_after_forward")]
     if fsdp2:
+        # Keep every module unsharded across the call, then put back each module's own reshard setting (the plugin's,
+        # and FSDP2's special case of the root), which set_reshard_after_forward would otherwise overwrite.
+        saved = []
         for module in fsdp2:
+            state = module._get_fsdp_state()
+            saved.append((state, state._auto_reshard_after_forward,
+                          [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]))
             module.unshard()
-            module.set_reshard_after_forward(False)
+            module.set_reshard_after_forward(False, recurse=False)
         try:
             yield inner
         finally:
+            for state, auto, groups in saved:
+                state._auto_reshard_after_forward = auto
+                for group, info in groups:
+                    group.post_forward_mesh_info = info
             for module in fsdp2:
-                module.set_reshard_after_forward(True)
                 module.reshard()
         return
     if model is not inner and type(model).__name__ == "FullyShardedDataParallel":

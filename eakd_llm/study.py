@@ -9,7 +9,9 @@ on the same held-out prompts with the same sampling seeds. Scores are arrays ``[
   order), sampling seed and prompt. The interval is a two-stage (hierarchical) percentile bootstrap: each replicate
   resamples the training seeds with replacement, then the prompts with replacement within each drawn seed, and
   averages the paired differences (already averaged over sampling seeds). It therefore carries both the
-  training-seed noise and the prompt-sampling noise; with one training seed only the prompts are resampled.
+  training-seed noise and the prompt-sampling noise; with one training seed only the prompts are resampled. With few
+  training seeds the resampling understates the between-seed variance (by about 1/n of it: a third at n = 3), so the
+  intervals are somewhat narrow; the per-seed differences are reported beside them.
 * :func:`verdict`: ``better`` / ``worse`` when the 95% interval excludes 0, else ``not distinguishable at 95%``.
 """
 

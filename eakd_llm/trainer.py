@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 
 from .chunked import fused_distillation_loss
-from .config import EAKDConfig
+from .config import ConfigError, EAKDConfig
 from .data import DistillationCollator
 from .losses import IGNORE_INDEX, SparseTeacher, distillation_loss, loss_denominator
 from .models import (
@@ -113,11 +113,21 @@ class EAKDTrainer(Trainer):
         if generates:
             if processing_class is None:
                 raise ValueError("on-policy / seq_kd generation needs processing_class (the student tokenizer)")
+            if teacher_cache is not None:
+                raise ValueError("a teacher cache holds the teacher's outputs for the dataset's responses only: it "
+                                 "cannot score generated ones (on_policy_fraction / seq_kd)")
+            if not getattr(data_collator, "with_prompts", False):
+                raise ValueError("on-policy / seq_kd generation needs a collator that returns the prompts "
+                                 "(prompt_input_ids): DistillationCollator(..., with_prompts=True)")
             # Generated responses are re-collated without the prompt columns (they are only read to generate).
             recollate = dataclasses.replace(data_collator, with_prompts=False) if isinstance(
                 data_collator, DistillationCollator) else data_collator
             self.on_policy = OnPolicyBatches(args, processing_class, recollate, self.accelerator.process_index)
         self._last_log_time = time.perf_counter()
+        fsdp1 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
+        if args.packing and fsdp1:
+            raise ConfigError("packing is not supported under FSDP1 (its check that models keep packed documents apart "
+                              "needs the root's parameters unsharded): use FSDP2 (fsdp_version: 2) or packing: false")
         if args.kd_ratio > 0 and teacher_cache is not None:
             manifest = teacher_cache.manifest
             self.vocab_size = manifest.vocab_size
@@ -203,6 +213,10 @@ class EAKDTrainer(Trainer):
                 # The denominator counts every process's tokens while DDP averages gradients: undo the average.
                 loss = loss * self.accelerator.num_processes
             if num_tokens > 0:
+                if source == "student" and "kd_loss" in stats:
+                    # The batch's KD term carries kd_ratio inside its scale (no CE): log it at the config's scale, so
+                    # kd_loss means the same on dataset and generated batches.
+                    stats["kd_loss"] = stats["kd_loss"] * args.kd_scale / terms[1]
                 self._record(stats, "train" if model.training else "eval", source)
         return (loss, outputs) if return_outputs else loss
 

@@ -77,6 +77,7 @@ def test_on_policy_loss_is_kd_only_over_the_generated_tokens(tiny_stack, tmp_pat
     generated = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     assert int(num_items) == generated
     batch = batches[0]
+    trainer.model.train()  # as in training (the split statistics are kept for training batches)
     loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     s = trainer.model(**inputs).logits[:, :-1]
@@ -84,6 +85,9 @@ def test_on_policy_loss_is_kd_only_over_the_generated_tokens(tiny_stack, tmp_pat
         t = trainer.teacher(**inputs).logits[:, :-1]
     kd = distillation_loss(s, t, batch["labels"][:, 1:], num_items_in_batch=num_items, entropy_temperature=2.0)
     torch.testing.assert_close(loss, 0.4 * kd, rtol=1e-5, atol=1e-7)
+    # kd_loss is logged per token at the config's scale, as on dataset batches (not with kd_ratio folded in)
+    per_token = distillation_loss(s, t, batch["labels"][:, 1:], entropy_temperature=2.0)
+    assert trainer._metrics["train"]["kd_loss/generated"][-1] == pytest.approx(per_token.item(), rel=1e-5)
 
 
 def test_seq_kd_generates_with_the_teacher_and_keeps_ce(tiny_stack, tmp_path, monkeypatch):
@@ -165,3 +169,21 @@ def test_prompt_only_dataset_trains_fully_on_policy(tiny_stack, tmp_path):
     assert all(entry["on_policy"] == 1.0 for entry in trainer.state.log_history if "loss" in entry)
     with pytest.raises(ConfigError, match="prompt-only dataset .* needs every step's responses generated"):
         prepare_run(_config(tiny_stack, tmp_path, dataset_name=str(folder), on_policy_fraction=0.5))
+
+
+def test_generation_leaves_a_lora_students_generation_config_as_it_was(tiny_stack):
+    """peft's generate copies the config it is given onto the base model: both must get their own back, or the
+    model's extra end tokens are lost from the second generation on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from eakd_llm.generation import GenerationSettings, generate_token_ids
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    base.generation_config.eos_token_id = [2, 7]
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
+    settings = GenerationSettings(max_prompt_length=8, max_length=16, max_new_tokens=3, do_sample=False,
+                                  no_repeat_ngram_size=0)
+    generate_token_ids(model, [[0, 5, 6]], settings, eos_ids=[2, 7], pad_id=1)
+    assert model.get_base_model().generation_config.eos_token_id == [2, 7]
+    assert model.generation_config.eos_token_id == [2, 7]

@@ -80,3 +80,4 @@ def test_generation_from_a_sharded_student(mode, tiny_stack, tmp_path):
         assert r["gathers_during_generate"] == 0
         assert r["full"] == r["model_full"] and r["local"] <= r["full"] // 2 + 1000
         assert r["forward_after_max_abs_diff"] < 1e-5
+        assert r["reshard_settings_kept"]  # each FSDP2 module's own reshard-after-forward setting is back

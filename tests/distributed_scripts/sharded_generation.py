@@ -42,6 +42,13 @@ def main(mode: str, student_dir: str, out_dir: str) -> None:
         wrapped, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     gathers = []
     inner = wrapped.module if mode == "zero3" else wrapped
+
+    def reshard_settings():  # FSDP2's per-module reshard-after-forward settings (the root's differs from the layers')
+        fsdp = [m for m in inner.modules() if hasattr(m, "_get_fsdp_state")]
+        return [(m._get_fsdp_state()._auto_reshard_after_forward,
+                 [g.post_forward_mesh_info is None for g in m._get_fsdp_state()._fsdp_param_groups]) for m in fsdp]
+
+    settings_before = reshard_settings()
     original = dist.all_gather_into_tensor
 
     def counting(*args, **kwargs):
@@ -57,13 +64,15 @@ def main(mode: str, student_dir: str, out_dir: str) -> None:
     finally:
         dist.all_gather_into_tensor = original
     local, total = parameter_elements(inner)
+    settings_after = reshard_settings()
     with torch.no_grad():  # the sharded model still runs its own forward afterwards
         ids = torch.tensor([prompts[0]])
         logits = wrapped(input_ids=ids).logits
         ref_logits = reference(input_ids=ids).logits
     result = {"rank": rank, "equal": got == expected, "new_tokens": [len(t) for t in got],
               "gathers_during_generate": after_generate - during, "local": local, "full": total, "model_full": full,
-              "forward_after_max_abs_diff": (logits - ref_logits).abs().max().item()}
+              "forward_after_max_abs_diff": (logits - ref_logits).abs().max().item(),
+              "reshard_settings_kept": settings_before == settings_after}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
     dist.barrier()
