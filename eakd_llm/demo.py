@@ -132,14 +132,11 @@ def plan_runs(plan: DemoPlan) -> list[RunSpec]:
     """Every student run of the plan (main comparison x training seeds, then the one-seed ablation)."""
     runs = [RunSpec(name, seed, tuple(overrides.items())) for seed in plan.train_seeds
             for name, overrides in METHODS.items()]
-    for normalize in ("none", "mean"):
-        for ratio in plan.ablation_ratios:
-            for tau in plan.ablation_taus:
-                if tau == plan.entropy_temperature and ratio == 0.5:
-                    continue  # the same run as the main comparison's first seed
-                overrides = {**EA_TOKEN, "kd_ratio": ratio, "entropy_temperature": tau, "ea_normalize": normalize}
-                name = f"τ′={tau:g} kd_ratio={ratio:g}{' normalised' if normalize == 'mean' else ''}"
-                runs.append(RunSpec(name, plan.train_seeds[0], tuple(overrides.items()), group="ablation"))
+    for tau, ratio, normalize, name in ablation_points(plan):
+        if name in METHODS:
+            continue  # the same run as the main comparison's first seed
+        overrides = {**EA_TOKEN, "kd_ratio": ratio, "entropy_temperature": tau, "ea_normalize": normalize}
+        runs.append(RunSpec(name, plan.train_seeds[0], tuple(overrides.items()), group="ablation"))
     return runs
 
 
@@ -318,7 +315,7 @@ def _train_teacher(root: Path, plan: DemoPlan, stack: dict[str, str]) -> tuple[s
 
 def _build_teacher_cache(root: Path, plan: DemoPlan, stack: dict[str, str], teacher_dir: str) -> dict[str, Any]:
     """The top-k cache of the teacher over the training split (the code of ``eakd-llm cache-teacher``)."""
-    from .teacher_cache import CacheManifest, build_cache
+    from .teacher_cache import build_cache
 
     folder = root / f"teacher-cache-k{plan.cache_top_k}"
     config = _base_config(plan, stack, root / "tmp", 1, model_name_or_path=stack["student"],
@@ -332,7 +329,6 @@ def _build_teacher_cache(root: Path, plan: DemoPlan, stack: dict[str, str], teac
     manifest = build_cache(config, str(folder), plan.cache_top_k, value_format="float16", shard_size=512,
                            show_progress=False)
     seconds = time.perf_counter() - start
-    manifest = CacheManifest.read(str(folder))
     files = [folder / name for name in manifest.splits["train"]["shards"]]
     return {"folder": str(folder), "top_k": plan.cache_top_k, "value_format": manifest.value_format,
             "bytes_per_token": manifest.bytes_per_token(), "tokens": manifest.splits["train"]["tokens"],
