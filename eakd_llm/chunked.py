@@ -44,16 +44,15 @@ import torch.nn.functional as F
 # The validators and the log-softmax/entropy helpers are the ones distillation_loss itself uses, so both paths raise
 # the same messages and run bit-identical per-token maths.
 from .losses import (
-    DEFAULT_ENTROPY_TEMPERATURE,
     IGNORE_INDEX,
+    LossSettings,
     SparseTeacher,
-    check_divergence_params,
-    check_ea_options,
-    check_temperature,
     divergence_from_log_probs,
+    divergence_sums,
     ea_normalizer,
     ea_weights_from_entropies,
     entropy_from_log_probs,
+    entropy_stats,
     log_probs,
     loss_denominator,
     sequence_rows,
@@ -61,7 +60,7 @@ from .losses import (
     weights_for_tokens,
 )
 
-__all__ = ["fused_distillation_loss"]
+__all__ = ["LMHead", "fused_distillation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,34 +72,47 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """One model's side of the fused loss: its final hidden states and output projection, whose logits are
+    ``z = softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap)`` (no tanh without a softcap).
+
+    Attributes:
+        hidden: ``[B, T, H]`` final hidden states (after the final norm), aligned with the labels: position ``t``
+            predicts ``labels[:, t]`` (for a causal LM: ``hidden[:, :-1]`` against ``input_ids[:, 1:]``). The
+            student's get gradients (hence its backbone / LoRA adapters); the teacher's never do.
+        weight: ``[V, H]`` ``lm_head`` weight (tied embeddings are fine). Must be the full weight: a ZeRO-3 / FSDP
+            shard (``numel() == 0``, a ``DTensor``) raises a ``ValueError``; gather it once per step and pass the
+            gathered tensor. The student's gets a gradient when it requires one.
+        bias: optional ``[V]`` ``lm_head`` bias.
+        logit_scale: multiplier of the logits (models with a ``logit_scale``).
+        softcap: Gemma-2-style final logit softcapping ``c * tanh(z / c)`` (after the scale), or ``None``.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    def check(self, who: str, labels: torch.Tensor) -> None:
+        _check_weight(f"{who}_weight", self.weight)
+        _check_shapes(who, self.hidden, self.weight, self.bias, labels)
+        if not math.isfinite(self.logit_scale):
+            raise ValueError(f"{who}_logit_scale must be finite, got {self.logit_scale}")
+        if self.softcap is not None and (not self.softcap > 0 or not math.isfinite(self.softcap)):
+            raise ValueError(f"{who}_softcap must be None or a finite number > 0, got {self.softcap}")
+
+
 def fused_distillation_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor | None,
-    teacher_weight: torch.Tensor | None,
+    student: LMHead,
+    teacher: LMHead | SparseTeacher | None,
     labels: torch.Tensor,
+    settings: LossSettings | None = None,
     *,
-    teacher_sparse: SparseTeacher | None = None,
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
-    kd_ratio: float = 0.5,
-    kd_scale: float = 1.0,
-    divergence: str = "fkl",
-    temperature: float = 1.0,
-    ea: bool = True,
-    ea_granularity: str = "token",
-    entropy_temperature: float | None = None,
-    skew_alpha: float = 0.1,
-    jsd_beta: float = 0.5,
-    ea_formula: str = "full",
-    ea_normalize: str = "none",
     sequence_ids: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
-    student_logit_scale: float = 1.0,
-    teacher_logit_scale: float = 1.0,
-    student_softcap: float | None = None,
-    teacher_softcap: float | None = None,
     chunk_size: int = 1024,
     compile: bool = False,
     return_stats: bool = False,
@@ -108,46 +120,33 @@ def fused_distillation_loss(
     """``(1 - kd_ratio) * CE + kd_ratio * kd_scale * (EA-)KD`` from hidden states and ``lm_head`` weights, chunk by
     chunk.
 
-    Equal (up to fp32 summation order) to computing full logits ``z = scale * (hidden @ weight.T + bias)`` (then
-    ``softcap * tanh(z / softcap)`` if a softcap is given) for both models and::
+    Equal (up to fp32 summation order) to computing both models' full logits ``z_s``, ``z_t`` (:class:`LMHead`) and::
 
         (1 - kd_ratio) * F.cross_entropy(z_s, labels, reduction="sum") / N
-            + kd_ratio * kd_scale * distillation_loss(z_s[..., :V], z_t[..., :V], labels, ..., num_items_in_batch=N)
+            + kd_ratio * kd_scale * distillation_loss(z_s[..., :V], z_t[..., :V], labels, settings, ...,
+                                                      num_items_in_batch=N)
 
     but the peak extra memory is ``O(chunk_size * V)`` instead of ``O(B * T * V)``.
 
     Args:
-        student_hidden: ``[B, T, H_s]`` final hidden states of the student (after the final norm), already aligned with
-            ``labels``: position ``t`` predicts ``labels[:, t]`` (for a causal LM: ``hidden[:, :-1]`` against
-            ``input_ids[:, 1:]``). Gradients flow back into it (hence into the backbone / LoRA adapters).
-        student_weight: ``[V_s, H_s]`` student ``lm_head`` weight (tied embeddings are fine). Gets a gradient when it
-            requires one. Must be the full weight: a ZeRO-3 / FSDP shard (``numel() == 0``, a ``DTensor``) raises a
-            ``ValueError``; gather it once per step and pass the gathered tensor.
-        teacher_hidden: ``[B, T, H_t]`` final hidden states of the teacher, aligned like the student's (``None`` when
-            ``kd_ratio == 0``). Gets no gradient.
-        teacher_weight: ``[V_t, H_t]`` teacher ``lm_head`` weight (``None`` when ``kd_ratio == 0``). Gets no gradient.
-        teacher_sparse: instead of ``teacher_hidden`` / ``teacher_weight``, the teacher's cached top-k distribution of
-            the ``N`` loss tokens (:class:`eakd_llm.losses.SparseTeacher`, row-major order of the loss positions): the
-            KD term is then taken on the top-k tokens plus one tail bucket, H_T is the cached exact entropy, and no
-            teacher projection is computed. ``vocab_size`` defaults to ``V_s``.
+        student: the student's hidden states and head (:class:`LMHead`); its hidden states, weight and bias get
+            gradients when they require them.
+        teacher: the teacher's hidden states and head; or its cached top-k distribution of the ``N`` loss tokens
+            (:class:`eakd_llm.losses.SparseTeacher`, row-major order of the loss positions): the KD term is then taken
+            on the top-k tokens plus one tail bucket, H_T is the cached exact entropy, and no teacher projection is
+            computed; ``None`` when ``kd_ratio == 0``. Gets no gradient.
         labels: ``[B, T]`` targets; ``-100`` marks positions without loss.
-        student_bias, teacher_bias: optional ``[V_s]`` / ``[V_t]`` ``lm_head`` biases.
+        settings: :class:`eakd_llm.losses.LossSettings` (``None``: the defaults). With ``ea_normalize="mean"`` the
+            weights' mean over all loss tokens is known only after the last chunk: with a CE term, the KD gradient is
+            then accumulated apart (one more set of fp32 gradient buffers, ``[V_s, H_s]`` and ``[N, H_s]``, and a
+            second gradient GEMM per chunk) and scaled by 1 / mean at the end; without CE it costs nothing.
         vocab_size: ``V``, the shared vocabulary of the KD term: the first ``V`` columns of both models' logits
-            (``None``: ``min(V_s, V_t)``, i.e. vocabularies differing only by padding rows). CE always uses all ``V_s``
-            student columns.
-        kd_ratio: ``r`` in ``[0, 1]``; 0 is plain SFT (teacher unused), 1 is pure KD (no CE term).
-        kd_scale: a constant multiplier of the KD term (> 0; 1 by default). A control for experiments: plain KD
-            scaled by EA's mean weight has EA's KD scale without its adaptivity.
-        divergence, temperature, ea, ea_granularity, entropy_temperature, skew_alpha, jsd_beta, ea_formula,
-            ea_normalize, sequence_ids: as in :func:`eakd_llm.losses.distillation_loss` (packed ``sequence_ids`` must
-            number the documents in row-major order). With ``ea_normalize="mean"`` the weights' mean over all loss
-            tokens is known only after the last chunk: with a CE term, the KD gradient is then
-            accumulated apart (one more set of fp32 gradient buffers, ``[V_s, H_s]`` and ``[N, H_s]``, and a second
-            gradient GEMM per chunk) and scaled by 1 / mean at the end; without CE it costs nothing.
+            (``None``: ``min(V_s, V_t)``, i.e. vocabularies differing only by padding rows; ``V_s`` with a cached
+            teacher). CE always uses all ``V_s`` student columns.
+        sequence_ids: packed batches' document numbers, as in :func:`eakd_llm.losses.distillation_loss` (they must
+            number the documents in row-major order).
         num_items_in_batch: ``N``, the global loss-token count (gradient accumulation / several processes); ``None``:
             the local count. A batch without loss tokens gives 0 (no NaN) and zero gradients.
-        student_logit_scale, teacher_logit_scale: multipliers applied to the logits (models with a ``logit_scale``).
-        student_softcap, teacher_softcap: Gemma-2-style final logit softcapping ``c * tanh(z / c)`` (after the scale).
         chunk_size: number of loss tokens per chunk (>= 1); the loss maths keeps about 10-15 fp32 ``[chunk_size, V_s]``
             temporaries alive at its peak (measured on CPU), so e.g. 1024 x 151,936 -> 6-9 GB, 256 -> a quarter.
         compile: run the per-chunk maths (log-softmaxes, divergence, entropies, CE and their gradient with respect to
@@ -157,8 +156,9 @@ def fused_distillation_loss(
             recompile limit (8 by default) bounds how many one process compiles before falling back to eager. Same
             maths, fp32 results equal to the eager path up to summation order. The projections stay GEMMs either way.
         return_stats: also return detached statistics: those of ``distillation_loss`` (``teacher_entropy``,
-            ``student_entropy``, ``ea_weight_mean/min/max``, ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss
-            token (``kd_loss`` includes ``kd_scale``, tau^2 and the EA weights, as the trainer logs it).
+            ``student_entropy``, ``ea_weight_mean/min/max``, ``divergence_sum``, ``weighted_divergence_sum``,
+            ``num_tokens``) plus ``ce_loss`` and ``kd_loss`` per loss token (``kd_loss`` includes ``kd_scale``, tau^2
+            and the EA weights, as the trainer logs it).
 
     Returns:
         A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
@@ -194,131 +194,102 @@ def fused_distillation_loss(
     ``kd_ratio == 1``. Tip: a ``chunk_size`` of at least the longest row's loss-token count makes sequence granularity
     free.
     """
-    check_divergence_params(divergence, skew_alpha, jsd_beta)
-    check_ea_options(ea_granularity, ea_formula, ea_normalize)
-    check_temperature("temperature", temperature)
-    tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
-    check_temperature("entropy_temperature", tau_e)
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
-    check_temperature("kd_scale", kd_scale)  # the same rule: a finite number > 0
+    settings = LossSettings() if settings is None else settings
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    for name, value in (("student_logit_scale", student_logit_scale), ("teacher_logit_scale", teacher_logit_scale)):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
-        if value is not None and (not value > 0 or not math.isfinite(value)):
-            raise ValueError(f"{name} must be None or a finite number > 0, got {value}")
-
-    use_teacher = kd_ratio > 0
-    _check_weight("student_weight", student_weight)
-    _check_shapes("student", student_hidden, student_weight, student_bias, labels)
-    if use_teacher and teacher_sparse is not None:
-        vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
-        if not 2 <= vocab_size <= student_weight.shape[0]:
-            raise ValueError(f"vocab_size must be in [2, V_s = {student_weight.shape[0]}], got {vocab_size}")
-        if teacher_sparse.ids.shape[0] != int((labels != IGNORE_INDEX).sum()):
-            raise ValueError(f"teacher_sparse has {teacher_sparse.ids.shape[0]} tokens for "
-                             f"{int((labels != IGNORE_INDEX).sum())} loss positions")
-        devices = {t.device for t in (student_hidden, student_weight, labels, teacher_sparse.log_probs)}
-    elif use_teacher:
-        if teacher_hidden is None or teacher_weight is None:
-            raise ValueError(f"kd_ratio={kd_ratio} needs teacher_hidden and teacher_weight (kd_ratio 0 is plain SFT)")
-        _check_weight("teacher_weight", teacher_weight)
-        _check_shapes("teacher", teacher_hidden, teacher_weight, teacher_bias, labels)
-        v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
-        if vocab_size is None:
-            vocab_size = min(v_s, v_t)
-        if not 2 <= vocab_size <= min(v_s, v_t):
-            raise ValueError(
-                f"vocab_size must be in [2, min(V_s, V_t)] = [2, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}), "
-                f"got {vocab_size}"
-            )
-        devices = {t.device for t in (student_hidden, student_weight, teacher_hidden, teacher_weight, labels)}
+    student.check("student", labels)
+    mask = labels != IGNORE_INDEX
+    num_tokens = mask.sum()
+    use_teacher = settings.kd_ratio > 0
+    if not use_teacher:
+        teacher = None
+    elif teacher is None:
+        raise ValueError(f"kd_ratio={settings.kd_ratio} needs a teacher (an LMHead or a SparseTeacher); kd_ratio 0 is "
+                         "plain SFT")
+    vocab_size = _shared_vocab(student, teacher, vocab_size, settings)
+    if isinstance(teacher, SparseTeacher):
+        if teacher.ids.shape[0] != int(num_tokens):
+            raise ValueError(f"teacher_sparse has {teacher.ids.shape[0]} tokens for {int(num_tokens)} loss positions")
+        tensors = (student.hidden, student.weight, labels, teacher.log_probs)
     else:
-        vocab_size = student_weight.shape[0] if vocab_size is None else vocab_size
-        devices = {t.device for t in (student_hidden, student_weight, labels)}
+        tensors = (student.hidden, student.weight, labels) + (() if teacher is None else (teacher.hidden,
+                                                                                          teacher.weight))
+    devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
 
     spec = _LossSpec(
-        kd_ratio=float(kd_ratio),
-        kd_scale=float(kd_scale),
+        settings=settings,
         use_teacher=use_teacher,
-        divergence=divergence,
-        temperature=float(temperature),
-        entropy_temperature=float(tau_e),
-        ea=bool(ea),
-        granularity=ea_granularity,
-        formula=ea_formula,
-        normalize=ea_normalize,
-        skew_alpha=float(skew_alpha),
-        jsd_beta=float(jsd_beta),
         vocab_size=int(vocab_size),
-        student_logit_scale=float(student_logit_scale),
-        teacher_logit_scale=float(teacher_logit_scale),
-        student_softcap=student_softcap,
-        teacher_softcap=teacher_softcap,
-        need_ce=kd_ratio < 1 or return_stats,
-        need_entropies=use_teacher and (ea or return_stats),
-        autocast_dtype=_autocast_dtype(student_hidden.device.type),
+        student_logit_scale=float(student.logit_scale),
+        teacher_logit_scale=float(teacher.logit_scale) if isinstance(teacher, LMHead) else 1.0,
+        student_softcap=student.softcap,
+        teacher_softcap=teacher.softcap if isinstance(teacher, LMHead) else None,
+        need_ce=settings.kd_ratio < 1 or return_stats,
+        need_entropies=use_teacher and (settings.ea or return_stats),
+        autocast_dtype=_autocast_dtype(student.hidden.device.type),
         compile=bool(compile),
     )
 
     # Drop the positions without loss before projecting anything: [B, T, H] -> [N, H].
-    mask = labels != IGNORE_INDEX
-    num_tokens = mask.sum()
     denominator = loss_denominator(num_tokens, num_items_in_batch)
-    targets = labels[mask]
     rows, num_rows = sequence_rows(labels, sequence_ids)
-    h_s = student_hidden[mask]
-    teacher: SparseTeacher | tuple | None = None
-    if use_teacher and teacher_sparse is not None:
-        teacher = teacher_sparse
-    elif use_teacher:  # padding rows beyond V never enter the KD term
-        b_t = teacher_bias[: spec.vocab_size] if teacher_bias is not None else None
-        teacher = (teacher_hidden[mask], teacher_weight[: spec.vocab_size], b_t)
+    teacher_in: SparseTeacher | tuple | None = teacher
+    if isinstance(teacher, LMHead):  # padding rows beyond V never enter the KD term
+        bias = teacher.bias[: spec.vocab_size] if teacher.bias is not None else None
+        teacher_in = (teacher.hidden[mask], teacher.weight[: spec.vocab_size], bias)
 
     grad_enabled = torch.is_grad_enabled()
     needs = tuple(
-        grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)
+        grad_enabled and t is not None and t.requires_grad for t in (student.hidden, student.weight, student.bias)
     )
     stats_out: dict[str, torch.Tensor] = {}
     loss = _FusedDistillationFunction.apply(
-        h_s,
-        student_weight,
-        student_bias,
-        teacher,
-        targets,
-        rows,
-        num_rows,
-        denominator,
-        spec,
-        chunk_size,
-        needs,
-        stats_out,
+        student.hidden[mask], student.weight, student.bias, teacher_in, labels[mask], rows, num_rows, denominator,
+        spec, chunk_size, needs, stats_out,
     )
     if not return_stats:
         return loss
+    return loss, _stats(stats_out, num_tokens, rows, num_rows, spec)
 
+
+def _shared_vocab(student: LMHead, teacher: LMHead | SparseTeacher | None, vocab_size: int | None,
+                  settings: LossSettings) -> int:
+    """``V`` of the KD term, checked against both heads."""
+    v_s = student.weight.shape[0]
+    if not isinstance(teacher, LMHead):
+        vocab_size = v_s if vocab_size is None else vocab_size
+        if teacher is not None and not 2 <= vocab_size <= v_s:
+            raise ValueError(f"vocab_size must be in [2, V_s = {v_s}], got {vocab_size}")
+        return vocab_size
+    teacher.check("teacher", teacher.hidden.new_empty(teacher.hidden.shape[:2], dtype=torch.long))
+    v_t = teacher.weight.shape[0]
+    vocab_size = min(v_s, v_t) if vocab_size is None else vocab_size
+    if not 2 <= vocab_size <= min(v_s, v_t):
+        raise ValueError(
+            f"vocab_size must be in [2, min(V_s, V_t)] = [2, {min(v_s, v_t)}] (student {v_s}, teacher {v_t}), "
+            f"got {vocab_size}"
+        )
+    return vocab_size
+
+
+def _stats(buffers: dict[str, torch.Tensor], num_tokens: torch.Tensor, rows: torch.Tensor, num_rows: int,
+           spec: _LossSpec) -> dict[str, torch.Tensor]:
+    """The detached statistics of a call from the per-token buffers :func:`_fused_forward` filled."""
+    settings = spec.settings
     count = num_tokens.clamp(min=1)
-    stats: dict[str, torch.Tensor] = {"num_tokens": num_tokens.detach(), "ce_loss": stats_out["ce_sum"] / count}
-    if use_teacher:
-        stats["kd_loss"] = spec.kd_scale * spec.temperature**2 * stats_out["kd_sum"] / count
-        if int(num_tokens) > 0:
-            h_t_all, h_s_all = stats_out["teacher_entropy"], stats_out["student_entropy"]
-            weights = weights_for_tokens(
-                h_t_all, h_s_all, rows, num_rows, spec.vocab_size, spec.granularity, spec.formula
-            )
-            stats.update(
-                teacher_entropy=h_t_all.mean(),
-                student_entropy=h_s_all.mean(),
-                ea_weight_mean=weights.mean(),
-                ea_weight_min=weights.min(),
-                ea_weight_max=weights.max(),
-            )
-    return loss, stats
+    stats: dict[str, torch.Tensor] = {"num_tokens": num_tokens.detach(), "ce_loss": buffers["ce_sum"] / count}
+    if not spec.use_teacher:
+        return stats
+    stats["kd_loss"] = settings.kd_scale * settings.temperature**2 * buffers["kd_sum"] / count
+    if int(num_tokens) > 0:
+        h_t, h_s = buffers["teacher_entropy"], buffers["student_entropy"]
+        weights = weights_for_tokens(h_t, h_s, rows, num_rows, spec.vocab_size, settings.ea_granularity,
+                                     settings.ea_formula)
+        stats.update(entropy_stats(h_t, h_s, weights))
+        stats.update(divergence_sums(buffers["divergence"], weights))
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -387,18 +358,10 @@ def _check_shapes(
 
 @dataclass(frozen=True)
 class _LossSpec:
-    kd_ratio: float
-    kd_scale: float
+    """The settings plus what one call derived from its inputs (hashable: it keys the compiled chunk maths)."""
+
+    settings: LossSettings
     use_teacher: bool
-    divergence: str
-    temperature: float
-    entropy_temperature: float
-    ea: bool
-    granularity: str
-    formula: str
-    normalize: str
-    skew_alpha: float
-    jsd_beta: float
     vocab_size: int
     student_logit_scale: float
     teacher_logit_scale: float
@@ -461,33 +424,35 @@ def _chunk_terms(
     if teacher_logits is None:
         return _ChunkTerms(cross_entropy(None), None, None, None)
     z_s_kd = z_s[:, : spec.vocab_size] if z_s.shape[-1] != spec.vocab_size else z_s
-    log_s = log_probs(z_s_kd, spec.temperature)
-    ce = cross_entropy(log_s if spec.temperature == 1.0 and z_s_kd is z_s else None)
+    settings = spec.settings
+    log_s = log_probs(z_s_kd, settings.temperature)
+    ce = cross_entropy(log_s if settings.temperature == 1.0 and z_s_kd is z_s else None)
     if isinstance(teacher_logits, SparseTeacher):
-        per_token = sparse_divergence(log_s, teacher_logits, spec.divergence, spec.skew_alpha, spec.jsd_beta)
+        per_token = sparse_divergence(log_s, teacher_logits, settings.divergence, settings.skew_alpha,
+                                       settings.jsd_beta)
         h_t = h_s = None
         if spec.need_entropies:
             with torch.no_grad():
                 h_t = teacher_logits.entropy.float()
-                same_tau = spec.entropy_temperature == spec.temperature
+                same_tau = settings.entropy_temperature == settings.temperature
                 h_s = entropy_from_log_probs(
-                    log_s.detach() if same_tau else log_probs(z_s_kd.detach(), spec.entropy_temperature)
+                    log_s.detach() if same_tau else log_probs(z_s_kd.detach(), settings.entropy_temperature)
                 )
         return _ChunkTerms(ce, per_token, h_t, h_s)
     with torch.no_grad():
         z_t = _transform_logits(teacher_logits.float(), spec.teacher_logit_scale, spec.teacher_softcap)
-        log_t = log_probs(z_t, spec.temperature)
+        log_t = log_probs(z_t, settings.temperature)
     per_token = divergence_from_log_probs(
-        log_s, log_t, spec.divergence, skew_alpha=spec.skew_alpha, jsd_beta=spec.jsd_beta
+        log_s, log_t, settings.divergence, skew_alpha=settings.skew_alpha, jsd_beta=settings.jsd_beta
     )
     h_t = h_s = None
     if spec.need_entropies:
         with torch.no_grad():
-            if spec.entropy_temperature == spec.temperature:
+            if settings.entropy_temperature == settings.temperature:
                 h_t, h_s = entropy_from_log_probs(log_t), entropy_from_log_probs(log_s.detach())
             else:
-                h_t = entropy_from_log_probs(log_probs(z_t, spec.entropy_temperature))
-                h_s = entropy_from_log_probs(log_probs(z_s_kd.detach(), spec.entropy_temperature))
+                h_t = entropy_from_log_probs(log_probs(z_t, settings.entropy_temperature))
+                h_s = entropy_from_log_probs(log_probs(z_s_kd.detach(), settings.entropy_temperature))
     return _ChunkTerms(ce, per_token, h_t, h_s)
 
 
@@ -682,6 +647,164 @@ class _GradBuffers:
     def astuple(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         return self.h, self.w, self.b
 
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The hidden-state rows of tokens ``[start, end)`` and the whole weight and bias buffers."""
+        return (self.h[start:end] if self.h is not None else None), self.w, self.b
+
+
+@dataclass
+class _ChunkWeights:
+    """The EA weights of one chunk's tokens, as far as they are known."""
+
+    values: torch.Tensor | None = None  # [c]; None: every weight is 1 (or not known yet, see `pending`)
+    pending: bool = False  # the chunk's last row goes on in the next chunk: its weight is not known yet
+    ended_row: tuple[torch.Tensor, int] | None = None  # a pending row that ended here: (its weight, its first token)
+
+
+class _NoWeights:
+    """Plain KD or no KD term: every weight is 1."""
+
+    def chunk(self, start: int, end: int, terms: _ChunkTerms) -> _ChunkWeights:
+        return _ChunkWeights()
+
+
+@dataclass
+class _TokenWeights:
+    """Token granularity: a token's weight is final as soon as its chunk's entropies are."""
+
+    vocab: int
+    formula: str
+
+    def chunk(self, start: int, end: int, terms: _ChunkTerms) -> _ChunkWeights:
+        return _ChunkWeights(ea_weights_from_entropies(terms.teacher_entropy, terms.student_entropy, self.vocab,
+                                                       self.formula))
+
+
+class _SequenceWeights:
+    """Sequence granularity: a row's weight comes from its mean entropies, known once its last token is projected.
+
+    Chunks end at row boundaries (:func:`_plan_chunks`), so only a row longer than a chunk stays ``pending`` across
+    chunks; its weight is handed out (``ended_row``) with the chunk where it ends.
+    """
+
+    def __init__(self, rows: torch.Tensor, num_rows: int, row_starts: list[int], vocab: int, formula: str) -> None:
+        self.rows, self.row_starts, self.vocab, self.formula = rows, row_starts, vocab, formula
+        self.count = torch.bincount(rows, minlength=num_rows).float().clamp(min=1)
+        self.sum_t = torch.zeros(num_rows, device=rows.device)
+        self.sum_s = torch.zeros(num_rows, device=rows.device)
+        self.pending_row: int | None = None
+
+    def chunk(self, start: int, end: int, terms: _ChunkTerms) -> _ChunkWeights:
+        chunk_rows = self.rows[start:end]
+        self.sum_t.index_add_(0, chunk_rows, terms.teacher_entropy)
+        self.sum_s.index_add_(0, chunk_rows, terms.student_entropy)
+        last_row = bisect.bisect_right(self.row_starts, end - 1) - 1
+        if self.row_starts[last_row + 1] > end:  # the last row goes on
+            if self.pending_row is None:
+                self.pending_row = last_row
+            return _ChunkWeights(pending=True)
+        # every row of this chunk ends in it: their weights are final
+        row_weights = ea_weights_from_entropies(self.sum_t / self.count, self.sum_s / self.count, self.vocab,
+                                                self.formula)
+        ended = None
+        if self.pending_row is not None:
+            ended = (row_weights[self.pending_row], self.row_starts[self.pending_row])
+            self.pending_row = None
+        return _ChunkWeights(row_weights[chunk_rows], ended_row=ended)
+
+
+def _chunk_weighting(spec: _LossSpec, rows: torch.Tensor, num_rows: int, row_starts: list[int]):
+    settings = spec.settings
+    if not (spec.use_teacher and settings.ea):
+        return _NoWeights()
+    if settings.ea_granularity == "token":
+        return _TokenWeights(spec.vocab_size, settings.ea_formula)
+    return _SequenceWeights(rows, num_rows, row_starts, spec.vocab_size, settings.ea_formula)
+
+
+class _GradientRoutes:
+    """The loss sums and fp32 gradient buffers of one call, and where each chunk's KD part goes until its scale is
+    known. One destination per reason to wait:
+
+    * ``final``: the main buffers. When a chunk's KD scale is final there, CE and KD take one backward together.
+    * ``by_mean``: ``ea_normalize: mean`` -- everything KD, scaled by 1 / mean weight after the last chunk. Without a
+      CE term every gradient is KD, so this is ``final`` itself (scaled at the end: no second buffer).
+    * ``by_row``: the non-final chunks of a row longer than ``chunk_size`` (sequence granularity), unweighted; scaled
+      by the row's weight when the row ends and moved to ``settled`` (``by_mean`` or ``final``).
+
+    A chunk whose KD part waits takes two backwards: CE into ``final``, KD into its destination.
+    """
+
+    def __init__(self, spec: _LossSpec, num_tokens: int, w_s: torch.Tensor, needs: tuple[bool, bool, bool]) -> None:
+        settings = spec.settings
+        self.ce_in_loss, self.kd_in_loss = settings.kd_ratio < 1, spec.use_teacher
+        self.normalized = spec.use_teacher and settings.ea and settings.ea_normalize != "none"
+        # Gradients are taken of the un-normalised sums (entries of order 1, safe to round to fp16 for the backward
+        # GEMMs; 1/N can be far below fp16's smallest normal) and divided by N in fp32 at the end.
+        self.ce_coef = 1.0 - settings.kd_ratio
+        self.kd_coef = settings.kd_ratio * settings.kd_scale * settings.temperature**2
+        zero = torch.zeros((), device=w_s.device, dtype=torch.float32)
+        self.ce_sum, self.kd_sum, self.pending_kd = zero, zero.clone(), zero.clone()
+        self.num_tokens, self.w_s, self.needs = num_tokens, w_s, needs
+        self.final = _GradBuffers.zeros(num_tokens, w_s, needs) if any(needs) else None
+        separate = self.final is not None and self.normalized and self.ce_in_loss
+        self.settled = _GradBuffers.zeros(num_tokens, w_s, needs) if separate else self.final
+        self.by_row: _GradBuffers | None = None  # allocated at the first long row
+
+    def add(self, student: _Projection, h: torch.Tensor, s_logits: torch.Tensor, start: int, end: int,
+            ce: torch.Tensor | None, kd: torch.Tensor | None, pending: bool) -> None:
+        """Add a chunk's summed CE and (weighted, unless ``pending``) KD terms and their gradients."""
+        if ce is not None:
+            self.ce_sum += ce.detach()
+        if kd is not None:
+            if pending:
+                self.pending_kd += kd.detach()
+            else:
+                self.kd_sum += kd.detach()
+        if self.final is None:
+            return
+        if pending and self.by_row is None:
+            self.by_row = _GradBuffers.zeros(self.num_tokens, self.w_s, self.needs)
+        kd_target = self.by_row if pending else self.settled
+        if kd_target is self.final or kd is None:  # one gradient of the whole chunk loss
+            total = self.ce_coef * ce if self.ce_in_loss else None
+            if kd is not None:
+                total = self.kd_coef * kd if total is None else total + self.kd_coef * kd
+            (d_logits,) = torch.autograd.grad(total, s_logits)
+            student.backward(d_logits, h, *self.final.rows(start, end))
+            return
+        if self.ce_in_loss:  # CE is never EA-weighted: its gradient cannot wait with the KD one
+            (d_ce,) = torch.autograd.grad(self.ce_coef * ce, s_logits, retain_graph=True)
+            student.backward(d_ce, h, *self.final.rows(start, end))
+        (d_kd,) = torch.autograd.grad(self.kd_coef * kd, s_logits)
+        student.backward(d_kd, h, *kd_target.rows(start, end))
+
+    def end_row(self, weight: torch.Tensor, first_token: int, start: int) -> None:
+        """A long row ended in the chunk starting at ``start``: weight its earlier chunks' deferred KD part."""
+        self.kd_sum += weight * self.pending_kd
+        self.pending_kd.zero_()
+        if self.final is not None:
+            self.settled.add_scaled_(self.by_row, weight, slice(first_token, start))
+
+    def finish(self, normalizer: torch.Tensor | None, denominator: torch.Tensor) -> torch.Tensor:
+        """Apply the batch-wide factors (1 / mean weight, 1 / N) and return the loss."""
+        if normalizer is not None:
+            self.kd_sum /= normalizer
+            if self.final is not None:
+                if self.settled is self.final:
+                    self.final.scale_(1.0 / normalizer)
+                else:
+                    self.final.add_scaled_(self.settled, 1.0 / normalizer)
+        if self.final is not None:
+            self.final.scale_(1.0 / denominator)
+        loss = self.ce_coef * self.ce_sum / denominator if self.ce_in_loss else torch.zeros_like(self.ce_sum)
+        if self.kd_in_loss:
+            loss = loss + self.kd_coef * self.kd_sum / denominator
+        return loss
+
+    def gradients(self) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        return self.final.astuple() if self.final is not None else (None, None, None)
+
 
 def _fused_forward(
     h_s: torch.Tensor,
@@ -696,61 +819,19 @@ def _fused_forward(
     chunk_size: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...], dict[str, torch.Tensor]]:
-    """Loss, gradients (fp32; ``None`` where not needed) and ``[N]`` statistics buffers, one chunk at a time.
-
-    The KD gradient of a chunk goes where its scale will be known: straight into the main accumulators with the CE
-    gradient when the chunk's EA weights are final; into ``pending`` (a row longer than the chunk, sequence
-    granularity: scaled by the row's weight when the row ends); or into ``kd_grads`` when the weights are normalised by
-    their mean over the whole batch (``ea_normalize: mean``: scaled by 1 / mean after the last chunk).
-    """
-    device = h_s.device
-    num_tokens, _ = h_s.shape
-    vocab = spec.vocab_size
+    """Loss, gradients (fp32; ``None`` where not needed) and ``[N]`` statistics buffers, one chunk at a time:
+    project the chunk -> per-token terms -> weights -> gradients (routed by :class:`_GradientRoutes`)."""
+    num_tokens = h_s.shape[0]
     need_grad = any(needs)
-    ce_in_loss = spec.kd_ratio < 1
-    kd_in_loss = spec.use_teacher
-    normalized = kd_in_loss and spec.ea and spec.normalize != "none"
-
     student = _Projection(h_s, w_s, b_s, spec.autocast_dtype)
-    # The teacher's side of a chunk (the one interface the chunk maths consumes): logits projected from its hidden
-    # states, or the chunk's rows of a cached top-k distribution.
-    if isinstance(teacher_in, SparseTeacher):
-        teacher_rows = teacher_in.rows
-    elif teacher_in is not None:
-        teacher = _Projection(*teacher_in, spec.autocast_dtype)
-        teacher_rows = functools.partial(_project_rows, teacher, vocab)
-    student_cols = w_s.shape[0] if spec.need_ce else vocab  # pure KD without stats needs only the shared columns
+    teacher_rows = _teacher_rows(teacher_in, spec)
+    student_cols = w_s.shape[0] if spec.need_ce else spec.vocab_size  # pure KD without stats: the shared columns
+    row_starts = [0, *torch.cumsum(torch.bincount(rows, minlength=num_rows), 0).tolist()]
+    weighting = _chunk_weighting(spec, rows, num_rows, row_starts)
+    routes = _GradientRoutes(spec, num_tokens, w_s, needs)
+    buffers = _TokenBuffers.empty(num_tokens, h_s.device, spec)
 
-    zero = torch.zeros((), device=device, dtype=torch.float32)
-    denominator = denominator.to(device=device, dtype=torch.float32)
-    # The per-chunk gradients are taken of the un-normalised sums (entries of order 1, safe to round to fp16 for the
-    # backward GEMMs; 1/N can be far below fp16's smallest normal) and divided by N in fp32 at the end.
-    ce_grad_coef = 1.0 - spec.kd_ratio
-    kd_grad_coef = spec.kd_ratio * spec.kd_scale * spec.temperature**2
-    ce_sum, kd_sum = zero.clone(), zero.clone()
-
-    grads = _GradBuffers.zeros(num_tokens, w_s, needs) if need_grad else None
-    # Normalised weights with a CE term: the KD gradient is kept apart until the batch's mean weight is known (without
-    # CE every gradient is KD, and the main accumulators are scaled at the end instead).
-    kd_grads = _GradBuffers.zeros(num_tokens, w_s, needs) if need_grad and normalized and ce_in_loss else grads
-
-    h_t_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
-    h_s_all = torch.empty(num_tokens, device=device) if spec.need_entropies else None
-
-    counts = torch.bincount(rows, minlength=num_rows)
-    row_starts = [0, *torch.cumsum(counts, 0).tolist()]
-    by_sequence = kd_in_loss and spec.ea and spec.granularity == "sequence"
-    if by_sequence:
-        row_count = counts.float().clamp(min=1)
-        row_sum_t = torch.zeros(num_rows, device=device)
-        row_sum_s = torch.zeros(num_rows, device=device)
-    # Side accumulators for the KD part of a row longer than chunk_size (its weight is known at its last chunk).
-    pending_row: int | None = None
-    pending_start = 0
-    pending_kd = zero.clone()
-    pending_grads: _GradBuffers | None = None
-
-    chunks = _plan_chunks(row_starts, chunk_size, keep_rows_whole=by_sequence)
+    chunks = _plan_chunks(row_starts, chunk_size, keep_rows_whole=isinstance(weighting, _SequenceWeights))
     # Function.forward runs without grad mode: the per-chunk maths needs it to differentiate w.r.t. the logits.
     # Compiled chunk maths: a row split across chunks takes two gradients of one chunk graph (retain_graph), which
     # AOTAutograd's donated buffers forbid; its backward is compiled at the first autograd.grad, inside this block.
@@ -760,98 +841,67 @@ def _fused_forward(
             hs_chunk = student.chunk(start, end)
             with torch.no_grad():
                 s_logits = student.forward(hs_chunk, student_cols)
-                t_logits = teacher_rows(start, end) if teacher_in is not None else None
+                t_logits = teacher_rows(start, end) if teacher_rows is not None else None
             s_logits.requires_grad_(need_grad)
-            terms = _run_chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad=ce_in_loss and need_grad)
-            if spec.need_entropies:
-                h_t_all[start:end] = terms.teacher_entropy
-                h_s_all[start:end] = terms.student_entropy
+            ce_grad = routes.ce_in_loss and need_grad
+            terms = _run_chunk_terms(s_logits, t_logits, targets[start:end], spec, ce_grad)
+            buffers.record(start, end, terms)
+            weights = weighting.chunk(start, end, terms)
+            ce = terms.ce.sum() if terms.ce is not None else None
+            kd = None
+            if spec.use_teacher:
+                kd = (terms.divergence * weights.values).sum() if weights.values is not None else terms.divergence.sum()
+            routes.add(student, hs_chunk, s_logits, start, end, ce, kd, weights.pending)
+            terms = s_logits = t_logits = None  # free this chunk's [c, V] tensors before the next chunk's
+            if weights.ended_row is not None:
+                routes.end_row(*weights.ended_row, start)
 
-            # EA weights of this chunk's tokens (None: all 1); `pending`: a long row continuing after this chunk.
-            weights, pending = None, False
-            if kd_in_loss and spec.ea:
-                if spec.granularity == "token":
-                    weights = ea_weights_from_entropies(
-                        terms.teacher_entropy, terms.student_entropy, vocab, spec.formula
-                    )
-                else:
-                    chunk_rows = rows[start:end]
-                    row_sum_t.index_add_(0, chunk_rows, terms.teacher_entropy)
-                    row_sum_s.index_add_(0, chunk_rows, terms.student_entropy)
-                    last_row = bisect.bisect_right(row_starts, end - 1) - 1
-                    pending = row_starts[last_row + 1] > end
-                    if pending:
-                        if pending_row is None:
-                            pending_row, pending_start = last_row, row_starts[last_row]
-                    else:  # every row of this chunk ends in it: their weights are final
-                        row_weights = ea_weights_from_entropies(
-                            row_sum_t / row_count, row_sum_s / row_count, vocab, spec.formula
-                        )
-                        weights = row_weights[chunk_rows]
+    normalizer = None
+    if routes.normalized:  # the weights' mean over the batch's tokens, now that every token's weight is known
+        normalizer = ea_normalizer(buffers.weights(rows, num_rows, spec), spec.settings.ea_normalize)
+    loss = routes.finish(normalizer, denominator.to(device=h_s.device, dtype=torch.float32))
+    return loss, routes.gradients(), {"ce_sum": routes.ce_sum, "kd_sum": routes.kd_sum, **buffers.asdict()}
 
-            ce_chunk = terms.ce.sum() if terms.ce is not None else None
-            kd_chunk = None
-            if kd_in_loss:
-                kd_chunk = (terms.divergence * weights).sum() if weights is not None else terms.divergence.sum()
-            if ce_chunk is not None:
-                ce_sum += ce_chunk.detach()
-            if kd_chunk is not None:
-                if pending:
-                    pending_kd += kd_chunk.detach()
-                else:
-                    kd_sum += kd_chunk.detach()
 
-            if need_grad:
-                g_h = grads.h[start:end] if grads.h is not None else None
-                if pending and pending_grads is None:
-                    pending_grads = _GradBuffers.zeros(num_tokens, w_s, needs)
-                kd_target = pending_grads if pending else kd_grads
-                if kd_target is grads or not kd_in_loss:  # one gradient of the whole chunk loss
-                    total = ce_grad_coef * ce_chunk if ce_in_loss else None
-                    if kd_in_loss:
-                        total = kd_grad_coef * kd_chunk if total is None else total + kd_grad_coef * kd_chunk
-                    (d_logits,) = torch.autograd.grad(total, s_logits)
-                    student.backward(d_logits, hs_chunk, g_h, grads.w, grads.b)
-                else:
-                    if ce_in_loss:  # CE is never EA-weighted: keep its gradient apart from the KD one
-                        (d_ce,) = torch.autograd.grad(ce_grad_coef * ce_chunk, s_logits, retain_graph=True)
-                        student.backward(d_ce, hs_chunk, g_h, grads.w, grads.b)
-                    (d_kd,) = torch.autograd.grad(kd_grad_coef * kd_chunk, s_logits)
-                    k_h = kd_target.h[start:end] if kd_target.h is not None else None
-                    student.backward(d_kd, hs_chunk, k_h, kd_target.w, kd_target.b)
-            # Free this chunk's [c, V] tensors before the next chunk allocates its own.
-            terms = s_logits = t_logits = d_logits = d_ce = d_kd = None
+def _teacher_rows(teacher_in: SparseTeacher | tuple | None, spec: _LossSpec):
+    """The teacher's side of a chunk (the one interface the chunk maths consumes): ``rows(start, end)`` gives the
+    logits projected from its hidden states, or the chunk's rows of a cached top-k distribution."""
+    if teacher_in is None:
+        return None
+    if isinstance(teacher_in, SparseTeacher):
+        return teacher_in.rows
+    return functools.partial(_project_rows, _Projection(*teacher_in, spec.autocast_dtype), spec.vocab_size)
 
-            if by_sequence and not pending and pending_row is not None:
-                # The long row ended in this chunk: scale its deferred KD contributions by its weight.
-                row_weight = row_weights[pending_row]
-                kd_sum += row_weight * pending_kd
-                pending_kd.zero_()
-                if need_grad:
-                    kd_grads.add_scaled_(pending_grads, row_weight, slice(pending_start, start))
-                pending_row = None
 
-    if normalized:
-        # Divide the weights by their mean over the batch's tokens, now that every token's weight is known.
-        normalizer = ea_normalizer(
-            weights_for_tokens(h_t_all, h_s_all, rows, num_rows, vocab, spec.granularity, spec.formula),
-            spec.normalize,
-        )
-        kd_sum /= normalizer
-        if need_grad:
-            if kd_grads is grads:
-                grads.scale_(1.0 / normalizer)
-            else:
-                grads.add_scaled_(kd_grads, 1.0 / normalizer)
-    if need_grad:
-        grads.scale_(1.0 / denominator)
-    loss = ce_grad_coef * ce_sum / denominator if ce_in_loss else zero.clone()
-    if kd_in_loss:
-        loss = loss + kd_grad_coef * kd_sum / denominator
-    buffers = {"ce_sum": ce_sum, "kd_sum": kd_sum}
-    if spec.need_entropies:
-        buffers.update(teacher_entropy=h_t_all, student_entropy=h_s_all)
-    return loss, (grads.astuple() if grads is not None else (None, None, None)), buffers
+@dataclass
+class _TokenBuffers:
+    """Per-token ``[N]`` values kept for the weights' normaliser and the statistics (detached)."""
+
+    teacher_entropy: torch.Tensor | None
+    student_entropy: torch.Tensor | None
+    divergence: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, num_tokens: int, device: torch.device, spec: _LossSpec) -> _TokenBuffers:
+        def new(wanted: bool) -> torch.Tensor | None:
+            return torch.empty(num_tokens, device=device) if wanted else None
+
+        return cls(new(spec.need_entropies), new(spec.need_entropies), new(spec.need_entropies))
+
+    def record(self, start: int, end: int, terms: _ChunkTerms) -> None:
+        if self.teacher_entropy is not None:
+            self.teacher_entropy[start:end] = terms.teacher_entropy
+            self.student_entropy[start:end] = terms.student_entropy
+            self.divergence[start:end] = terms.divergence.detach()
+
+    def weights(self, rows: torch.Tensor, num_rows: int, spec: _LossSpec) -> torch.Tensor:
+        settings = spec.settings
+        return weights_for_tokens(self.teacher_entropy, self.student_entropy, rows, num_rows, spec.vocab_size,
+                                  settings.ea_granularity, settings.ea_formula)
+
+    def asdict(self) -> dict[str, torch.Tensor]:
+        values = (self.teacher_entropy, self.student_entropy, self.divergence)
+        return {k: v for k, v in zip(("teacher_entropy", "student_entropy", "divergence"), values) if v is not None}
 
 
 _COMPILE_FAILURE: str | None = None  # why torch.compile of the chunk maths failed in this process (then: eager)

@@ -27,7 +27,7 @@ multiplies the KD term by their mean, about 4 at tau' = 2 on the demo's pair):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -205,6 +205,13 @@ class SparseTeacher:
         return SparseTeacher(self.ids[start:end], self.log_probs[start:end], self.log_tail[start:end],
                              self.entropy[start:end])
 
+    def has_nonfinite(self) -> bool:
+        """NaN or +inf anywhere, or a non-finite entropy: values that make the loss NaN (a ``-inf`` log-probability
+        is a zero probability, which the divergences handle)."""
+        values = (self.log_probs.float(), self.log_tail.float())
+        return bool(any((v.isnan() | (v == float("inf"))).any() for v in values) or
+                    not torch.isfinite(self.entropy.float()).all())
+
 
 def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
     """``(student, teacher)`` log-distributions ``[N, k + 1]`` over the teacher's top-k tokens plus the tail bucket
@@ -365,21 +372,80 @@ def loss_denominator(num_loss_tokens: torch.Tensor, num_items_in_batch: torch.Te
     return torch.tensor(float(max(num_items_in_batch, 1)), device=num_loss_tokens.device)
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """How the loss is computed, built once (e.g. :meth:`from_config`) and shared by both loss paths.
+
+    ``loss = (1 - kd_ratio) * CE + kd_ratio * kd_scale * KD``; :func:`distillation_loss` computes the KD term alone
+    (it reads every field but ``kd_ratio`` and ``kd_scale``), :func:`eakd_llm.chunked.fused_distillation_loss` the
+    whole loss. Validated on creation, so a bad value fails before any tensor is touched.
+
+    Attributes:
+        divergence: one of :data:`DIVERGENCES`, see :func:`token_divergence`.
+        temperature: tau of the divergence; the KD term is multiplied by tau^2 so gradients keep their scale.
+        ea: weight each position by its EA weight (``False``: every w is 1, plain KD).
+        ea_granularity: ``"token"`` or ``"sequence"`` (every position of a sequence shares its sequence weight).
+        entropy_temperature: tau' of the entropies, separate from tau (2.0, the paper's value for transformers).
+        skew_alpha, jsd_beta: the mixing parameters of the skew KLs and the generalized JSD, in (0, 1).
+        ea_formula: ``full`` (the paper's weight), ``teacher`` (``H_T``) or ``interaction`` (``H_T * H_S / H_ub``).
+        ea_normalize: ``none`` (the paper), or ``mean``: the weights are divided by their mean over the call's loss
+            positions (:func:`ea_normalizer`), so EA reweights positions without scaling the KD term. The mean is
+            taken per call (per micro-batch), so gradient accumulation equals one big batch only up to that mean.
+        kd_ratio: ``r`` in ``[0, 1]``; 0 is plain SFT (teacher unused), 1 is pure KD (no CE term).
+        kd_scale: a constant multiplier of the KD term (> 0), a control for experiments: plain KD scaled by EA's
+            effective scale has EA's KD scale without its adaptivity.
+    """
+
+    divergence: Divergence = "fkl"
+    temperature: float = 1.0
+    ea: bool = True
+    ea_granularity: Granularity = "token"
+    entropy_temperature: float = DEFAULT_ENTROPY_TEMPERATURE
+    skew_alpha: float = 0.1
+    jsd_beta: float = 0.5
+    ea_formula: EAFormula = "full"
+    ea_normalize: EANormalization = "none"
+    kd_ratio: float = 0.5
+    kd_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_divergence_params(self.divergence, self.skew_alpha, self.jsd_beta)
+        check_ea_options(self.ea_granularity, self.ea_formula, self.ea_normalize)
+        check_temperature("temperature", self.temperature)
+        check_temperature("entropy_temperature", self.entropy_temperature)
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        check_temperature("kd_scale", self.kd_scale)  # the same rule: a finite number > 0
+
+    @classmethod
+    def from_config(cls, config: object) -> LossSettings:
+        """The settings of a config with attributes of the same names (an ``EAKDConfig``); ``entropy_temperature``
+        ``None`` means the default."""
+        values = {f.name: getattr(config, f.name) for f in fields(cls)}
+        if values["entropy_temperature"] is None:
+            values["entropy_temperature"] = DEFAULT_ENTROPY_TEMPERATURE
+        return cls(**values)
+
+    def for_generated_batch(self) -> LossSettings:
+        """A student-generated batch has no ground truth, so no CE term: ``kd_ratio`` 1 with the KD term scaled by the
+        configured ``kd_ratio`` (the same KD weight as on dataset batches)."""
+        if self.kd_ratio == 0:
+            return self
+        return replace(self, kd_ratio=1.0, kd_scale=self.kd_ratio * self.kd_scale)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kd_ratio > 0
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTeacher,
     labels: torch.Tensor,
-    divergence: Divergence = "fkl",
-    temperature: float = 1.0,
-    ea: bool = True,
-    ea_granularity: Granularity = "token",
-    entropy_temperature: float | None = None,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    skew_alpha: float = 0.1,
-    jsd_beta: float = 0.5,
-    ea_formula: EAFormula = "full",
-    ea_normalize: EANormalization = "none",
+    settings: LossSettings | None = None,
+    *,
     sequence_ids: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
     return_stats: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The (EA-weighted) distillation loss ``tau^2 * sum_n w_n * d_n / N`` over positions with ``labels != -100``.
@@ -390,32 +456,23 @@ def distillation_loss(
             divergence is then taken on its top-k tokens plus one tail bucket (:func:`sparse_divergence`) and H_T is
             its stored exact entropy, so the EA weights stay exact.
         labels: ``[B, T]``; ``-100`` marks positions without loss.
-        divergence: one of :data:`DIVERGENCES`, see :func:`token_divergence`.
-        temperature: tau of the divergence; the loss is multiplied by tau^2 so gradients keep their scale.
-        ea: weight each position by :func:`ea_weights` (``False``: every w is 1, plain KD).
-        ea_granularity: ``"token"`` or ``"sequence"`` (every position of a sequence shares its sequence weight).
-        entropy_temperature: tau' for the entropies, separate from tau; ``None`` -> 2.0, the paper's value for
-            transformer teachers.
+        settings: divergence, temperatures and EA options (:class:`LossSettings`; ``kd_ratio`` and ``kd_scale`` are
+            not used here). ``None``: the defaults (forward KL, token-level EA at tau' = 2).
+        sequence_ids: ``[B, T]`` document numbers of a packed batch (several documents per row): sequence-level EA
+            then averages per document. ``None``: each row is one sequence.
         num_items_in_batch: N, the global number of loss positions (over gradient-accumulation steps and processes),
             as the HF Trainer passes it, so accumulated/distributed gradients equal one big batch's. ``None``: the
             local count. A batch without loss positions gives 0 (never NaN).
-        ea_formula: ``full`` (the paper's weight), ``teacher`` (``H_T``) or ``interaction`` (``H_T * H_S / H_ub``).
-        ea_normalize: ``none`` (the paper), or ``mean``: the weights are divided by their mean over this batch's loss
-            positions (:func:`ea_normalizer`), so EA reweights positions without scaling the KD term. The mean is
-            taken per call (per micro-batch), so gradient accumulation equals one big batch only up to that mean.
-        sequence_ids: ``[B, T]`` document numbers of a packed batch (several documents per row): sequence-level EA
-            then averages per document. ``None``: each row is one sequence.
         return_stats: also return detached statistics over the loss positions: ``teacher_entropy``,
             ``student_entropy`` (means, at tau'), ``ea_weight_mean/min/max`` (of the formula's weights *before*
-            normalisation, so they show the scale EA would apply) and ``num_tokens``.
+            normalisation, so they show the scale EA would apply), ``divergence_sum`` and ``weighted_divergence_sum``
+            (``sum d_n`` and ``sum w_n d_n`` with those weights: their ratio is EA's effective scale of the KD term)
+            and ``num_tokens``.
 
     Returns:
         A scalar fp32 loss, or ``(loss, stats)`` with ``return_stats=True``.
     """
-    check_ea_options(ea_granularity, ea_formula, ea_normalize)
-    check_temperature("temperature", temperature)
-    tau_e = DEFAULT_ENTROPY_TEMPERATURE if entropy_temperature is None else entropy_temperature
-    check_temperature("entropy_temperature", tau_e)
+    settings = LossSettings() if settings is None else settings
     sparse = isinstance(teacher_logits, SparseTeacher)
     if not sparse and student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -433,43 +490,57 @@ def distillation_loss(
                          "positions")
     row_of_token, num_rows = sequence_rows(labels, sequence_ids)
 
-    log_s = log_probs(s_logits, temperature)
+    tau, tau_e = settings.temperature, settings.entropy_temperature
+    log_s = log_probs(s_logits, tau)
+    params = {"skew_alpha": settings.skew_alpha, "jsd_beta": settings.jsd_beta}
     if sparse:
-        per_token = sparse_divergence(log_s, teacher_logits, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+        per_token = sparse_divergence(log_s, teacher_logits, settings.divergence, **params)
     else:
         t_logits = teacher_logits[mask]
-        log_t = log_probs(t_logits.detach(), temperature)
-        per_token = divergence_from_log_probs(log_s, log_t, divergence, skew_alpha=skew_alpha, jsd_beta=jsd_beta)
+        log_t = log_probs(t_logits.detach(), tau)
+        per_token = divergence_from_log_probs(log_s, log_t, settings.divergence, **params)
 
-    need_entropies = ea or return_stats
-    if need_entropies:
+    if settings.ea or return_stats:
         with torch.no_grad():
-            same_tau = tau_e == temperature
+            same_tau = tau_e == tau
             if sparse:
                 h_t = teacher_logits.entropy.float()
             else:
                 h_t = entropy_from_log_probs(log_t if same_tau else log_probs(t_logits, tau_e))
             h_s = entropy_from_log_probs(log_s.detach() if same_tau else log_probs(s_logits.detach(), tau_e))
             weights = weights_for_tokens(
-                h_t, h_s, row_of_token, num_rows, s_logits.shape[-1], ea_granularity, ea_formula
+                h_t, h_s, row_of_token, num_rows, s_logits.shape[-1], settings.ea_granularity, settings.ea_formula
             )
-    if ea:
-        per_token = per_token * (weights / ea_normalizer(weights, ea_normalize))
+    unweighted = per_token
+    if settings.ea:
+        per_token = per_token * (weights / ea_normalizer(weights, settings.ea_normalize))
 
     num_tokens = mask.sum()
-    loss = (temperature**2) * per_token.sum() / loss_denominator(num_tokens, num_items_in_batch)
+    loss = (tau**2) * per_token.sum() / loss_denominator(num_tokens, num_items_in_batch)
     if not return_stats:
         return loss
     stats = {"num_tokens": num_tokens.detach()}
     if num_tokens > 0:
-        stats.update(
-            teacher_entropy=h_t.mean(),
-            student_entropy=h_s.mean(),
-            ea_weight_mean=weights.mean(),
-            ea_weight_min=weights.min(),
-            ea_weight_max=weights.max(),
-        )
+        stats.update(entropy_stats(h_t, h_s, weights))
+        stats.update(divergence_sums(unweighted.detach(), weights))
     return loss, stats
+
+
+def divergence_sums(divergence: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``sum d_n`` and ``sum w_n d_n`` (weights before normalisation): their ratio over a logging window is EA's
+    effective scale of the KD term, larger than the mean weight when high-entropy positions also diverge more."""
+    return {"divergence_sum": divergence.sum(), "weighted_divergence_sum": (weights * divergence).sum()}
+
+
+def entropy_stats(h_t: torch.Tensor, h_s: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The logged entropy and weight statistics of ``N > 0`` loss tokens (both loss paths)."""
+    return {
+        "teacher_entropy": h_t.mean(),
+        "student_entropy": h_s.mean(),
+        "ea_weight_mean": weights.mean(),
+        "ea_weight_min": weights.min(),
+        "ea_weight_max": weights.max(),
+    }
 
 
 def weights_for_tokens(

@@ -179,6 +179,14 @@ def final_hidden_states(model: nn.Module, **inputs) -> torch.Tensor:
     return captured[0]
 
 
+def model_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the models are called with: a padded batch's attention mask, or a packed batch's position ids (no mask:
+    transformers then keeps the documents apart, see :mod:`eakd_llm.packing`)."""
+    if "position_ids" in inputs:
+        return {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
+    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) that the model applies to its logits after the projection (1, None for most models)."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config

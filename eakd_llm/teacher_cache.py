@@ -394,9 +394,8 @@ def shard_entries(
     """Entries of a batch of examples, one dict per example (CPU tensors). The teacher's final hidden states are
     projected through its head ``chunk_size`` tokens at a time (a sharded head gathered once for the batch, after the
     forward, as the fused loss does), so full ``[N, V]`` logits of the batch are never held."""
-    from .models import final_hidden_states, logit_transform
+    from .models import final_hidden_states, logit_transform, model_inputs
     from .sharding import full_head, unwrap_causal_lm
-    from .trainer import model_inputs
 
     batch = collator(examples)
     inputs = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}

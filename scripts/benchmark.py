@@ -229,8 +229,8 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
     import torch
     import torch.nn.functional as F
 
-    from eakd_llm.chunked import fused_distillation_loss
-    from eakd_llm.losses import IGNORE_INDEX, distillation_loss, loss_denominator
+    from eakd_llm.chunked import LMHead, fused_distillation_loss
+    from eakd_llm.losses import IGNORE_INDEX, LossSettings, distillation_loss, loss_denominator
 
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
@@ -238,7 +238,8 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
     n = loss_denominator(mask.sum(), None)
     w_s, w_t = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
     vocab = min(w_s.shape[0], w_t.shape[0])
-    kd = {"divergence": case.divergence, "ea": case.ea, "ea_granularity": case.granularity}
+    settings = LossSettings(divergence=case.divergence, ea=case.ea, ea_granularity=case.granularity,
+                            kd_ratio=case.kd_ratio)
     beta = 0.0 if case.divergence == "fkl" else 0.5  # the peers' generalized JSD: beta 0 is forward KL(p_T || p_S)
 
     if case.kind == "floor":
@@ -259,7 +260,7 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
             ce = F.cross_entropy(s_logits.float().reshape(-1, s_logits.shape[-1]), labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="sum")
             loss = (1 - case.kd_ratio) * ce / n + case.kd_ratio * distillation_loss(
-                s_logits[..., :vocab], t_logits[..., :vocab], labels, num_items_in_batch=n, **kd
+                s_logits[..., :vocab], t_logits[..., :vocab], labels, settings, num_items_in_batch=n
             )
             loss.backward()
             return loss
@@ -270,9 +271,8 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
             h_s = _hidden(student, batch)[:, :-1]
             with torch.no_grad():
                 h_t = _hidden(teacher, batch)[:, :-1]
-            loss = fused_distillation_loss(h_s, w_s, h_t, w_t, labels, vocab_size=vocab, kd_ratio=case.kd_ratio,
-                                           chunk_size=case.chunk_size or preset.chunk_size, compile=case.compile,
-                                           **kd)
+            loss = fused_distillation_loss(LMHead(h_s, w_s), LMHead(h_t, w_t), labels, settings, vocab_size=vocab,
+                                           chunk_size=case.chunk_size or preset.chunk_size, compile=case.compile)
             loss.backward()
             return loss
 

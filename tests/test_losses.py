@@ -11,8 +11,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from loss_helpers import distillation_loss_kw as distillation_loss
 
-from eakd_llm.losses import distillation_loss, ea_weights, token_divergence, token_entropy
+from eakd_llm.losses import ea_weights, token_divergence, token_entropy
 
 DIVS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 GRANS = ("token", "sequence")
@@ -567,6 +568,29 @@ def test_return_stats(batch, gran):
         w_tok = w[mask.any(-1)]  # sequences that carry loss
     assert float(stats["ea_weight_min"]) == pytest.approx(w_tok.min(), rel=1e-4)
     assert float(stats["ea_weight_max"]) == pytest.approx(w_tok.max(), rel=1e-4)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("normalize", ["none", "mean"])
+def test_divergence_sums_give_the_effective_scale(batch, gran, normalize):
+    """``divergence_sum = sum d_n`` and ``weighted_divergence_sum = sum w_n d_n`` (the formula's weights, before any
+    normalisation) against float64 numpy; their ratio is EA's effective scale, which is what the EA loss divides by
+    when compared with plain KD: ``EA = tau^2 * sum w d / N = (weighted / divergence) * KD``."""
+    s, t, labels = batch
+    tau, tau_e = 0.8, 1.5
+    kwargs = {"temperature": tau, "ea_granularity": gran, "entropy_temperature": tau_e, "ea_normalize": normalize}
+    _, stats = distillation_loss(s, t, labels, "jsd", return_stats=True, **kwargs)
+    mask = labels.numpy() != -100
+    d = np_divergence(np64(s), np64(t), "jsd", tau)[mask]
+    w = np_ea_weights(np64(s), np64(t), labels.numpy(), tau_e, gran)
+    w_tok = w[mask] if gran == "token" else np.broadcast_to(w[:, None], mask.shape)[mask]
+    assert float(stats["divergence_sum"]) == pytest.approx(d.sum(), rel=1e-4)
+    assert float(stats["weighted_divergence_sum"]) == pytest.approx((w_tok * d).sum(), rel=1e-4)
+    if normalize == "none":
+        ea = distillation_loss(s, t, labels, "jsd", **kwargs)
+        kd = distillation_loss(s, t, labels, "jsd", temperature=tau, ea=False)
+        scale = stats["weighted_divergence_sum"] / stats["divergence_sum"]
+        torch.testing.assert_close(ea, scale * kd, rtol=1e-5, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

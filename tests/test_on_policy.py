@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+from loss_helpers import distillation_loss_kw as distillation_loss
 
 import eakd_llm.on_policy as on_policy_module
 from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.losses import IGNORE_INDEX, distillation_loss
+from eakd_llm.losses import IGNORE_INDEX
 from eakd_llm.on_policy import step_source
 from eakd_llm.train import prepare_run
 from eakd_llm.trainer import EAKDTrainer
@@ -87,7 +88,7 @@ def test_on_policy_loss_is_kd_only_over_the_generated_tokens(tiny_stack, tmp_pat
     torch.testing.assert_close(loss, 0.4 * kd, rtol=1e-5, atol=1e-7)
     # kd_loss is logged per token at the config's scale, as on dataset batches (not with kd_ratio folded in)
     per_token = distillation_loss(s, t, batch["labels"][:, 1:], entropy_temperature=2.0)
-    assert trainer._metrics["train"]["kd_loss/generated"][-1] == pytest.approx(per_token.item(), rel=1e-5)
+    assert trainer.log_windows["train"].values["kd_loss/generated"][-1] == pytest.approx(per_token.item(), rel=1e-5)
 
 
 def test_seq_kd_generates_with_the_teacher_and_keeps_ce(tiny_stack, tmp_path, monkeypatch):
@@ -102,10 +103,10 @@ def test_seq_kd_generates_with_the_teacher_and_keeps_ce(tiny_stack, tmp_path, mo
     monkeypatch.setattr(on_policy_module, "gathered_for_generation", spy)
     batches, _ = trainer.get_batch_samples(iter(_group(trainer, 1)), 1, torch.device("cpu"))
     assert used == [trainer.teacher] and batches[0]["source"] == "teacher"
-    from eakd_llm.trainer import _loss_terms
-
-    assert _loss_terms(trainer.args, "teacher", None)[:2] == (trainer.args.kd_ratio, 1.0)  # CE kept
-    assert _loss_terms(trainer.args, "student", None)[:2] == (1.0, trainer.args.kd_ratio)  # no CE
+    settings = trainer.loss_settings  # teacher-generated batches keep the config's CE and KD weights
+    assert (settings.kd_ratio, settings.kd_scale) == (trainer.args.kd_ratio, 1.0)
+    generated = settings.for_generated_batch()  # student-generated ones drop CE and keep KD's weight
+    assert (generated.kd_ratio, generated.kd_scale) == (1.0, trainer.args.kd_ratio)
 
 
 def test_empty_generations_give_zero_loss_not_nan(tiny_stack, tmp_path, monkeypatch):

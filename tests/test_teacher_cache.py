@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from loss_helpers import distillation_loss_kw as distillation_loss
+from loss_helpers import fused_loss_kw as fused_distillation_loss
 
 import eakd_llm.teacher_cache as cache_module
-from eakd_llm.chunked import fused_distillation_loss
 from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.losses import SparseTeacher, distillation_loss, ea_weights, sparse_divergence
+from eakd_llm.losses import SparseTeacher, ea_weights, sparse_divergence
 from eakd_llm.teacher_cache import (
     CacheManifest,
     TeacherCache,

@@ -264,8 +264,8 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
 def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypatch, caplog):
     """Which sharded student heads the fused path takes: ZeRO-3 (here: flagged) trainable or frozen, FSDP2 only frozen.
     A trainable ZeRO-3 head is called as a module (its hooks gather and reduce); compile_loss reaches the loss."""
+    import eakd_llm.loss_paths as loss_paths_module
     import eakd_llm.sharding as sharding_module
-    import eakd_llm.trainer as trainer_module
 
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
     head = trainer.model.get_output_embeddings()
@@ -284,8 +284,8 @@ def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypa
     assert trainer._fused_supported(trainer.model)
     calls, seen = [], {}
     head.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
-    original = trainer_module.fused_distillation_loss
-    monkeypatch.setattr(trainer_module, "fused_distillation_loss",
+    original = loss_paths_module.fused_distillation_loss
+    monkeypatch.setattr(loss_paths_module, "fused_distillation_loss",
                         lambda *a, **k: (seen.update(k), original(*a, **{**k, "compile": False}))[1])
     batch = _batch(trainer)
     with caplog.at_level("INFO", logger="eakd_llm.trainer"):
@@ -339,13 +339,13 @@ def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
 
 
 def test_zero_loss_survives_empty_parameter_shards():
-    from eakd_llm.trainer import _zero_loss
+    from eakd_llm.loss_paths import zero_loss
 
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():
         model.weight.fill_(float("nan"))
     model.weight.data = torch.empty(0)  # what a ZeRO-3 partition looks like outside the forward pass
-    loss = _zero_loss(model)
+    loss = zero_loss(model)
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(model.bias.grad, torch.zeros(2))

@@ -4,7 +4,7 @@ teacher frozen) gives the same loss and hidden-state gradients as with unsharded
 Usage: ``fused_sharded_heads.py {zero3,fsdp2} STUDENT_DIR TEACHER_DIR OUT_DIR``; writes ``OUT_DIR/rank<r>.json``.
 ZeRO-3 wraps both models in DeepSpeed engines (the teacher through the trainer's own ``deepspeed_inference_engine``);
 FSDP2 shards both with ``shard_teacher_fsdp2`` (``fully_shard`` per decoder layer). The heads are then gathered once
-per call by ``fused_head_loss``, which is what ``EAKDTrainer`` calls.
+per call by ``LiveTeacher.fused_side`` and ``fused_head_loss``, which is what ``EAKDTrainer`` calls.
 """
 
 import json
@@ -17,20 +17,23 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from eakd_llm.config import EAKDConfig
-from eakd_llm.losses import loss_denominator
+from eakd_llm.loss_paths import fused_head_loss
+from eakd_llm.losses import LossSettings, loss_denominator
+from eakd_llm.models import model_inputs
 from eakd_llm.sharding import is_sharded, unwrap_causal_lm
-from eakd_llm.trainer import fused_head_loss
+from eakd_llm.teacher_source import LiveTeacher
 
 
 def loss_and_grad(student, teacher, ids, labels, args, vocab):
     """Fused loss and its gradient w.r.t. the student's final hidden states (a leaf cut from the backbone)."""
     out = student(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, :-1].detach().requires_grad_(True)
-    with torch.no_grad():
-        t_hidden = teacher(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
     denominator = loss_denominator((labels != -100).sum(), None)
-    loss, stats, bad = fused_head_loss(unwrap_causal_lm(student), hidden, unwrap_causal_lm(teacher), t_hidden, labels,
-                                       args, vocab, denominator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with LiveTeacher(teacher).fused_side(batch, model_inputs(batch)) as teacher_side:
+        loss, stats, bad = fused_head_loss(unwrap_causal_lm(student), hidden, teacher_side, labels,
+                                           LossSettings.from_config(args), denominator, vocab,
+                                           chunk_size=args.loss_chunk_size)
     loss.backward()
     return loss.detach(), hidden.grad, stats
 
