@@ -11,7 +11,7 @@ The plan is fixed before anything trains (:data:`FULL`, :data:`QUICK`):
    measured in the EA-KD token run of the same seed: EA's scale without its adaptivity), EA-KD token, EA-KD token with
    normalised weights, EA-KD sequence, KD and EA-KD token on-policy (λ = 0.5), and EA-KD token from the k-cache;
 4. every trained model scored on the same held-out prompts with the same sampling seeds (MiniLLM/DistiLLM protocol);
-5. paired differences with two-stage bootstrap intervals and a verdict per comparison (:mod:`eakd_llm.study`);
+5. paired differences with crossed-design t intervals and a verdict per comparison (:mod:`eakd_llm.study`);
 6. an ablation over τ′ × kd_ratio, with and without normalisation (one training seed);
 7. ``results.json``, ``results.md`` and PNG plots (:mod:`eakd_llm.demo_report`).
 
