@@ -134,3 +134,22 @@ def test_results_md_names_the_interval_method_the_comparisons_used(tmp_path):
     assert f"95% interval: {comparison['method']} (every seed" in paragraph  # once, though two comparisons use it
     assert paragraph.count("crossed design") == 1 and "bootstrap" not in paragraph
     assert f"- {comparison['line']}" in text and (tmp_path / "results.md").read_text() == text
+
+
+def test_demo_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import eakd_llm.demo as demo
+    from eakd_llm.cli import main
+
+    started = []
+    monkeypatch.setattr(demo, "run_demo", lambda output_dir, **kwargs: started.append(output_dir))  # never the demo
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # demo_main sets it; restored after the test
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    for path in (target, target / "demo"):  # the file itself, or a folder that would have to be inside it
+        assert main(["demo", "--quick", "--output-dir", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eakd-llm: error: --output-dir") and f"'{path}'" in err and err.count("\n") == 1
+        assert "not a folder" in err
+    assert started == [] and target.read_text() == "keep me"
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "new" / "demo")]) == 0  # a folder to be: accepted
+    assert started == [str(tmp_path / "new" / "demo")] and capsys.readouterr().err == ""
