@@ -11,7 +11,7 @@ The plan is fixed before anything trains (:data:`FULL`, :data:`QUICK`):
    measured in the EA-KD token run of the same seed: EA's scale without its adaptivity), EA-KD token, EA-KD token with
    normalised weights, EA-KD sequence, KD and EA-KD token on-policy (λ = 0.5), and EA-KD token from the k-cache;
 4. every trained model scored on the same held-out prompts with the same sampling seeds (MiniLLM/DistiLLM protocol);
-5. paired differences with two-stage bootstrap intervals and a verdict per comparison (:mod:`eakd_llm.study`);
+5. paired differences with crossed-design t intervals and a verdict per comparison (:mod:`eakd_llm.study`);
 6. an ablation over τ′ × kd_ratio, with and without normalisation (one training seed);
 7. ``results.json``, ``results.md`` and PNG plots (:mod:`eakd_llm.demo_report`).
 
@@ -481,10 +481,27 @@ def _output_to(log_path: Path):
             os.close(handle)
 
 
+def check_output_dir(output_dir: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, or a path below a file."""
+    from .config import ConfigError
+
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                if candidate == path:
+                    raise ConfigError(f"--output-dir {str(output_dir)!r} is an existing file, not a folder")
+                raise ConfigError(f"--output-dir {str(output_dir)!r} cannot be created: {str(candidate)!r} is a "
+                                  "file, not a folder")
+            return
+
+
 def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | None = None,
              ablation: bool = True) -> dict[str, Any]:
     """Run the whole study (see the module docstring) and return what ``results.json`` holds."""
     import multiprocessing
+
+    check_output_dir(output_dir)
 
     from tqdm.auto import tqdm
 
@@ -641,11 +658,18 @@ def demo_main(argv) -> int:
     args = parser.parse_args(list(argv))
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
+    from .config import ConfigError
+
+    try:
+        check_output_dir(args.output_dir)
+    except ConfigError as err:
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_demo(args.output_dir, quick=args.quick, workers=args.workers, ablation=not args.no_ablation)
     return 0
 
 
-__all__ = ["COMPARISONS", "FULL", "METHODS", "QUICK", "CachedTeacher", "DemoPlan", "RunSpec", "demo_main",
-           "plan_runs", "run_demo", "token_statistics"]
+__all__ = ["COMPARISONS", "FULL", "METHODS", "QUICK", "CachedTeacher", "DemoPlan", "RunSpec", "check_output_dir",
+           "demo_main", "plan_runs", "run_demo", "token_statistics"]

@@ -147,10 +147,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "",
             "## Paired differences (A − B)",
             "",
-            "Paired by training seed, sampling seed and prompt. 95% interval: two-stage bootstrap (training seeds, "
-            "then prompts within each seed; 4000 replicates). Verdict: better / worse when the interval excludes 0. "
-            "With three training seeds the resampling understates the between-seed variance (by about a third), so "
-            "the intervals are somewhat narrow: read them with the per-seed differences beside them.",
+            "Paired by training seed, sampling seed and prompt. 95% interval: "
+            + "; ".join(dict.fromkeys(c["method"] for c in results["comparisons"]))
+            + " (every seed is scored on the same prompts; see eakd_llm/study.py). Verdict: better / worse when the "
+            "interval excludes 0. With few training seeds the t quantile of the seed part is large, so a real but "
+            "small difference can stay not distinguishable: read the intervals with the per-seed differences "
+            "beside them.",
             "",
             "| comparison | metric | mean difference | 95% CI | per training seed | verdict |",
             "|---|---|---|---|---|---|",

@@ -114,3 +114,42 @@ def test_a_second_demo_run_reuses_the_trained_teacher(tiny_stack, tmp_path):
     assert _train_teacher(root, plan, tiny_stack) == (folder, None)  # reused, not trained again
     assert (Path(folder) / "model.safetensors").stat().st_mtime_ns == stamp
     assert _train_teacher(root, replace(plan, teacher_steps=4), tiny_stack)[1] is not None  # another plan: retrained
+
+
+def test_results_md_names_the_interval_method_the_comparisons_used(tmp_path):
+    import numpy as np
+
+    from eakd_llm.demo_report import write_markdown
+    from eakd_llm.study import paired_difference, verdict_line
+
+    rng = np.random.default_rng(0)
+    b = rng.normal(20, 5, size=(3, 2, 40))
+    comparison = paired_difference(b + 1.0 + rng.normal(0, 1, size=b.shape), b, "EA-KD token − KD", "rougeL")
+    comparison["line"] = verdict_line(comparison, "ROUGE-L")
+    results = {"plan": {"train_seeds": [1, 2, 3], "sampling_seeds": [10, 20], "student_steps": 5, "batch_size": 2},
+               "num_test_records": 40, "machine": "test", "total_seconds": 1.0, "teacher_cache": None,
+               "methods": {}, "comparisons": [comparison, {**comparison, "metric": "exact_match"}], "ablation": []}
+    text = write_markdown(results, tmp_path / "results.md")
+    paragraph = next(line for line in text.splitlines() if line.startswith("Paired by training seed"))
+    assert f"95% interval: {comparison['method']} (every seed" in paragraph  # once, though two comparisons use it
+    assert paragraph.count("crossed design") == 1 and "bootstrap" not in paragraph
+    assert f"- {comparison['line']}" in text and (tmp_path / "results.md").read_text() == text
+
+
+def test_demo_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys, monkeypatch):
+    import eakd_llm.demo as demo
+    from eakd_llm.cli import main
+
+    started = []
+    monkeypatch.setattr(demo, "run_demo", lambda output_dir, **kwargs: started.append(output_dir))  # never the demo
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # demo_main sets it; restored after the test
+    target = tmp_path / "results.txt"
+    target.write_text("keep me")
+    for path in (target, target / "demo"):  # the file itself, or a folder that would have to be inside it
+        assert main(["demo", "--quick", "--output-dir", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eakd-llm: error: --output-dir") and f"'{path}'" in err and err.count("\n") == 1
+        assert "not a folder" in err
+    assert started == [] and target.read_text() == "keep me"
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "new" / "demo")]) == 0  # a folder to be: accepted
+    assert started == [str(tmp_path / "new" / "demo")] and capsys.readouterr().err == ""
