@@ -4,12 +4,14 @@ Three record formats are understood:
 
 * ``prompt_response``: a prompt column and a response column, used as they are;
 * ``messages``: chat turns ``[{"role": ..., "content": ...}, ...]`` ending with the assistant's answer, rendered with
-  the tokenizer's chat template;
+  the tokenizer's chat template; the answer's targets end at (and include) the template's end-of-turn token, what the
+  template writes after it is cut (:func:`eakd_llm.prompts.render_chat`, docs/chat.md);
 * ``instruction``: instruction / optional context / response records, rendered with the MiniLLM/DistiLLM prompt
   template (the one the EA-KD, MiniLLM and DistiLLM papers train and evaluate with).
 
 Every example becomes ``input_ids`` and ``labels``, with ``-100`` on the prompt so the loss covers response tokens
-only; EOS is appended to the response so students learn to stop.
+only; EOS is appended to the response so students learn to stop (a chat answer stops at its end-of-turn token).
+Record loading and prompt rendering live in :mod:`eakd_llm.prompts`, shared with evaluation.
 """
 
 from __future__ import annotations
@@ -26,86 +28,18 @@ import torch
 
 from .config import ConfigError, EAKDConfig
 from .losses import IGNORE_INDEX
+from .prompts import (  # noqa: F401  (DATA_FILE_EXTENSIONS, the templates, load_split: re-exported, once defined here)
+    DATA_FILE_EXTENSIONS,
+    PROMPT_TEMPLATE_NO_CONTEXT,
+    PROMPT_TEMPLATE_WITH_CONTEXT,
+    format_instruction_prompt,
+    load_eval_records,
+    load_split,
+    render_chat,
+    special_token_ids,
+)
 
 logger = logging.getLogger(__name__)
-
-PROMPT_TEMPLATE_WITH_CONTEXT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:\n"
-)
-PROMPT_TEMPLATE_NO_CONTEXT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-DATA_FILE_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def format_instruction_prompt(instruction: str, context: str | None = None) -> str:
-    """The MiniLLM/DistiLLM prompt for an instruction and its optional context."""
-    if context and context.strip():
-        return PROMPT_TEMPLATE_WITH_CONTEXT.format(instruction=instruction, context=context)
-    return PROMPT_TEMPLATE_NO_CONTEXT.format(instruction=instruction)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _local_data_files(path: str) -> tuple[str, dict[str, list[str]]]:
-    """Builder name and ``{split: files}`` for a local file (its split is ``train``) or a folder of split files."""
-    if os.path.isfile(path):
-        ext = os.path.splitext(path)[1].lower()
-        if ext not in DATA_FILE_EXTENSIONS:
-            raise ConfigError(
-                f"dataset_name: unsupported file type {ext!r} ({path}); use one of {', '.join(DATA_FILE_EXTENSIONS)}"
-            )
-        return DATA_FILE_EXTENSIONS[ext], {"train": [path]}
-    files: dict[str, list[str]] = {}
-    builders = set()
-    for name in sorted(os.listdir(path)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() in DATA_FILE_EXTENSIONS:
-            files.setdefault(stem, []).append(os.path.join(path, name))
-            builders.add(DATA_FILE_EXTENSIONS[ext.lower()])
-    if not files:
-        raise ConfigError(f"dataset_name: folder {path} has no .jsonl, .json or .parquet files")
-    if len(builders) > 1:
-        raise ConfigError(f"dataset_name: folder {path} mixes json and parquet files; keep one kind")
-    return builders.pop(), files
-
-
-def load_split(dataset_name: str, split: str, dataset_config: str | None = None):
-    """Load one split of a hub dataset, a local data file or a folder of ``<split>.jsonl``-style files."""
-    import datasets
-
-    if os.path.exists(dataset_name):
-        builder, files = _local_data_files(dataset_name)
-        if split not in files:
-            raise ConfigError(
-                f"split {split!r} not found in {dataset_name}; available splits: {', '.join(sorted(files))}"
-            )
-        for path in files[split]:
-            if os.path.getsize(path) == 0:
-                raise ConfigError(f"the {split} split of {dataset_name} is empty: {path} has no records")
-        try:
-            return datasets.load_dataset(builder, data_files={split: files[split]}, split=split)
-        except Exception as err:  # malformed JSON lines, unreadable parquet, ...: name the file, not the internals
-            raise ConfigError(
-                f"cannot read the {split} split from {', '.join(files[split])}: {type(err).__name__}: {err}"
-            ) from err
-    try:
-        return datasets.load_dataset(dataset_name, dataset_config, split=split)
-    except ValueError as err:
-        if "split" in str(err).lower():
-            raise ConfigError(f"split {split!r} not found in dataset {dataset_name}: {err}") from err
-        raise
-    except FileNotFoundError as err:
-        raise ConfigError(
-            f"dataset_name: {dataset_name!r} is neither a local path nor a reachable hub dataset"
-        ) from err
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Rendering
@@ -164,22 +98,8 @@ def render_example(record: Mapping[str, Any], fmt: str, config: EAKDConfig, toke
         return prompt, str(record[config.response_column])
     if fmt == "prompt_response":
         return str(record[config.prompt_column]), str(record[config.response_column])
-    messages = record[config.messages_column]
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ConfigError(
-            f"column {config.messages_column!r}: every conversation must end with an assistant message (the response "
-            f"to learn); got roles {[m.get('role') for m in messages or []]}"
-        )
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("the messages format needs a tokenizer with a chat_template; this tokenizer has none")
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise ConfigError(
-            "the chat template renders the conversation differently from its prompt plus generation prompt, so the "
-            "response cannot be separated; use the prompt_response format instead"
-        )
-    return prompt, full[len(prompt):]
+    # The answer ends at the template's end-of-turn token: what generation stops at (prompts.render_chat).
+    return render_chat(record[config.messages_column], tokenizer, column=config.messages_column)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,9 +135,7 @@ def record_prompt_key(record: Mapping[str, Any], fmt: str, config: EAKDConfig) -
 
 
 def excluded_prompt_keys(paths: Iterable[str]) -> set[str]:
-    """The normalised prompts of evaluation files (raw instruction/input or processed prompt records)."""
-    from .evaluation import load_eval_records
-
+    """The normalised prompts of evaluation files (raw instruction/input, processed prompt or messages records)."""
     keys: set[str] = set()
     for path in paths:
         if not os.path.isfile(os.path.expanduser(path)):
@@ -252,17 +170,21 @@ def tokenize_example(
     max_length: int,
     max_prompt_length: int,
     prompt_has_special_tokens: bool = False,
+    chat: bool = False,
 ) -> dict[str, list[int]]:
     """Token ids and labels of one example; the prompt is masked with -100 and EOS ends the response.
 
     A prompt longer than ``max_prompt_length`` keeps its end (where the instruction meets ``### Response:``) and its
-    BOS; the response is then cut to fit ``max_length``.
+    BOS; the response is then cut to fit ``max_length``. ``chat``: a chat-rendered example, whose prompt holds the
+    template's own special tokens and whose response ending with a special token (the template's end of turn,
+    :func:`eakd_llm.prompts.render_chat`) gets no EOS: the turn ends there, as generation does.
     """
     # A chat template already writes its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
-    prompt_ids = tokenizer(prompt, add_special_tokens=not prompt_has_special_tokens)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=not (prompt_has_special_tokens or chat))["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and eos not in response_ids:
+    turn_ended = chat and bool(response_ids) and response_ids[-1] in special_token_ids(tokenizer)
+    if eos is not None and eos not in response_ids and not turn_ended:
         response_ids = response_ids + [eos]
     if len(prompt_ids) > max_prompt_length:
         bos = tokenizer.bos_token_id
@@ -309,7 +231,7 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
             tokenizer,
             config.max_length,
             config.max_prompt_length,
-            prompt_has_special_tokens=fmt == "messages",
+            chat=fmt == "messages",
         )
 
     tokenized = raw.map(encode, remove_columns=raw.column_names, desc=f"Tokenizing {split}")
@@ -354,8 +276,6 @@ class DistillationCollator:
         else:
             batch = self._pad(features)
         if self.with_prompts:
-            from .generation import left_pad
-
             prompts = [list(f["input_ids"][: prompt_length(f["labels"])]) for f in features]
             batch["prompt_input_ids"], batch["prompt_attention_mask"] = left_pad(prompts, self.pad_token_id)
         return batch
@@ -375,6 +295,17 @@ class DistillationCollator:
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.as_tensor(feature["labels"])
         return batch
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` of left-padded prompts: every prompt ends where generation starts."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
 
 
 def prompt_length(labels: Sequence[int]) -> int:

@@ -3,11 +3,13 @@
 The protocol (MiniLLM ``evaluate_main.py`` / ``rouge_metric.py``, microsoft/LMOps):
 
 * every benchmark record is a templated prompt plus one or more acceptable reference answers
-  (:func:`load_eval_records`; raw ``instruction``/``input``/``output`` records are rendered with the same prompt
-  template as training, :func:`eakd_llm.data.format_instruction_prompt`);
+  (:func:`load_eval_records`, :mod:`eakd_llm.prompts`; raw ``instruction``/``input``/``output`` records are rendered
+  with the same prompt template as training, :func:`eakd_llm.prompts.format_instruction_prompt`; chat records with
+  the tokenizer's chat template, as training renders them);
 * responses are sampled (``do_sample``, temperature 1, top-p 1, no top-k, ``no_repeat_ngram_size`` 6, prompts at most
   256 tokens, 512 - 256 = 256 new tokens for every record) in left-padded batches, stopping at any of the model's end
-  tokens (:func:`generate_responses`, :mod:`eakd_llm.generation`);
+  tokens (:func:`generate_predictions`, :mod:`eakd_llm.generation`), and each prediction records whether it stopped
+  there or ran out of budget;
 * each response is scored with ROUGE-L F-measure (``rouge_score``, Porter stemming) and exact match after light
   normalisation, the best over the record's references, averaged over records and reported x100 (:func:`score`);
 * the whole generation + scoring is repeated for the seeds 10, 20, 30, 40, 50 and reported as mean ± std
@@ -37,10 +39,9 @@ import torch
 import transformers
 
 from .config import ConfigError
-from .data import format_instruction_prompt, load_split
 from .generation import BUDGETS, GenerationSettings, encode_prompt, end_token_ids, generate_token_ids
 from .metrics import ROUGE_L_METRIC_PATH
-from .models import looks_like_local_path
+from .prompts import EVAL_FORMATS, PROMPT_FORMATS, EvalRecord, load_eval_records, render_eval_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +50,18 @@ __all__ = [
     "BENCHMARK_NAMES",
     "DEFAULT_SEEDS",
     "EVAL_FORMATS",
+    "PROMPT_FORMATS",
     "ROUGE_L_METRIC_PATH",
     "EvalRecord",
     "GenerationSettings",
+    "Prediction",
     "build_eval_parser",
     "encode_prompt",
+    "encode_record_prompt",
     "eval_main",
     "evaluate_model",
     "exact_match",
+    "generate_predictions",
     "generate_responses",
     "load_eval_records",
     "load_model_for_eval",
@@ -77,142 +82,10 @@ BENCHMARK_NAMES: dict[str, str] = {
     "sni": "S-NI",
     "unni": "UnNI",
 }
-EVAL_FORMATS: tuple[str, ...] = ("auto", "raw", "processed")
 METRICS: tuple[str, ...] = ("rougeL", "exact_match")
 METRIC_NAMES: dict[str, str] = {"rougeL": "ROUGE-L", "exact_match": "EM"}
-
-
-@dataclass
-class EvalRecord:
-    """One benchmark record: the fully templated prompt and the acceptable answers (at least one)."""
-
-    prompt: str
-    references: list[str]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading benchmark records
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _read_json_records(path: str) -> list[dict[str, Any]]:
-    """Records of a ``.jsonl`` file (one object a line) or a ``.json`` file (a list, or ``{"data": [...]}``)."""
-    with open(path, encoding="utf-8") as f:
-        if path.lower().endswith(".jsonl"):
-            records = []
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ConfigError(f"{path}:{number}: not valid JSON: {err}") from err
-        else:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}: not valid JSON: {err}") from err
-            records = data.get("data") if isinstance(data, dict) else data
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ConfigError(f"{path}: expected JSON objects (one per record)")
-    return records
-
-
-def _split_file(folder: str, split: str) -> str:
-    for ext in (".jsonl", ".json"):
-        candidate = os.path.join(folder, split + ext)
-        if os.path.isfile(candidate):
-            return candidate
-    present = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jsonl", ".json")))
-    raise ConfigError(
-        f"split {split!r} not found in {folder} (no {split}.jsonl or {split}.json); "
-        f"files present: {', '.join(present) or 'none'}"
-    )
-
-
-def _load_raw_records(source: str, split: str) -> list[dict[str, Any]]:
-    if os.path.isfile(source):
-        if not source.lower().endswith((".jsonl", ".json")):
-            raise ConfigError(f"{source}: evaluation data must be a .jsonl or .json file (or a folder of them)")
-        return _read_json_records(source)
-    if os.path.isdir(source):
-        return _read_json_records(_split_file(source, split))
-    if looks_like_local_path(source):
-        raise ConfigError(f"evaluation data {source!r} does not exist")
-    # A hub dataset id (needs network access or a populated datasets cache).
-    return [dict(row) for row in load_split(source, split)]
-
-
-def load_eval_records(
-    source: str,
-    split: str = "test",
-    fmt: str = "auto",
-    instruction_column: str = "instruction",
-    context_column: str = "input",
-    output_column: str = "output",
-    prompt_column: str = "prompt",
-    max_samples: int | None = None,
-    references_column: str = "references",
-) -> list[EvalRecord]:
-    """Benchmark records from a ``.jsonl``/``.json`` file, a folder of ``<split>.jsonl`` files, or a Hub dataset id.
-
-    Formats, as MiniLLM/DistiLLM release their benchmarks:
-
-    * ``raw``: ``instruction_column``, optional ``context_column`` and ``output_column``; the prompt is rendered with
-      the training template (:func:`eakd_llm.data.format_instruction_prompt`);
-    * ``processed``: ``prompt_column`` already templated (MiniLLM's ``<n>`` newline markers are turned back into
-      newlines, as its ``PromptDataset`` does) and ``output_column``;
-    * ``auto``: ``processed`` when ``prompt_column`` is present, else ``raw``.
-
-    References: ``references_column`` when present (a list of acceptable answers, e.g. the synthetic tiny splits),
-    else ``output_column``, a string or a list of strings. ``max_samples`` keeps the first records. A missing column
-    raises :class:`ConfigError` naming the columns present.
-    """
-    if fmt not in EVAL_FORMATS:
-        raise ConfigError(f"format must be one of {', '.join(EVAL_FORMATS)}; got {fmt!r}")
-    rows = _load_raw_records(os.path.expanduser(source), split)
-    if max_samples is not None:
-        if max_samples < 1:
-            raise ConfigError(f"max_samples must be at least 1, got {max_samples}")
-        rows = rows[:max_samples]
-    if not rows:
-        raise ConfigError(f"evaluation data {source!r} ({split}) has no records")
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    if fmt == "auto":
-        fmt = "processed" if prompt_column in columns else "raw"
-    text_column = prompt_column if fmt == "processed" else instruction_column
-    option = "prompt_column" if fmt == "processed" else "instruction_column"
-    if text_column not in columns:
-        raise ConfigError(
-            f"evaluation data {source!r} ({fmt} format) has no column {text_column!r} (set by {option}); "
-            f"columns present: {', '.join(columns)}"
-        )
-    if output_column not in columns and references_column not in columns:
-        raise ConfigError(
-            f"evaluation data {source!r} has no reference column: neither {output_column!r} (set by output_column) "
-            f"nor {references_column!r}; columns present: {', '.join(columns)}"
-        )
-
-    records: list[EvalRecord] = []
-    for index, row in enumerate(rows):
-        if fmt == "processed":
-            prompt = str(row.get(prompt_column) or "").replace("<n>", "\n")
-        else:
-            context = row.get(context_column)
-            prompt = format_instruction_prompt(str(row.get(instruction_column) or ""), str(context or ""))
-        if not prompt.strip():
-            raise ConfigError(f"evaluation data {source!r}: record {index} has an empty {text_column!r}")
-        value = row.get(references_column)
-        if value in (None, "", []):
-            value = row.get(output_column)
-        references = [str(v) for v in value] if isinstance(value, list) else [] if value is None else [str(value)]
-        if not references:
-            raise ConfigError(
-                f"evaluation data {source!r}: record {index} has no reference answer "
-                f"(columns {output_column!r} / {references_column!r})"
-            )
-        records.append(EvalRecord(prompt=prompt, references=references))
-    return records
+# How generation ended, per dataset: the share of responses that generated an end id, mean tokens per response.
+GENERATION_STATS: tuple[str, ...] = ("stopped", "new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -332,17 +205,41 @@ def score(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def generate_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
-    """One response per prompt: left-padded batches through ``model.generate`` with ``settings``, seeded.
+@dataclass
+class Prediction:
+    """One generated response and how its generation ended.
+
+    ``text``: decoded without special tokens and stripped (what is scored); ``raw_text``: every generated token
+    decoded, special tokens and the end token included; ``stopped``: an end id was generated (else the new-token
+    budget ran out); ``new_tokens``: tokens generated, the end token included.
+    """
+
+    text: str
+    raw_text: str
+    stopped: bool
+    new_tokens: int
+
+
+def encode_record_prompt(tokenizer, record: EvalRecord, max_prompt_length: int) -> list[int]:
+    """Prompt ids of a record, special tokens exactly once: a chat-rendered prompt holds the template's own (its BOS
+    where the template writes one) and is tokenized without the tokenizer's; a plain prompt gets the tokenizer's.
+    Long prompts are truncated as training truncates them (:func:`encode_prompt`)."""
+    text, has_special_tokens = render_eval_prompt(record, tokenizer)
+    return encode_prompt(tokenizer, text, max_prompt_length, add_special_tokens=not has_special_tokens)
+
+
+def generate_predictions(
+    model, tokenizer, prompts: Sequence[Sequence[int]], settings: GenerationSettings, seed: int
+) -> list[Prediction]:
+    """One :class:`Prediction` per token-id prompt: left-padded batches through ``model.generate``, seeded.
 
     ``torch.manual_seed(seed)`` and ``transformers.set_seed(seed)`` are called before the first batch, so the same
-    model, prompts, settings and seed give the same responses (on the same device). Prompts are tokenized with the
-    tokenizer's special tokens (BOS) and truncated to ``settings.max_prompt_length`` as training does
-    (:func:`encode_prompt`), then left-padded with the tokenizer's pad id (the tokenizer itself is not modified).
-    Each record generates at most ``settings.new_token_budget(len(prompt))`` tokens (``budget``: MiniLLM's fixed
-    ``max_length - max_prompt_length`` by default); generation stops and the response is cut at the first end token
-    (the tokenizer's EOS or any id of the model's ``generation_config.eos_token_id``), decoded with
-    ``skip_special_tokens=True`` and stripped.
+    model, prompts, settings and seed give the same responses (on the same device). Prompts are left-padded with the
+    tokenizer's pad id (the tokenizer itself is not modified). Each record generates at most
+    ``settings.new_token_budget(len(prompt))`` tokens (``budget``: MiniLLM's fixed ``max_length - max_prompt_length``
+    by default); generation stops and the response is cut at the first end token
+    (:func:`eakd_llm.generation.end_token_ids`: the tokenizer's EOS, any id of the model's
+    ``generation_config.eos_token_id``, the chat template's end-of-turn token).
 
     The checkpoint's own ``generation_config`` sampling defaults are set aside during generation so every model is
     decoded by the same protocol (:func:`eakd_llm.generation.generate_token_ids`).
@@ -356,9 +253,24 @@ def generate_responses(model, tokenizer, prompts: list[str], settings: Generatio
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = eos_ids[0] if eos_ids else 0
+    generated = generate_token_ids(model, prompts, settings, eos_ids, pad_id, keep_eos=True)
+    out = []
+    for ids in generated:
+        stopped = bool(ids) and ids[-1] in eos_ids  # cut after the first end id: only the last one can be one
+        text = tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True).strip()
+        out.append(Prediction(text, tokenizer.decode(ids, skip_special_tokens=False), stopped, len(ids)))
+    return out
+
+
+def generate_responses(model, tokenizer, prompts: list[str], settings: GenerationSettings, seed: int) -> list[str]:
+    """The scored text of one response per plain-text prompt (:func:`generate_predictions`).
+
+    Prompts are tokenized with the tokenizer's special tokens (BOS) and truncated to ``settings.max_prompt_length``
+    as training does (:func:`encode_prompt`); responses are decoded with ``skip_special_tokens=True`` and stripped.
+    """
+    settings.validate()
     encoded = [encode_prompt(tokenizer, prompt, settings.max_prompt_length) for prompt in prompts]
-    new_tokens = generate_token_ids(model, encoded, settings, eos_ids, pad_id)
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_tokens]
+    return [p.text for p in generate_predictions(model, tokenizer, encoded, settings, seed)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,14 +294,17 @@ def evaluate_model(
     """Generate and score every dataset once per seed; report mean ± std over the seeds.
 
     Returns ``{dataset: {"rougeL": {"mean": m, "std": s, "per_seed": {seed: v}}, "exact_match": {...},
-    "num_records": n}}`` with values in [0, 100]. ``std`` is the POPULATION standard deviation over the seeds
+    "stopped": {...}, "new_tokens": {...}, "num_records": n}}``: ROUGE-L and exact match in [0, 100], ``stopped``
+    the share of responses that generated an end id (the rest ran out of budget) in [0, 1], ``new_tokens`` the mean
+    tokens generated per response. ``std`` is the POPULATION standard deviation over the seeds
     (``numpy.std``, ``ddof=0``; 0 for a single seed). Generation is re-seeded before each dataset x seed
-    (:func:`generate_responses`), so a dataset's numbers do not depend on which datasets come before it.
+    (:func:`generate_predictions`), so a dataset's numbers do not depend on which datasets come before it.
     ``keep_per_example``: also return ``"per_example": {metric: {seed: [score of each record]}}`` (for paired
     statistics across models).
 
-    With ``output_dir``: ``predictions_<dataset>_seed<seed>.jsonl`` (prompt, references, prediction and the record's
-    scores), ``results.json`` (``{"results": <the returned dict>, "seeds": [...], "settings": {...}}``) and
+    With ``output_dir``: ``predictions_<dataset>_seed<seed>.jsonl`` (the prompt text the model completed,
+    references, prediction, ``raw_prediction``, ``stopped``, ``new_tokens`` and the record's scores),
+    ``results.json`` (``{"results": <the returned dict>, "seeds": [...], "settings": {...}}``) and
     ``results.md`` (:func:`results_markdown`).
     """
     settings = settings or GenerationSettings()
@@ -408,38 +323,38 @@ def evaluate_model(
     for name, records in datasets.items():
         if not records:
             raise ConfigError(f"evaluation dataset {name!r} has no records")
-        prompts = [r.prompt for r in records]
+        texts = [render_eval_prompt(r, tokenizer)[0] for r in records]
+        prompts = [encode_record_prompt(tokenizer, r, settings.max_prompt_length) for r in records]
         references = [list(r.references) for r in records]
-        per_seed: dict[str, dict[int, float]] = {metric: {} for metric in METRICS}
+        per_seed: dict[str, dict[int, float]] = {metric: {} for metric in (*METRICS, *GENERATION_STATS)}
         per_example_scores: dict[str, dict[int, list[float]]] = {metric: {} for metric in METRICS}
         for seed in seeds:
             logger.info("evaluating %s (%d records), seed %d", name, len(records), seed)
-            predictions = generate_responses(model, tokenizer, prompts, settings, seed)
-            per_example = score_examples(predictions, references)
+            predictions = generate_predictions(model, tokenizer, prompts, settings, seed)
+            per_example = score_examples([p.text for p in predictions], references)
             for metric in METRICS:
                 per_seed[metric][seed] = float(np.mean(per_example[metric]))
                 per_example_scores[metric][seed] = [float(v) for v in per_example[metric]]
+            per_seed["stopped"][seed] = float(np.mean([p.stopped for p in predictions]))
+            per_seed["new_tokens"][seed] = float(np.mean([p.new_tokens for p in predictions]))
             if output_dir is not None:
                 path = os.path.join(output_dir, f"predictions_{_file_safe(name)}_seed{seed}.jsonl")
-                with open(path, "w", encoding="utf-8") as f:
-                    for i, (record, prediction) in enumerate(zip(records, predictions)):
-                        row = {"prompt": record.prompt, "references": record.references, "prediction": prediction}
-                        row.update({metric: per_example[metric][i] for metric in METRICS})
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                _write_predictions(path, records, texts, predictions, per_example)
         results[name] = {
             metric: {
                 "mean": float(np.mean(list(per_seed[metric].values()))),
                 "std": float(np.std(list(per_seed[metric].values()), ddof=0)),
                 "per_seed": per_seed[metric],
             }
-            for metric in METRICS
+            for metric in (*METRICS, *GENERATION_STATS)
         }
         results[name]["num_records"] = len(records)
         if keep_per_example:
             results[name]["per_example"] = per_example_scores
         logger.info(
-            "%s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f", name, results[name]["rougeL"]["mean"],
+            "%s: ROUGE-L %.2f ± %.2f, EM %.2f ± %.2f, stopped %.0f%%", name, results[name]["rougeL"]["mean"],
             results[name]["rougeL"]["std"], results[name]["exact_match"]["mean"], results[name]["exact_match"]["std"],
+            100 * results[name]["stopped"]["mean"],
         )
 
     if output_dir is not None:
@@ -451,16 +366,29 @@ def evaluate_model(
     return results
 
 
+def _write_predictions(path: str, records: Sequence[EvalRecord], texts: Sequence[str],
+                       predictions: Sequence[Prediction], per_example: Mapping[str, Sequence[float]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for i, (record, text, prediction) in enumerate(zip(records, texts, predictions)):
+            row = {"prompt": text, "references": record.references, "prediction": prediction.text,
+                   "raw_prediction": prediction.raw_text, "stopped": prediction.stopped,
+                   "new_tokens": prediction.new_tokens}
+            row.update({metric: per_example[metric][i] for metric in METRICS})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def results_markdown(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """A markdown table, one row per dataset: ROUGE-L and EM as ``mean ± std`` over the seeds, records, seeds."""
+    """A markdown table, one row per dataset: ROUGE-L and EM as ``mean ± std`` over the seeds, the share of
+    responses that stopped at an end token (``–`` for results written before it was recorded), records, seeds."""
     lines = [
-        "| dataset | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " | records | seeds |",
-        "|---|" + "---:|" * len(METRICS) + "---:|---:|",
+        "| dataset | " + " | ".join(METRIC_NAMES[m] for m in METRICS) + " | stopped | records | seeds |",
+        "|---|" + "---:|" * len(METRICS) + "---:|---:|---:|",
     ]
     for name, result in results.items():
         cells = [f"{result[m]['mean']:.2f} ± {result[m]['std']:.2f}" for m in METRICS]
+        stopped = f"{100 * result['stopped']['mean']:.0f}%" if "stopped" in result else "–"
         seeds = len(result[METRICS[0]]["per_seed"])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result['num_records']} | {seeds} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {stopped} | {result['num_records']} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -556,12 +484,23 @@ def build_eval_parser() -> argparse.ArgumentParser:
         f"names: {', '.join(BENCHMARKS)}",
     )
     parser.add_argument("--split", default="test", help="split read from folders and hub datasets (default: test)")
-    parser.add_argument("--format", default="auto", choices=EVAL_FORMATS,
-                        help="raw (instruction/input/output), processed (prompt/output) or auto (default)")
+    parser.add_argument(
+        "--format", default="auto", choices=EVAL_FORMATS,
+        help="record format: raw (instruction/input/output), processed (prompt/output), messages (chat turns) or "
+        "auto (default: messages, else processed when a prompt column exists, else raw)",
+    )
+    parser.add_argument(
+        "--prompt-format", default="auto", choices=PROMPT_FORMATS,
+        help="how prompts are written: instruction (MiniLLM template), raw (the instruction as is), chat (the "
+        "tokenizer's chat template with its generation prompt) or auto (default: chat for messages records, "
+        "instruction otherwise)",
+    )
     parser.add_argument("--instruction-column", default="instruction")
     parser.add_argument("--context-column", default="input")
-    parser.add_argument("--output-column", default="output")
+    parser.add_argument("--output-column", default=None,
+                        help="reference column (default: output, or response when there is no output column)")
     parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument("--messages-column", default="messages")
     parser.add_argument("--references-column", default="references")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate the first N records of each dataset")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS),
@@ -624,6 +563,8 @@ def eval_main(argv: Sequence[str]) -> int:
                 prompt_column=args.prompt_column,
                 max_samples=args.max_samples,
                 references_column=args.references_column,
+                messages_column=args.messages_column,
+                prompt_format=args.prompt_format,
             )
         model, tokenizer = load_model_for_eval(
             args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code, device=args.device,

@@ -1,7 +1,7 @@
 """Sampling responses with HF ``generate``: one place for evaluation and on-policy training.
 
 :func:`generate_token_ids` turns token-id prompts into new token ids (left-padded batches, per-row budgets, cut after
-the first end token); evaluation decodes them (:func:`eakd_llm.evaluation.generate_responses`), on-policy training
+the first end token); evaluation decodes them (:func:`eakd_llm.evaluation.generate_predictions`), on-policy training
 re-collates them as responses (:mod:`eakd_llm.on_policy`). Sharded models are gathered once per call by the caller
 (:func:`eakd_llm.sharding.gathered_for_generation`), not per token.
 """
@@ -16,8 +16,19 @@ import torch
 import transformers
 
 from .config import ConfigError
-from .data import tokenize_example
+from .data import left_pad, tokenize_example
 from .losses import IGNORE_INDEX
+from .prompts import chat_end_token_id
+
+__all__ = [
+    "BUDGETS",
+    "GenerationSettings",
+    "encode_prompt",
+    "end_token_ids",
+    "generate_token_ids",
+    "left_pad",
+    "model_device",
+]
 
 BUDGETS: tuple[str, ...] = ("fixed", "remaining")
 
@@ -81,23 +92,28 @@ class GenerationSettings:
         return max(budget, 1)
 
 
-def encode_prompt(tokenizer, prompt: str, max_prompt_length: int) -> list[int]:
-    """Prompt token ids with the tokenizer's special tokens (BOS), truncated exactly as training truncates prompts.
+def encode_prompt(tokenizer, prompt: str, max_prompt_length: int, add_special_tokens: bool = True) -> list[int]:
+    """Prompt token ids, truncated exactly as training truncates prompts.
 
+    ``add_special_tokens``: the tokenizer's special tokens (BOS) are added, as for a template-rendered instruction
+    prompt; a chat-rendered prompt already holds the template's own and takes False, so each is there exactly once.
     :func:`eakd_llm.data.tokenize_example` is the single source of the rule (a long prompt keeps its end and its
     BOS); the response is empty here, so its ``max_length`` only has to exceed ``max_prompt_length``.
     """
-    example = tokenize_example(prompt, "", tokenizer, max_prompt_length + 1, max_prompt_length)
+    example = tokenize_example(prompt, "", tokenizer, max_prompt_length + 1, max_prompt_length,
+                               prompt_has_special_tokens=not add_special_tokens)
     prompt_length = sum(1 for label in example["labels"] if label == IGNORE_INDEX)
     return example["input_ids"][:prompt_length]
 
 
 def end_token_ids(tokenizer, model=None) -> list[int]:
-    """Every id that ends a response: the tokenizer's EOS and each id of the model's ``generation_config.eos_token_id``
-    (chat models list several: Qwen2.5-Instruct ``<|im_end|>`` and ``<|endoftext|>``, Llama-3-Instruct three)."""
+    """Every id that ends a response: the tokenizer's EOS, each id of the model's ``generation_config.eos_token_id``
+    (chat models list several: Qwen2.5-Instruct ``<|im_end|>`` and ``<|endoftext|>``, Llama-3-Instruct three) and the
+    chat template's end-of-turn token (:func:`eakd_llm.prompts.chat_end_token_id`), the last target of every chat
+    record in training, so a model trained on chat records stops where its targets stopped."""
     ids: list[int] = []
     generation_config = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, generation_config):
+    for value in (tokenizer.eos_token_id, generation_config, chat_end_token_id(tokenizer)):
         for i in value if isinstance(value, (list, tuple)) else [value]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
@@ -142,17 +158,6 @@ class _RowBudget(transformers.StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_width
         return self.budgets.to(input_ids.device) <= generated
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` of left-padded prompts: every prompt ends where generation starts."""
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.as_tensor(list(ids), dtype=torch.long)
-        attention_mask[row, width - len(ids):] = 1
-    return input_ids, attention_mask
 
 
 def generate_token_ids(

@@ -34,6 +34,8 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
     "BOS_TOKEN",
+    "CHATML_TEMPLATE",
+    "CHATML_TOKENS",
     "CHAT_TEMPLATE",
     "EOS_TOKEN",
     "PAD_TOKEN",
@@ -584,6 +586,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 
+# ChatML, as SmolLM2-Instruct and Qwen2.5-Instruct write it: each turn ends with <|im_end|> and a newline.
+CHATML_TOKENS: tuple[str, ...] = ("<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -602,7 +613,11 @@ def _alpaca_prompt(record: Mapping[str, Any]) -> str:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int = 1024, output_dir: str | os.PathLike[str] | None = None
+    texts: Iterable[str],
+    vocab_size: int = 1024,
+    output_dir: str | os.PathLike[str] | None = None,
+    chat_format: str = "tiny",
+    add_bos: bool = True,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a ``PreTrainedTokenizerFast``.
 
@@ -613,11 +628,18 @@ def train_tokenizer(
 
     The chat template renders ``<s><|user|>\n{content}</s>\n...<|assistant|>\n``: it supplies ``<s>`` itself
     because ``apply_chat_template`` tokenizes with ``add_special_tokens=False``.
+
+    ``chat_format="chatml"``: ChatML instead (:data:`CHATML_TEMPLATE`, ``<|im_start|>``/``<|im_end|>`` special
+    tokens, EOS ``<|im_end|>`` as SmolLM2-Instruct and Qwen2.5-Instruct), its template starting with ``<s>`` when
+    ``add_bos``. ``add_bos=False``: encoding adds no BOS (GPT-2, Qwen, SmolLM2 tokenizers).
     """
+    if chat_format not in ("tiny", "chatml"):
+        raise ValueError(f"chat_format must be 'tiny' or 'chatml', got {chat_format!r}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *ROLE_TOKENS]
+    chatml = chat_format == "chatml"
+    specials = [BOS_TOKEN, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *(CHATML_TOKENS if chatml else ROLE_TOKENS)]
     if vocab_size <= len(specials) + 256:
         raise ValueError(f"vocab_size must exceed {len(specials) + 256} (specials + 256 bytes), got {vocab_size}")
     backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
@@ -631,24 +653,28 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator((t for t in texts if t), trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
-    )
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS_TOKEN} $A",
+            pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
+            special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
+        )
+    template = CHAT_TEMPLATE
+    if chatml:
+        template = ("{{ bos_token }}" if add_bos else "") + CHATML_TEMPLATE
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
+        eos_token=CHATML_TOKENS[1] if chatml else EOS_TOKEN,
         pad_token=PAD_TOKEN,
         unk_token=UNK_TOKEN,
-        extra_special_tokens=list(ROLE_TOKENS),
+        extra_special_tokens=list(CHATML_TOKENS if chatml else ROLE_TOKENS),
         # No add_bos_token/add_eos_token kwargs on purpose: transformers 5 drops them from tokenizer_config.json and
         # would then rebuild the post-processor differently on reload. The TemplateProcessing above, stored in
         # tokenizer.json, is the single source of truth (so `tokenizer.add_bos_token` reads False, yet bos is added).
         padding_side="right",
         model_max_length=512,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=template,
         clean_up_tokenization_spaces=False,
     )
     if output_dir is not None:

@@ -42,3 +42,24 @@ def run_with_a_free_port(make_commands, env: dict[str, str], timeout: float = 90
                    for r in results):
             break
     return results
+
+
+CHAT_TEXTS = [
+    "Name a fruit. apple banana cherry. Convert the word to uppercase. APPLE. hello world, how are you?",
+    "user assistant system Be brief. first answer second question",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:\n### Input:\n### Response:\n",
+]
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizers(tmp_path_factory) -> dict[str, object]:
+    """Tiny ChatML tokenizers (EOS ``<|im_end|>``): ``bos`` adds a BOS and its template writes it (Llama style),
+    ``no_bos`` adds none (SmolLM2, Qwen)."""
+    from eakd_llm.synthetic import train_tokenizer
+
+    return {
+        name: train_tokenizer(CHAT_TEXTS * 20, vocab_size=400, chat_format="chatml", add_bos=name == "bos",
+                              output_dir=str(tmp_path_factory.mktemp(f"chatml-{name}")))
+        for name in ("bos", "no_bos")
+    }

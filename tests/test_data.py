@@ -144,17 +144,75 @@ def test_messages_format_uses_chat_template(tmp_path, tokenizer):
     config = _config(tmp_path)
     dataset = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
     example = dataset[0]
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    assert tokenizer.decode(example["input_ids"]) == full
-    response = tokenizer.decode(_decode_response(tokenizer, example))
-    assert response == full[len(prompt):]
-    assert "apple" in response
-    assert example["labels"][-1] == tokenizer.eos_token_id or tokenizer.eos_token_id in example["labels"]
-    # The template writes its own special tokens: no extra BOS in front.
-    assert example["input_ids"] == tokenizer(full, add_special_tokens=False)["input_ids"] or (
-        tokenizer.eos_token_id in example["input_ids"]
-    )
+    # The tiny template: <s> once, every turn "<|role|>\n{content}</s>\n".
+    prompt = "<s><|system|>\nBe brief.</s>\n<|user|>\nName a fruit.</s>\n<|assistant|>\n"
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == prompt[:-len("<|assistant|>\n")] + (
+        "<|assistant|>\napple</s>\n")
+    # The turn's targets end at its end-of-turn token </s>; the template's newline after it is cut.
+    assert tokenizer.decode(example["input_ids"]) == prompt + "apple</s>"
+    assert example["input_ids"] == tokenizer(prompt + "apple</s>", add_special_tokens=False)["input_ids"]
+    assert example["input_ids"].count(tokenizer.bos_token_id) == 1  # the template's BOS, no second one
+    assert tokenizer.decode(_decode_response(tokenizer, example)) == "apple</s>"
+    assert example["labels"][-1] == tokenizer.eos_token_id
+
+
+def _chatml(turns: list[tuple[str, str]], bos: str = "") -> str:
+    return bos + "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+
+
+@pytest.mark.parametrize("variant", ["bos", "no_bos"])
+def test_chatml_targets_end_at_im_end_and_its_newline_is_cut(tmp_path, chatml_tokenizers, variant):
+    """ChatML writes "<|im_end|>\n" after every turn; generation stops at <|im_end|>: the last target is <|im_end|>
+    and the newline after it is no target (cut). Multi-turn: only the last assistant turn is learnt."""
+    tok = chatml_tokenizers[variant]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == im_end
+    bos = "<s>" if variant == "bos" else ""
+    single = [("user", "Name a fruit."), ("assistant", "apple")]
+    multi = [("system", "Be brief."), ("user", "Name a fruit."), ("assistant", "first answer"),
+             ("user", "second question"), ("assistant", "banana cherry")]
+    records = [{"messages": [{"role": r, "content": c} for r, c in turns]} for turns in (single, multi)]
+    _write(tmp_path / "data" / "train.jsonl", records)
+    dataset = build_dataset(load_split(str(tmp_path / "data"), "train"), _config(tmp_path), tok)
+    for turns, record, example in zip((single, multi), records, dataset):
+        prompt = _chatml(turns[:-1], bos) + "<|im_start|>assistant\n"
+        assert tok.apply_chat_template(record["messages"], tokenize=False) == _chatml(turns, bos)  # "\n" written
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tok(turns[-1][1], add_special_tokens=False)["input_ids"]
+        assert example["input_ids"] == prompt_ids + answer_ids + [im_end]  # nothing after <|im_end|>
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids + [im_end]
+        assert example["input_ids"].count(tok.bos_token_id) == (1 if bos else 0)
+    assert "first answer<|im_end|>\n" in tok.decode(dataset[1]["input_ids"])  # earlier turns: prompt, as written
+
+
+def test_end_of_turn_that_is_not_eos_and_templates_without_one(tmp_path, chatml_tokenizers):
+    """An end-of-turn token other than EOS (ChatML with EOS </s>, like Gemma's <end_of_turn>) is still the last
+    target, with no EOS after it, and generation stops there; a template whose turns end in plain text keeps the old
+    rule: EOS appended after the rendered answer."""
+    import copy
+
+    import datasets
+
+    from eakd_llm.generation import end_token_ids
+    from eakd_llm.prompts import chat_end_token_id
+
+    tok = copy.deepcopy(chatml_tokenizers["no_bos"])
+    tok.eos_token = "</s>"
+    im_end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("</s>")
+    assert tok.eos_token_id == eos != im_end
+    raw = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hello"},
+                                                    {"role": "assistant", "content": "apple"}]}])
+    example = build_dataset(raw, _config(tmp_path), tok)[0]
+    assert example["labels"][-1] == im_end and eos not in example["input_ids"]
+    assert chat_end_token_id(tok) == im_end
+    assert end_token_ids(tok) == [eos, im_end]  # generation stops where the targets stopped
+
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    example = build_dataset(raw, _config(tmp_path), tok)[0]
+    assert tok.decode(example["input_ids"]) == "user: hello\nassistant: apple\n</s>"
+    assert example["labels"][-1] == eos
+    assert chat_end_token_id(tok) is None and end_token_ids(tok) == [eos]
 
 
 def test_messages_must_end_with_assistant(tmp_path, tokenizer):
@@ -273,6 +331,20 @@ def test_exclude_eval_prompts_drops_training_records_whose_prompt_is_evaluated(t
     # Without the option nothing is dropped.
     assert len(build_dataset(raw, _config(tmp_path, dataset_format="instruction", context_column="context",
                                           max_length=64), tokenizer)) == 4
+
+
+def test_exclude_eval_prompts_reads_chat_evaluation_files(tokenizer, tmp_path):
+    """A messages-format evaluation file: its last user turn is the prompt compared with the training records."""
+    _write(tmp_path / "data" / "train.jsonl", DOLLY_LIKE)
+    chat_eval = tmp_path / "chat.jsonl"
+    _write(chat_eval, [{"messages": [{"role": "system", "content": "Be brief."},
+                                     {"role": "user", "content": "say hello"},
+                                     {"role": "assistant", "content": "hello world"}]}])
+    config = _config(tmp_path, dataset_format="instruction", context_column="context",
+                     exclude_eval_prompts=[str(chat_eval)], max_length=64)
+    kept = build_dataset(load_split(config.dataset_name, "train"), config, tokenizer)
+    responses = sorted(tokenizer.decode(_decode_response(tokenizer, ex), skip_special_tokens=True) for ex in kept)
+    assert responses == ["APPLE", "BANANA", "apple"]  # "Say hello." was evaluated
 
 
 def test_exclude_eval_prompts_errors(tokenizer, tmp_path):

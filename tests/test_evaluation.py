@@ -13,17 +13,19 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from eakd_llm.config import ConfigError
-from eakd_llm.data import format_instruction_prompt
+from eakd_llm.config import ConfigError, EAKDConfig
+from eakd_llm.data import build_dataset, format_instruction_prompt, prompt_length
 from eakd_llm.evaluation import (
     BENCHMARKS,
     DEFAULT_SEEDS,
     EvalRecord,
     GenerationSettings,
     encode_prompt,
+    encode_record_prompt,
     eval_main,
     evaluate_model,
     exact_match,
+    generate_predictions,
     generate_responses,
     load_eval_records,
     load_model_for_eval,
@@ -32,6 +34,7 @@ from eakd_llm.evaluation import (
     score,
 )
 from eakd_llm.metrics import ROUGE_L_METRIC_PATH
+from eakd_llm.prompts import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"max_new_tokens": 8, "batch_size": 4}
@@ -206,6 +209,53 @@ def test_missing_column_names_the_columns_present(tmp_path):
     assert load_eval_records(no_output, output_column="answer")[0].references == ["a"]
     with pytest.raises(ConfigError, match="does not exist"):
         load_eval_records(str(tmp_path / "missing.jsonl"))
+
+
+CHAT = [
+    {"messages": [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+                  {"role": "assistant", "content": "first answer"}, {"role": "user", "content": "second question"},
+                  {"role": "assistant", "content": "banana cherry"}]},
+]
+
+
+def test_load_messages_records(tmp_path):
+    """Chat records, as training takes them: the final assistant turn is the reference and leaves the prompt."""
+    path = write_jsonl(tmp_path / "test.jsonl", CHAT)
+    records = load_eval_records(path)  # auto: a messages column means messages records, rendered as chat
+    assert records == [
+        EvalRecord("Name a fruit.", ["apple"], CHAT[0]["messages"][:1]),
+        EvalRecord("second question", ["banana cherry"], CHAT[1]["messages"][:4]),
+    ]
+    # A references column wins; a conversation ending with the user needs one.
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{**CHAT[0], "references": ["pear", "plum"]},
+                                                 {"messages": CHAT[1]["messages"][:4], "output": "cherry"}])
+    assert [(r.references, len(r.messages)) for r in load_eval_records(refs)] == [(["pear", "plum"], 1),
+                                                                                 (["cherry"], 4)]
+    no_answer = write_jsonl(tmp_path / "open.jsonl", [{"messages": CHAT[1]["messages"][:4]}])
+    with pytest.raises(ConfigError, match="record 0 has no reference answer"):
+        load_eval_records(no_answer)
+    with pytest.raises(ConfigError, match="prompt_format 'instruction' is for instruction or prompt records"):
+        load_eval_records(path, prompt_format="instruction")
+    with pytest.raises(ConfigError, match=r"no column 'messages' \(set by messages_column\)"):
+        load_eval_records(write_jsonl(tmp_path / "x.jsonl", [{"instruction": "a", "output": "b"}]), fmt="messages")
+
+
+def test_training_record_formats_and_prompt_formats(tmp_path):
+    """Training's instruction (Dolly: context/response) and prompt_response files evaluate as they are; the
+    instruction can be written with the template, as is, or as a user turn."""
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", [{"instruction": "Say hi.", "context": "to Bob", "response": "hi"}])
+    assert load_eval_records(dolly, context_column="context") == [
+        EvalRecord(format_instruction_prompt("Say hi.", "to Bob"), ["hi"])]
+    assert load_eval_records(dolly, context_column="context", prompt_format="raw") == [
+        EvalRecord("Say hi.\n\nto Bob", ["hi"])]
+    assert load_eval_records(dolly, prompt_format="chat") == [
+        EvalRecord("Say hi.", ["hi"], [{"role": "user", "content": "Say hi."}])]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Q: one?", "response": "1"}])
+    assert load_eval_records(pairs) == [EvalRecord("Q: one?", ["1"])]
+    assert load_eval_records(pairs, prompt_format="chat")[0].messages == [{"role": "user", "content": "Q: one?"}]
+    with pytest.raises(ConfigError, match="prompt_format must be one of auto, chat, instruction, raw"):
+        load_eval_records(pairs, prompt_format="plain")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,6 +466,96 @@ def test_top_k_zero_adds_no_top_k_filter_and_model_generation_config_is_ignored(
         saved.repetition_penalty = saved.top_k = saved.min_new_tokens = None
 
 
+def _chat_config(tmp_path, **kwargs) -> EAKDConfig:
+    return EAKDConfig(output_dir=str(tmp_path / "out"), dataset_name=str(tmp_path / "data"), **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["bos", "no_bos"])
+def test_chat_prompt_has_special_tokens_once_and_is_the_training_prompt(chatml_tokenizers, tmp_path, variant):
+    """The rendered chat prompt holds the template's BOS (if any) and gets no second one; its ids are exactly the
+    prompt prefix training builds for the same record, also when both truncate it."""
+    tok = chatml_tokenizers[variant]
+    (tmp_path / "data").mkdir()
+    path = write_jsonl(tmp_path / "data" / "train.jsonl", CHAT)
+    records = load_eval_records(path)
+    bos = "<s>" if variant == "bos" else ""
+    expected = [
+        bos + "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n",
+        bos + "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a fruit.<|im_end|>\n"
+        "<|im_start|>assistant\nfirst answer<|im_end|>\n<|im_start|>user\nsecond question<|im_end|>\n"
+        "<|im_start|>assistant\n",
+    ]
+    for max_prompt_length in (60, 9):
+        config = _chat_config(tmp_path, max_length=64, max_prompt_length=max_prompt_length)
+        dataset = build_dataset(load_split(config.dataset_name, "train"), config, tok)
+        for record, example, text in zip(records, dataset, expected):
+            ids = encode_record_prompt(tok, record, max_prompt_length)
+            assert ids == example["input_ids"][:prompt_length(example["labels"])]
+            full = tok(text, add_special_tokens=False)["input_ids"]
+            if len(full) <= max_prompt_length:
+                assert ids == full
+            else:
+                assert len(ids) == max_prompt_length and ids[-5:] == full[-5:]
+            assert ids.count(tok.bos_token_id) == (1 if bos else 0) and (ids[0] == tok.bos_token_id) == bool(bos)
+    if bos:  # tokenizing the rendered text with the tokenizer's specials as well would double the BOS
+        assert tok(expected[0])["input_ids"][:2] == [tok.bos_token_id] * 2
+
+
+def test_instruction_prompt_is_the_training_prompt(tiny_stack, student):
+    _, tokenizer = student
+    config = EAKDConfig(output_dir="unused", dataset_name=tiny_stack["data_dir"], max_prompt_length=24,
+                        response_column="output")
+    dataset = build_dataset(load_split(tiny_stack["data_dir"], "test"), config, tokenizer, split="test",
+                            max_samples=6)
+    lengths = []
+    for record, example in zip(load_eval_records(tiny_stack["data_dir"], max_samples=6), dataset):
+        ids = encode_record_prompt(tokenizer, record, 24)
+        assert ids == example["input_ids"][:prompt_length(example["labels"])]
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+        lengths.append(len(tokenizer(record.prompt)["input_ids"]))
+    assert max(lengths) > 24  # truncated alike
+
+
+def test_predictions_record_how_generation_ended(student, records, tmp_path):
+    """Each prediction keeps its raw text (end token included), whether an end id stopped it and how many tokens it
+    generated; results report the stopped share. One end id is a token some greedy responses emit and others not."""
+    from eakd_llm.generation import generate_token_ids
+
+    model, tokenizer = student
+    prompts = [encode_prompt(tokenizer, r.prompt, 256) for r in records]
+    greedy = GenerationSettings(max_new_tokens=10, do_sample=False, no_repeat_ngram_size=0)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    plain = generate_token_ids(model, prompts, greedy, [eos], pad, keep_eos=True)
+    in_rows = {t: sum(t in ids[1:] for ids in plain) for ids in plain for t in ids[1:]}
+    end = next(t for t, n in sorted(in_rows.items()) if 0 < n < len(plain) and t != eos)
+    expected = []
+    for ids in plain:
+        stop = next((i for i, t in enumerate(ids) if t in (eos, end)), None)
+        expected.append((ids if stop is None else ids[:stop + 1], stop is not None))
+    assert {stopped for _, stopped in expected} == {True, False}
+
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [eos, end]
+    try:
+        predictions = generate_predictions(model, tokenizer, prompts, greedy, seed=0)
+        results = evaluate_model(model, tokenizer, {"tiny": records}, seeds=(1,), settings=greedy,
+                                 output_dir=str(tmp_path))
+    finally:
+        model.generation_config.eos_token_id = saved
+    for prediction, (ids, stopped) in zip(predictions, expected):
+        assert prediction.stopped == stopped and prediction.new_tokens == len(ids)
+        assert prediction.raw_text == tokenizer.decode(ids, skip_special_tokens=False)
+        assert prediction.text == tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True).strip()
+        assert stopped or len(ids) == 10  # not stopped: the budget ran out
+    share = sum(stopped for _, stopped in expected) / len(expected)
+    assert results["tiny"]["stopped"]["per_seed"][1] == pytest.approx(share)
+    assert results["tiny"]["new_tokens"]["mean"] == pytest.approx(sum(len(i) for i, _ in expected) / len(expected))
+    rows = [json.loads(line) for line in (tmp_path / "predictions_tiny_seed1.jsonl").read_text().splitlines()]
+    assert [(r["raw_prediction"], r["stopped"], r["new_tokens"]) for r in rows] == [
+        (p.raw_text, p.stopped, p.new_tokens) for p in predictions]
+    assert f"| {100 * share:.0f}% |" in (tmp_path / "results.md").read_text()
+
+
 def test_settings_validation(student):
     model, tokenizer = student
     with pytest.raises(ConfigError, match="max_length"):
@@ -480,6 +620,36 @@ def test_eval_main_end_to_end(tiny_stack, tmp_path, capsys):
     assert saved["settings"]["do_sample"] is True and saved["settings"]["top_k"] == 0
     # The same records under two names, same seeds: same numbers.
     assert saved["results"]["tiny"]["rougeL"] == saved["results"]["raw"]["rougeL"]
+
+
+@pytest.fixture(scope="module")
+def chatml_model(chatml_tokenizers, tmp_path_factory) -> str:
+    from eakd_llm.synthetic import save_tiny_model
+
+    folder = tmp_path_factory.mktemp("chatml-model")
+    save_tiny_model("student", folder, chatml_tokenizers["no_bos"], seed=0)
+    return str(folder)
+
+
+def test_eval_main_on_chat_records(chatml_model, tmp_path, capsys):
+    """`eakd-llm eval --data smol=test.jsonl` on messages records (it used to fail: no column 'instruction')."""
+    data = write_jsonl(tmp_path / "test.jsonl", CHAT)
+    out = tmp_path / "eval"
+    code = eval_main(["--model", chatml_model, "--data", f"smol={data}", "--max-new-tokens", "4", "--seeds", "1",
+                      "--output-dir", str(out), "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    assert "| smol |" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "predictions_smol_seed1.jsonl").read_text().splitlines()]
+    assert rows[0]["prompt"] == "<|im_start|>user\nName a fruit.<|im_end|>\n<|im_start|>assistant\n"
+    assert [r["references"] for r in rows] == [["apple"], ["banana cherry"]]
+    for row in rows:
+        assert 1 <= row["new_tokens"] <= 4 and isinstance(row["stopped"], bool)
+        assert row["stopped"] == row["raw_prediction"].endswith("<|im_end|>")
+    saved = json.loads((out / "results.json").read_text())["results"]["smol"]
+    assert saved["stopped"]["mean"] == sum(r["stopped"] for r in rows) / 2
+    code = eval_main(["--model", chatml_model, "--data", f"smol={data}", "--prompt-format", "instruction",
+                      "--output-dir", str(out), "--device", "cpu"])
+    assert code == 2 and "prompt_format 'instruction'" in capsys.readouterr().err
 
 
 def test_eval_main_config_error_exits_2(tiny_stack, tmp_path, capsys):
