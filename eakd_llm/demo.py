@@ -85,7 +85,7 @@ QUICK = DemoPlan(
 
 KD = {"kd_ratio": 0.5, "divergence": "fkl", "ea": False}
 EA_TOKEN = {"kd_ratio": 0.5, "divergence": "fkl", "ea": True, "ea_granularity": "token"}
-# name -> config overrides of the main comparison's methods (kd_ratio 0.5 keeps the CE term beside KD, see the README)
+# name -> config overrides of the main comparison's methods (kd_ratio 0.5 keeps a CE term: see docs/ea-weights.md)
 METHODS: dict[str, dict[str, Any]] = {
     "SFT": {"kd_ratio": 0.0},
     "KD": KD,

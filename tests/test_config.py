@@ -1,4 +1,4 @@
-"""EAKDConfig validation, recipe YAML loading, command-line overrides and the README config reference."""
+"""EAKDConfig validation, recipe YAML loading, command-line overrides and the generated config reference page."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from eakd_llm.config import ConfigError, EAKDConfig
 from eakd_llm.recipe import build_config, load_recipe, parse_overrides, read_yaml
-from eakd_llm.reference import README_BEGIN, README_END, config_reference_markdown
+from eakd_llm.reference import REFERENCE_BEGIN, REFERENCE_DOC, REFERENCE_END, config_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,16 +206,16 @@ def test_every_shipped_recipe_validates(recipe):
     assert config.dataset_name
     if config.kd_ratio > 0:
         assert config.teacher_model_name_or_path
-        assert config.kd_ratio < 1, "EA/KD recipes keep a CE term (see the README on starvation)"
+        assert config.kd_ratio < 1, "EA/KD recipes keep a CE term (see docs/ea-weights.md on starvation)"
     if "dolly-15k" in config.dataset_name:  # DollyEval is drawn from dolly-15k: its prompts must stay out of training
         assert any(path.endswith("dolly/valid.jsonl") for path in config.exclude_eval_prompts or [])
 
 
-def test_readme_embeds_the_generated_config_reference():
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    start, end = readme.index(README_BEGIN) + len(README_BEGIN), readme.index(README_END)
-    assert readme[start:end].strip() == config_reference_markdown().strip(), (
-        "README config reference is stale: regenerate it with `eakd-llm config`"
+def test_docs_embed_the_generated_config_reference():
+    page = (REPO / REFERENCE_DOC).read_text(encoding="utf-8")
+    start, end = page.index(REFERENCE_BEGIN) + len(REFERENCE_BEGIN), page.index(REFERENCE_END)
+    assert page[start:end].strip() == config_reference_markdown().strip(), (
+        f"{REFERENCE_DOC} is stale: regenerate it with `python -m eakd_llm.reference` from the repository root"
     )
 
 
