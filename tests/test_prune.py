@@ -133,24 +133,25 @@ def reference_forward(model: nn.Module, keep, input_ids, attention_mask, record=
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-@pytest.mark.parametrize("name", list(ARCHITECTURES))
-def test_pruned_checkpoint_equals_the_original_through_the_kept_layers(name, tmp_path):
+# Gemma3 keeping sliding-window layers only: the pruned config has one layer kind (one rotary embedding on reload).
+@pytest.mark.parametrize("name, keep", [(name, KEEP) for name in ARCHITECTURES] + [("gemma3", [0, 2, 4])])
+def test_pruned_checkpoint_equals_the_original_through_the_kept_layers(name, keep, tmp_path):
     original = tiny_model(name)
     input_ids, attention_mask = inputs()
     with torch.no_grad():
         full = original(input_ids=input_ids, attention_mask=attention_mask).logits
     # The hand-written reference reproduces the unpruned model, so it is a faithful stand-in for "the kept layers".
     torch.testing.assert_close(reference_forward(original, range(6), input_ids, attention_mask), full)
-    expected = reference_forward(original, KEEP, input_ids, attention_mask)
+    expected = reference_forward(original, keep, input_ids, attention_mask)
     assert not torch.allclose(expected, full, atol=1e-3)  # dropping layers changes the output
 
     original_config = original.config.to_dict()
-    pruned = prune_layers(copy.deepcopy(original), KEEP)
+    pruned = prune_layers(copy.deepcopy(original), keep)
     assert original.config.to_dict() == original_config
-    assert pruned.config.num_hidden_layers == len(KEEP)
-    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(len(KEEP)))
+    assert pruned.config.num_hidden_layers == len(keep)
+    assert [layer.self_attn.layer_idx for layer in pruned.model.layers] == list(range(len(keep)))
     if original.config.to_dict().get("layer_types"):
-        assert pruned.config.layer_types == [original.config.layer_types[i] for i in KEEP]
+        assert pruned.config.layer_types == [original.config.layer_types[i] for i in keep]
     if name.startswith("qwen"):  # max_window_layers still derives the same layer kinds
         derived = type(pruned.config)(**{**pruned.config.to_dict(), "layer_types": None})
         assert derived.layer_types == pruned.config.layer_types
@@ -163,7 +164,7 @@ def test_pruned_checkpoint_equals_the_original_through_the_kept_layers(name, tmp
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(reloaded) is type(original)
-    assert reloaded.config.num_hidden_layers == len(KEEP)
+    assert reloaded.config.num_hidden_layers == len(keep)
     if original.config.tie_word_embeddings:
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     else:
