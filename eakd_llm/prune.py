@@ -297,7 +297,8 @@ def calibration_sequences(
     raw = _read_raw(data, config, split)
     raw = raw.shuffle(seed=seed).select(range(min(num_samples, len(raw))))
     if _is_plain_text(raw.column_names, config):
-        ids = [tokenizer(str(text))["input_ids"] for text in raw[TEXT_COLUMN] if str(text).strip()]
+        texts = [str(text) for text in raw[TEXT_COLUMN] if text is not None and str(text).strip()]
+        ids = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
     else:
         ids = list(build_dataset(raw, config, tokenizer, split=split)["input_ids"])
     sequences = [list(seq[:max_length]) for seq in ids if len(seq) > 0]
@@ -324,9 +325,6 @@ def calibration_batches(sequences: Sequence[Sequence[int]], batch_size: int, pad
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-
-PRUNE_USAGE = ("eakd-llm prune MODEL --output DIR (--layers 0,1,3,... | --num-layers N [--method uniform|"
-               "block-influence]) [--calibration-data FILE] [--recipe RECIPE.yaml] [--overwrite] ...")
 
 
 def build_prune_parser() -> argparse.ArgumentParser:
@@ -405,8 +403,9 @@ def _check_output(output: str, source: str, overwrite: bool) -> None:
 
 
 def _source_num_layers(path: str, trust_remote_code: bool) -> int:
-    """The source's depth from its config alone, so that a bad keep-set is refused before any weight is loaded."""
-    from transformers import AutoConfig
+    """The source's depth, from a weightless (meta) build of its config: the layout and a bad keep-set are refused
+    before any weight is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from .models import looks_like_local_path
 
@@ -414,13 +413,11 @@ def _source_num_layers(path: str, trust_remote_code: bool) -> int:
         raise ConfigError(f"MODEL {path!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"MODEL: cannot load a model config from {path!r}: {err}") from err
-    num_layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(num_layers, int):
-        raise ConfigError(f"cannot prune {path!r}: its {type(config).__name__} has no num_hidden_layers (depth pruning "
-                          "needs a decoder-only causal LM such as Llama, Qwen2/3, Mistral, Gemma2/3 text, Phi-3)")
-    return num_layers
+        raise ConfigError(f"MODEL: cannot build a causal LM from the config of {path!r}: {err}") from err
+    return len(decoder_layers(skeleton))
 
 
 def _resolve_device(name: str) -> torch.device:

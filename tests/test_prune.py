@@ -271,10 +271,12 @@ def test_an_index_dependent_architecture_is_refused():
 
     config = Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 4}, decoder_sparse_step=2, num_experts=2,
                             num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32)
-    model = Qwen2MoeForCausalLM(config)  # layers 1 and 3 are MoE: keeping [0, 1] would rebuild layer 1 as dense
-    prune_layers(model, [1, 2])
-    with pytest.raises(ConfigError, match="depend on their index"):
+    # Layers 1 and 3 are MoE (every decoder_sparse_step-th): kept as [1, 2], the MoE layer would be rebuilt dense at
+    # position 0; kept as [0, 1], the dense/MoE pattern is the one the config rebuilds, which is fine.
+    model = prune_layers(Qwen2MoeForCausalLM(config), [1, 2])
+    with pytest.raises(ConfigError, match="'model.layers.0.mlp.*depend on their index"):
         check_rebuildable(model)
+    check_rebuildable(prune_layers(Qwen2MoeForCausalLM(config), [0, 1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,6 +413,9 @@ def test_cli_refusals(tiny_stack, tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text("{}")
     no_tokenizer = tmp_path / "no_tokenizer"
     AutoModelForCausalLM.from_pretrained(teacher).save_pretrained(no_tokenizer)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB)).save_pretrained(tmp_path / "gpt2")
     out = str(tmp_path / "out")
     capsys.readouterr()  # the loading progress above is not the command's output
     cases = [
@@ -433,6 +438,9 @@ def test_cli_refusals(tiny_stack, tmp_path, capsys):
         ([str(no_tokenizer), "--output", out, "--num-layers", "2", *calib], "has no tokenizer"),
         ([teacher, "--output", out, "--num-layers", "2", "--calibration-data", str(tmp_path / "nope.jsonl")],
          "does not exist"),
+        ([str(tmp_path / "nope"), "--output", out, "--layers", "0"], "does not exist"),
+        ([str(tmp_path / "gpt2"), "--output", out, "--layers", "0"], "GPT2LMHeadModel.*model.model.layers"),
+        ([teacher, "--output", out, "--num-layers", "2", *calib, "--device", "bogus"], "is not a device"),
     ]
     for args, message in cases:
         code, _, err = _prune(*args, capsys=capsys)
