@@ -1,4 +1,4 @@
-"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``prepare-tiny`` and the ``config`` reference."""
+"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``prune``, ``prepare-tiny`` and the ``config`` reference."""
 
 from __future__ import annotations
 
@@ -148,11 +148,18 @@ def eval_main(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def prune_main(argv: Sequence[str]) -> int:
+    from .prune import prune_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "demo": (demo_main, "the embedded default: teacher, SFT/KD/EA-KD students, table and plots (offline, CPU)"),
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
     "cache-teacher": (cache_teacher_main, "cache a recipe's teacher (top-k log-probs + exact entropies) once"),
     "eval": (eval_main, "score a model or LoRA adapter on instruction benchmarks (ROUGE-L, exact match)"),
+    "prune": (prune_main, "depth-prune a model: keep chosen layers (uniform, ShortGPT block influence, a list)"),
     "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
     "config": (config_main, "print the reference of the recipe keys"),
 }
