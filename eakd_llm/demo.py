@@ -7,9 +7,10 @@ The plan is fixed before anything trains (:data:`FULL`, :data:`QUICK`):
 2. the teacher, trained with SFT and kept in the output folder (a second run reuses it), and its top-k cache
    (``eakd-llm cache-teacher``'s code) for the cached-teacher row;
 3. the main comparison, every method trained once per training seed (the seed sets the student's initialisation and
-   the data order; every method of a seed sees the same batches): SFT, KD, KD x w̄ (plain KD scaled by the mean EA weight
-   measured in the EA-KD token run of the same seed: EA's scale without its adaptivity), EA-KD token, EA-KD token with
-   normalised weights, EA-KD sequence, KD and EA-KD token on-policy (λ = 0.5), and EA-KD token from the k-cache;
+   the data order; every method of a seed sees the same batches): SFT, KD, KD x s_eff (plain KD scaled by EA's
+   effective scale sum(w d) / sum(d) measured in the EA-KD token run of the same seed: EA's scale without its
+   adaptivity), EA-KD token, EA-KD token with normalised weights, EA-KD sequence, KD and EA-KD token on-policy
+   (λ = 0.5), and EA-KD token from the k-cache;
 4. every trained model scored on the same held-out prompts with the same sampling seeds (MiniLLM/DistiLLM protocol);
 5. paired differences with crossed-design t intervals and a verdict per comparison (:mod:`eakd_llm.study`);
 6. an ablation over τ′ × kd_ratio, with and without normalisation (one training seed);
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,121 +38,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from .demo_plan import (
+    COMPARISONS,
+    EA_TOKEN,
+    FULL,
+    METHODS,
+    QUICK,
+    SCALE_SOURCE,
+    DemoPlan,
+    RunSpec,
+    plan_runs,
+)
 from .models import final_hidden_states
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The plan
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes and seeds of one demo run, fixed before training; :data:`FULL` is the default, :data:`QUICK` a smoke
-    test."""
-
-    num_train: int
-    num_validation: int
-    num_test: int
-    teacher_steps: int
-    student_steps: int
-    batch_size: int
-    learning_rate: float
-    eval_records: int
-    max_new_tokens: int
-    sampling_seeds: tuple[int, ...]
-    train_seeds: tuple[int, ...]
-    ablation_taus: tuple[float, ...]
-    ablation_ratios: tuple[float, ...]
-    cache_top_k: int = 32
-    on_policy_fraction: float = 0.5
-    max_length: int = 128
-    max_prompt_length: int = 96
-    entropy_temperature: float = 2.0
-
-
-FULL = DemoPlan(
-    num_train=4000, num_validation=200, num_test=200, teacher_steps=600, student_steps=160, batch_size=32,
-    learning_rate=3e-3, eval_records=200, max_new_tokens=24, sampling_seeds=(10, 20, 30), train_seeds=(1, 2, 3),
-    ablation_taus=(1.0, 2.0, 3.0), ablation_ratios=(1.0, 0.5),
-)
-QUICK = DemoPlan(
-    num_train=600, num_validation=40, num_test=40, teacher_steps=60, student_steps=20, batch_size=16,
-    learning_rate=3e-3, eval_records=24, max_new_tokens=12, sampling_seeds=(10,), train_seeds=(1,),
-    ablation_taus=(1.0,), ablation_ratios=(1.0,), cache_top_k=16,
-)
-
-KD = {"kd_ratio": 0.5, "divergence": "fkl", "ea": False}
-EA_TOKEN = {"kd_ratio": 0.5, "divergence": "fkl", "ea": True, "ea_granularity": "token"}
-# name -> config overrides of the main comparison's methods (kd_ratio 0.5 keeps a CE term: see docs/ea-weights.md)
-METHODS: dict[str, dict[str, Any]] = {
-    "SFT": {"kd_ratio": 0.0},
-    "KD": KD,
-    "KD × w̄": {**KD, "kd_scale": "measured"},  # the mean EA weight of the same seed's EA-KD token run
-    "EA-KD token": EA_TOKEN,
-    "EA-KD token, normalised": {**EA_TOKEN, "ea_normalize": "mean"},
-    "EA-KD sequence": {**EA_TOKEN, "ea_granularity": "sequence"},
-    "KD, on-policy λ=0.5": {**KD, "on_policy_fraction": "plan"},
-    "EA-KD token, on-policy λ=0.5": {**EA_TOKEN, "on_policy_fraction": "plan"},
-    "EA-KD token, k-cache": {**EA_TOKEN, "teacher_cache": "plan"},
-}
-SCALE_SOURCE = {"KD × w̄": "EA-KD token"}
-# (A, B): A - B, paired by training seed, sampling seed and prompt
-COMPARISONS: tuple[tuple[str, str], ...] = (
-    ("EA-KD token", "KD"),
-    ("EA-KD token", "KD × w̄"),
-    ("EA-KD token, normalised", "KD"),
-    ("EA-KD sequence", "KD"),
-    ("KD, on-policy λ=0.5", "KD"),
-    ("EA-KD token, on-policy λ=0.5", "EA-KD token"),
-    ("EA-KD token, on-policy λ=0.5", "KD, on-policy λ=0.5"),
-    ("EA-KD token, k-cache", "EA-KD token"),
-)
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One student run: a method (or an ablation point) and a training seed."""
-
-    name: str
-    train_seed: int
-    overrides: tuple[tuple[str, Any], ...]
-    group: str = "main"  # "main" or "ablation"
-
-    @property
-    def slug(self) -> str:
-        text = "".join(c if c.isascii() and c.isalnum() else "-" for c in self.name.lower()).strip("-")
-        while "--" in text:
-            text = text.replace("--", "-")
-        return f"{self.group}/{text}/seed-{self.train_seed}"
-
-
-def plan_runs(plan: DemoPlan) -> list[RunSpec]:
-    """Every student run of the plan (main comparison x training seeds, then the one-seed ablation)."""
-    runs = [RunSpec(name, seed, tuple(overrides.items())) for seed in plan.train_seeds
-            for name, overrides in METHODS.items()]
-    for tau, ratio, normalize, name in ablation_points(plan):
-        if name in METHODS:
-            continue  # the same run as the main comparison's first seed
-        overrides = {**EA_TOKEN, "kd_ratio": ratio, "entropy_temperature": tau, "ea_normalize": normalize}
-        runs.append(RunSpec(name, plan.train_seeds[0], tuple(overrides.items()), group="ablation"))
-    return runs
-
-
-def ablation_points(plan: DemoPlan) -> list[tuple[float, float, str, str]]:
-    """``(tau', kd_ratio, normalize, run name)`` of every ablation point (some are main-comparison runs)."""
-    points = []
-    for normalize in ("none", "mean"):
-        for ratio in plan.ablation_ratios:
-            for tau in plan.ablation_taus:
-                if tau == plan.entropy_temperature and ratio == 0.5:
-                    name = "EA-KD token" if normalize == "none" else "EA-KD token, normalised"
-                else:
-                    name = f"τ′={tau:g} kd_ratio={ratio:g}{' normalised' if normalize == 'mean' else ''}"
-                points.append((tau, ratio, normalize, name))
-    return points
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -444,6 +344,7 @@ def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str,
         "final_train_ce_loss": _history_mean(history[-2:], "ce_loss"),
         "ea_weight_mean": _history_mean(history, "ea_weight_mean"),
         "ea_weight_min": _history_mean(history, "ea_weight_min", min),
+        "ea_effective_scale": _history_mean(history, "ea_effective_scale"),
         "generation_time_share": _history_mean(history, "generation_time_share"),
         "generated_length": _history_mean(history, "generated_length"),
         "rougeL": evaluation["rougeL"], "exact_match": evaluation["exact_match"],
@@ -578,7 +479,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
                 for other in [w for w in waiting if SCALE_SOURCE[w.name] == spec.name
                               and w.train_seed == spec.train_seed]:
                     waiting.remove(other)
-                    measured = {**settings, "kd_scale": result["ea_weight_mean"]}
+                    measured = {**settings, "kd_scale": result["ea_effective_scale"]}
                     pending[pool.submit(run_student, other, plan, stack, str(root), teacher_dir, measured)] = other
     bar.close()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .demo_plan import COMPARISONS, METHODS, ablation_points
 from .study import paired_difference, seed_summary, stack_scores, verdict_line
 
 METRICS = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
@@ -36,7 +37,6 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
     comparisons with intervals and verdicts; the ablation; the plan, machine and wall time."""
     from dataclasses import asdict
 
-    from .demo import COMPARISONS, METHODS, ablation_points
 
     seeds = list(plan.sampling_seeds)
     main = {name: sorted((r for r in rows if r["group"] == "main" and r["name"] == name),
@@ -58,6 +58,7 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
             "train_seconds": _summary([r["train_seconds"] for r in runs]),
             "ea_weight_mean": _summary([r["ea_weight_mean"] for r in runs]),
             "ea_weight_min": _summary([r["ea_weight_min"] for r in runs]),
+            "ea_effective_scale": _summary([r.get("ea_effective_scale") for r in runs]),
             "generation_time_share": _summary([r["generation_time_share"] for r in runs]),
             "generated_length": _summary([r["generated_length"] for r in runs]),
             "kd_scale": _summary([r["overrides"].get("kd_scale") for r in runs]),
@@ -128,20 +129,23 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
         f"over the prompts and sampling seeds). Machine: {results['machine']}. Total wall time: "
         f"{results['total_seconds']:.0f} s.",
         "",
-        "| model | ROUGE-L | exact match | validation CE | mean EA weight | train time per run (s) |",
-        "|---|---|---|---|---|---|",
+        "| model | ROUGE-L | exact match | validation CE | mean EA weight w̄ | effective EA scale "
+        "| train time per run (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in results["methods"].items():
         if name == "Teacher (SFT)":
             seconds = "cached" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
             lines.append(f"| {name} (std over sampling seeds) | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} "
-                         f"| – | – | {seconds} |")
+                         f"| – | – | – | {seconds} |")
             continue
-        weight = _fmt(row["ea_weight_mean"], 2) if row["overrides"].get("ea") or name.startswith("KD × w̄") else "–"
-        if name.startswith("KD × w̄") and row["kd_scale"]:
-            weight = f"scale {_fmt(row['kd_scale'], 2)}"
+        weight = scale = "–"
+        if row["overrides"].get("ea"):
+            weight, scale = _fmt(row["ea_weight_mean"], 2), _fmt(row["ea_effective_scale"], 2)
+        elif name.startswith("KD × s_eff") and row["kd_scale"]:
+            scale = f"kd_scale {_fmt(row['kd_scale'], 2)}"
         lines.append(f"| {name} | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} | {_fmt(row['eval_ce_loss'], 3)} "
-                     f"| {weight} | {_fmt(row['train_seconds'], 0)} |")
+                     f"| {weight} | {scale} | {_fmt(row['train_seconds'], 0)} |")
     if results["comparisons"]:
         lines += [
             "",

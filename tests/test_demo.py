@@ -77,8 +77,8 @@ def test_demo_quick_writes_results_table_comparisons_and_plots(tmp_path):
             assert 0.0 <= row[metric]["mean"] <= 100.0
         if name != "Teacher (SFT)":
             assert row["train_seeds"] == list(QUICK.train_seeds)
-    scale = results["methods"]["KD × w̄"]["kd_scale"]["mean"]
-    assert scale == pytest.approx(results["methods"]["EA-KD token"]["ea_weight_mean"]["mean"])  # measured, not guessed
+    scale = results["methods"]["KD × s_eff"]["kd_scale"]["mean"]
+    assert scale == pytest.approx(results["methods"]["EA-KD token"]["ea_effective_scale"]["mean"])  # measured
     assert results["methods"]["KD, on-policy λ=0.5"]["generation_time_share"]["mean"] > 0
     names = {c["name"] for c in results["comparisons"]}
     assert names == {f"{a} − {b}" for a, b in COMPARISONS}
