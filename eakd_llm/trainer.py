@@ -23,6 +23,7 @@ from .data import DistillationCollator
 from .losses import IGNORE_INDEX, SparseTeacher, distillation_loss, loss_denominator
 from .models import (
     check_tokenizers_match,
+    check_trainable_student,
     final_hidden_states,
     load_causal_lm,
     load_tokenizer,
@@ -81,6 +82,7 @@ class EAKDTrainer(Trainer):
             raise TypeError(f"args must be an EAKDConfig, got {type(args).__name__}")
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_dtype, args.trust_remote_code, args.attn_implementation)
+        check_trainable_student(model, use_peft=False)  # a PEFT-wrapped student passes through its peft_config
         generates = args.on_policy_fraction > 0 or args.seq_kd
         if data_collator is None:
             if processing_class is None:
