@@ -152,6 +152,9 @@ def _classify(name: str) -> tuple[str, str]:
         return "gguf", str(path.resolve())
     if name.lower() in KNOWN_MODELS:
         return "known", name.lower()
+    if os.path.isdir(os.path.expanduser(name)):
+        raise FetchError(f"{name!r} is a local folder: fetch-model reads known names, hub ids and .gguf files (a "
+                         "checkpoint folder is loaded as it is)")
     parts = name.split("/")
     if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
         return "hub", name

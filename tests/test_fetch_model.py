@@ -192,8 +192,9 @@ def test_hub_id_offline_fails_in_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_gguf_file_and_bad_dtype(tmp_path, capsys):
+def test_missing_gguf_file_folder_and_bad_dtype(tmp_path, capsys):
     _one_error(capsys, ["fetch-model", tmp_path / "nope.gguf", "--output", tmp_path / "out"], "no such GGUF file")
+    _one_error(capsys, ["fetch-model", tmp_path, "--output", tmp_path / "out"], "is a local folder")
     with pytest.raises(fm.FetchError, match="dtype='int8' is not allowed; choose one of: float32, bfloat16, float16"):
         fm.fetch_model("smollm2-135m-instruct", tmp_path / "out", dtype="int8")
 
