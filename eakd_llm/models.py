@@ -77,6 +77,30 @@ def load_causal_lm(
         raise _remote_code_error(err, key, path) or ConfigError(message) from err
 
 
+def check_trainable_student(model: nn.Module, use_peft: bool, key: str = "model_name_or_path") -> None:
+    """Refuse a quantized student before training, naming the way out.
+
+    The HF Trainer refuses it too, but only deep inside ``train()`` ("cannot perform fine-tuning on purely quantized
+    models"). A config that still carries a ``quantization_config`` is enough to make the loaded model quantized, even
+    when its weights are dense (e.g. a GGUF dequantised and saved by hand). GGUF cannot be trained at all, not even
+    through LoRA; other methods (bitsandbytes 4/8-bit, ...) train a LoRA adapter.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is None and not getattr(base, "is_quantized", False):
+        return
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "unknown method")
+    method = getattr(method, "value", method)
+    dequantise = ("dequantise it first: `eakd-llm fetch-model FILE.gguf --output DIR` for a GGUF file (weights that "
+                  "are already dense only need quantization_config removed from config.json)")
+    if quantizer is not None and not getattr(quantizer, "is_trainable", True):
+        raise ConfigError(f"{key}: the student is quantized ({method}, from the quantization_config of its "
+                          f"config.json) and {method} models cannot be trained, not even through LoRA; {dequantise}")
+    if not (use_peft or hasattr(model, "peft_config")):
+        raise ConfigError(f"{key}: the student is quantized ({method}) and its weights cannot be trained in full: "
+                          f"set use_peft: true to train a LoRA adapter on it, or {dequantise}")
+
+
 def check_tokenizers_match(student_tokenizer, teacher_tokenizer, max_examples: int = 5) -> None:
     """Teacher and student must map every token they share by id range to the same id.
 

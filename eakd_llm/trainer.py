@@ -18,6 +18,7 @@ from .loss_paths import full_logits_loss, fused_blocker, fused_head_loss, zero_l
 from .losses import IGNORE_INDEX, LossSettings, loss_denominator
 from .models import (
     check_tokenizers_match,
+    check_trainable_student,
     final_hidden_states,
     load_causal_lm,
     load_tokenizer,
@@ -69,6 +70,7 @@ class EAKDTrainer(Trainer):
             raise TypeError(f"args must be an EAKDConfig, got {type(args).__name__}")
         if isinstance(model, str):
             model = load_causal_lm(model, args.model_dtype, args.trust_remote_code, args.attn_implementation)
+        check_trainable_student(model, use_peft=False)  # a PEFT-wrapped student passes through its peft_config
         generates = args.on_policy_fraction > 0 or args.seq_kd
         if data_collator is None:
             if processing_class is None:

@@ -88,6 +88,22 @@ def _remote_code_model(tiny_stack, tmp_path: Path) -> str:
     return str(folder)
 
 
+def _quantized_model(tiny_stack, tmp_path: Path) -> str:
+    """The student with dense weights but a config that still says gguf (a dequantised GGUF saved by hand)."""
+    folder = tmp_path / "quantized_student"
+    folder.mkdir(exist_ok=True)
+    for name in Path(tiny_stack["student"]).iterdir():
+        (folder / name.name).write_bytes(name.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "student.gguf", "dequantize": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+QUANTIZED = ("model_name_or_path: the student is quantized (gguf, from the quantization_config of its config.json) "
+             "and gguf models cannot be trained, not even through LoRA; dequantise it first: `eakd-llm fetch-model "
+             "FILE.gguf --output DIR`")
+
 CASES = {
     "unknown key": (lambda s, t: ([_recipe(s, t), "--kd_ration", "0.5"], "unknown key 'kd_ration' in the command line; "
                                   "did you mean 'kd_ratio'?")),
@@ -153,6 +169,9 @@ CASES = {
         "a prompt-only dataset (no response column) needs every step's responses generated")),
     "evaluation file to exclude missing": (lambda s, t: ([_recipe(s, t, exclude_eval_prompts=[str(t / "nope.jsonl")])],
                                                          "nope.jsonl' is not a file")),
+    "quantized student": (lambda s, t: ([_recipe(s, t, model_name_or_path=_quantized_model(s, t))], QUANTIZED)),
+    "quantized student with LoRA": (lambda s, t: ([_recipe(s, t, model_name_or_path=_quantized_model(s, t),
+                                                           use_peft=True)], QUANTIZED)),
     "teacher cache missing": (lambda s, t: ([_recipe(s, t, teacher_cache=str(t))], "has no manifest.json")),
     "teacher cache with on-policy": (lambda s, t: ([_recipe(s, t, teacher_cache=str(t), on_policy_fraction=0.5)],
                                                    "teacher_cache holds the teacher's outputs for the dataset's")),
@@ -177,3 +196,23 @@ def test_debug_flag_shows_the_traceback(tiny_stack, tmp_path):
 
     with pytest.raises(ConfigError, match="kd_ratio must be in"):
         train_main([str(_recipe(tiny_stack, tmp_path)), "--kd_ratio", "2", "--debug"])
+
+
+def test_trainable_quantization_needs_lora(tiny_stack):
+    """A method that trains through adapters (bitsandbytes-like, faked here: no GPU kernels needed) is refused for
+    full training, with use_peft as the way out, and accepted with it or under a PEFT wrapper."""
+    from types import SimpleNamespace
+
+    from eakd_llm.config import ConfigError, EAKDConfig
+    from eakd_llm.models import apply_lora, check_trainable_student, load_causal_lm
+
+    model = load_causal_lm(tiny_stack["student"])
+    check_trainable_student(model, use_peft=False)  # an ordinary student passes
+    model.hf_quantizer = SimpleNamespace(is_trainable=True, quantization_config=SimpleNamespace(
+        quant_method="bitsandbytes"))
+    with pytest.raises(ConfigError, match=r"^model_name_or_path: the student is quantized \(bitsandbytes\) and its "
+                       r"weights cannot be trained in full: set use_peft: true to train a LoRA adapter on it"):
+        check_trainable_student(model, use_peft=False)
+    check_trainable_student(model, use_peft=True)
+    config = EAKDConfig(output_dir="unused", use_peft=True, use_cpu=True, report_to="none")
+    check_trainable_student(apply_lora(model, config), use_peft=False)
