@@ -127,6 +127,9 @@ def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
     return (raw << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
 
 
+UINT8_LOG_PROB_RANGE = 50.0
+
+
 def encode_values(values: torch.Tensor, value_format: str) -> dict[str, torch.Tensor]:
     """``[N, k]`` fp32 log-probabilities -> the stored tensors of ``value_format``."""
     if value_format == "float32":
@@ -134,6 +137,9 @@ def encode_values(values: torch.Tensor, value_format: str) -> dict[str, torch.Te
     if value_format == "float16":
         return {"values": values.half().contiguous()}
     high = values.max(-1).values
+    # A -inf log-probability (a masked token, kept when k == V) would make the step infinite and decode to NaN: store
+    # at most UINT8_LOG_PROB_RANGE nats below the row's top, a probability e^-50 of it, whose mass is negligible.
+    values = torch.maximum(values, (high - UINT8_LOG_PROB_RANGE).unsqueeze(-1))
     step = ((high - values.min(-1).values) / 255).clamp(min=1e-12)
     codes = ((high.unsqueeze(-1) - values) / step.unsqueeze(-1)).round().clamp(0, 255).to(torch.uint8)
     return {"values": codes.contiguous(), "value_offset": high.float(), "value_step": step.float()}

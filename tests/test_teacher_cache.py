@@ -80,6 +80,45 @@ def test_value_formats_round_trip_within_their_precision():
         assert ((decoded - values).abs() <= bound).all(), fmt
 
 
+@pytest.mark.parametrize("fmt", ["float32", "float16", "uint8"])
+def test_a_masked_token_with_k_equal_to_v_stays_finite_in_every_format(fmt):
+    """k = V keeps a -inf logit's log-probability: uint8 used to decode the whole row to NaN (infinite step). Every
+    format must decode to values the divergence handles, giving the online loss within the format's precision."""
+    logits = torch.tensor([[3.0, 1.0, 0.0, float("-inf")], [0.5, -1.0, 2.0, 1.0]])
+    entries = teacher_entries(logits, k=4, temperature=1.0, entropy_temperature=2.0)
+    decoded = decode_values(encode_values(entries["log_probs"], fmt), fmt)
+    assert not decoded.isnan().any() and not (decoded == float("inf")).any()
+    sparse = SparseTeacher(entries["ids"], decoded, entries["log_tail"], entries["entropy"])
+    assert not sparse.has_nonfinite()
+    student = torch.tensor([[0.2, 0.1, -0.3, 0.4], [1.0, 0.0, -1.0, 0.5]])
+    got = sparse_divergence(torch.log_softmax(student, -1), sparse, "fkl")
+    p = torch.softmax(logits, -1)
+    log_ratio = torch.log_softmax(logits, -1) - torch.log_softmax(student, -1)
+    want = torch.where(p > 0, p * log_ratio, torch.zeros_like(p)).sum(-1)  # 0 * log 0 = 0
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2 if fmt == "uint8" else 1e-3)
+
+
+def test_nonfinite_cached_values_are_named_by_both_loss_paths():
+    """A NaN in a cached entry (a corrupt or badly built cache) is caught before it trains: the full-logits path checks
+    the entries first, the fused path names the cache when its loss is not finite."""
+    from eakd_llm.loss_paths import full_logits_loss, fused_head_loss
+    from eakd_llm.losses import LossSettings
+
+    torch.manual_seed(0)
+    labels = torch.tensor([[-100, 1, 2, 3]])
+    entries = teacher_entries(torch.randn(3, 8), k=4, temperature=1.0, entropy_temperature=2.0)
+    entries["log_probs"][1, 0] = float("nan")
+    sparse = SparseTeacher(entries["ids"], entries["log_probs"], entries["log_tail"], entries["entropy"])
+    settings, n = LossSettings(), torch.tensor(3.0)
+    loss, _, bad = full_logits_loss(torch.randn(1, 4, 8), sparse, labels, settings, n, 8)
+    assert loss is None and bad == ["cached teacher"]
+    head = torch.nn.Linear(6, 8, bias=False)
+    model = type("Tiny", (torch.nn.Module,), {"get_output_embeddings": lambda self: head, "config": None})()
+    model.config = type("Config", (), {})()
+    loss, _, bad = fused_head_loss(model, torch.randn(1, 4, 6), sparse, labels, settings, n, 8)
+    assert not torch.isfinite(loss) and bad == ["cached teacher"]
+
+
 def test_bytes_per_token_arithmetic():
     # demo vocabulary (1024): k=128 ids as a 1024-bit bitmap (128 B) beat 128 x 10 bits (160 B)
     assert bytes_per_token(128, 1024, "uint8") == 128 + (128 + 8) + 8
