@@ -43,7 +43,7 @@ from .losses import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, log_pro
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest binds the teacher's weights (teacher_fingerprint)
 VALUE_FORMATS = ("float32", "float16", "uint8")
 MANIFEST = "manifest.json"
 TEACHER_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_log_tail", "teacher_entropy")
@@ -76,6 +76,52 @@ def tokenizer_fingerprint(tokenizer) -> str:
     digest = hashlib.blake2b(json.dumps(vocab, ensure_ascii=False).encode(), digest_size=16)
     digest.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}".encode())
     return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE_BLOCKS, _BLOCK = 64, 1 << 16
+
+
+def resolved_teacher(path: str | None) -> str | None:
+    """A local teacher folder as an absolute, symlink-free path (so ``./t`` and ``/abs/t`` are one teacher); a hub
+    id as it is."""
+    if path and os.path.exists(os.path.expanduser(path)):
+        return os.path.realpath(os.path.expanduser(path))
+    return path
+
+
+def teacher_fingerprint(path: str | None) -> str | None:
+    """A fingerprint of the teacher's weights: its ``config.json`` and, for every weight file, its name, size and a
+    hash of 64 evenly spaced 64 KiB blocks (the safetensors header included). Retraining into the same folder changes
+    essentially every byte, so the sampled blocks change; hashing whole files would read a 70B teacher's 140 GB. A
+    hub id is fingerprinted through its locally cached snapshot (whose folder name is the commit); ``None`` when the
+    weights cannot be found locally."""
+    folder = resolved_teacher(path)
+    if folder and not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(folder, local_files_only=True)
+        except Exception:  # not cached, or not a hub id: nothing to bind the cache to
+            return None
+    if not folder:
+        return None
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(folder) if n == "config.json" or n.endswith(WEIGHT_SUFFIXES))
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        return None
+    for name in names:
+        file = os.path.join(folder, name)
+        size = os.path.getsize(file)
+        digest.update(f"{name}:{size}:".encode())
+        with open(file, "rb") as handle:
+            if name == "config.json" or size <= _SAMPLE_BLOCKS * _BLOCK:
+                digest.update(handle.read())
+                continue
+            for i in range(_SAMPLE_BLOCKS):
+                handle.seek(i * (size - _BLOCK) // (_SAMPLE_BLOCKS - 1))
+                digest.update(handle.read(_BLOCK))
+    return digest.hexdigest()[:32]
 
 
 def num_loss_tokens(labels: Sequence[int]) -> int:
@@ -193,6 +239,7 @@ class CacheManifest:
     shard_size: int
     teacher_dtype: str
     splits: dict[str, dict[str, Any]]  # split -> {"fingerprint", "examples", "tokens", "shards"}
+    teacher_fingerprint: str | None = None  # teacher_fingerprint() of the weights the cache was built from
 
     def bytes_per_token(self) -> int:
         return bytes_per_token(self.top_k, self.vocab_size, self.value_format)
@@ -221,7 +268,9 @@ def expected_manifest_fields(config: EAKDConfig, tokenizer) -> dict[str, Any]:
     """The manifest fields a recipe requires of a cache (besides the data fingerprints)."""
     return {
         "version": CACHE_VERSION,
-        "teacher": config.teacher_model_name_or_path,
+        "teacher": resolved_teacher(config.teacher_model_name_or_path),
+        "teacher_fingerprint": teacher_fingerprint(config.teacher_model_name_or_path),
+        "teacher_dtype": str(config.teacher_dtype or config.model_dtype),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "temperature": float(config.temperature),
         "entropy_temperature": float(config.entropy_temperature),
@@ -234,14 +283,21 @@ def check_manifest(manifest: CacheManifest, config: EAKDConfig, tokenizer, datas
     """Refuse a cache built for another teacher, tokenizer, temperature, entropy temperature, lengths or data, naming
     every mismatch (:class:`ConfigError`)."""
     names = {"tokenizer": "tokenizer (its vocabulary or special tokens differ)", "version": "cache version",
-             "teacher": "teacher_model_name_or_path"}
+             "teacher": "teacher_model_name_or_path", "teacher_dtype": "teacher_dtype",
+             "teacher_fingerprint": "teacher weights"}
     problems = []
     for key, wanted in expected_manifest_fields(config, tokenizer).items():
         have = getattr(manifest, key)
-        if key == "teacher" and wanted is None:
+        if key.startswith("teacher") and not config.teacher_model_name_or_path:
             continue  # training from the cache alone: the recipe need not name the teacher
         if have != wanted:
-            shown = ("built with another tokenizer" if key == "tokenizer" else f"cache {have!r}, recipe {wanted!r}")
+            if key == "tokenizer":
+                shown = "built with another tokenizer"
+            elif key == "teacher_fingerprint":
+                shown = (f"the cache was built from other weights than {config.teacher_model_name_or_path!r} holds "
+                         "now (retrained or updated?): rebuild it with eakd-llm cache-teacher")
+            else:
+                shown = f"cache {have!r}, recipe {wanted!r}"
             problems.append(f"{names.get(key, key)}: {shown}")
     for split, dataset in datasets.items():
         entry = manifest.splits.get(split)
@@ -484,7 +540,7 @@ def build_cache(
                                      split=split, max_samples=limit) for split, limit in splits.items()}
     manifest = CacheManifest(
         **expected_manifest_fields(config, tokenizer), top_k=top_k, vocab_size=vocab, teacher_vocab_size=teacher_vocab,
-        value_format=value_format, shard_size=shard_size, teacher_dtype=str(config.teacher_dtype or config.model_dtype),
+        value_format=value_format, shard_size=shard_size,
         splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
                         "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
                         "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],

@@ -336,6 +336,37 @@ def test_mismatched_missing_or_corrupted_caches_are_refused(tiny_stack, tmp_path
         prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(broken)))
 
 
+def test_the_cache_is_bound_to_the_teacher_weights_not_its_path(tiny_stack, tmp_path, monkeypatch):
+    """A teacher retrained into the same folder is refused (by training and by a resumed build), naming the teacher;
+    another dtype is refused; a relative spelling of the same folder is the same teacher."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_stack["teacher"], teacher)
+    config = _config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16)
+    cache = str(tmp_path / "cache")
+    build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
+    assert CacheManifest.read(cache).teacher_fingerprint == cache_module.teacher_fingerprint(str(teacher))
+
+    monkeypatch.chdir(tmp_path)  # the same folder spelled relative: accepted
+    prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path="./teacher", max_train_samples=16,
+                        teacher_cache=cache))
+    with pytest.raises(ConfigError, match="teacher_dtype: cache 'auto', recipe 'bfloat16'"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16,
+                            teacher_cache=cache, teacher_dtype="bfloat16"))
+
+    retrained = AutoModelForCausalLM.from_pretrained(str(teacher))
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.01)
+    retrained.save_pretrained(str(teacher))  # same folder, same shapes, same safetensors header: other weights
+    with pytest.raises(ConfigError, match="teacher weights: the cache was built from other weights than .*teacher"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16,
+                            teacher_cache=cache))
+    with pytest.raises(ConfigError, match="built with other settings \\(teacher_fingerprint\\)"):
+        build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
+
+
 def test_bad_k_and_a_folder_holding_another_cache(tiny_stack, tmp_path, full_cache):
     config = _config(tiny_stack, tmp_path)
     for k in (0, 10**6):
