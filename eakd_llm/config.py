@@ -18,6 +18,20 @@ class ConfigError(ValueError):
     """A recipe, command line or dataset problem, reported before any training starts."""
 
 
+FLASH_REFUSAL = (
+    "packing with flash attention is not supported: transformers treats a batch as packed for flash attention only "
+    "when it has ONE row (modeling_flash_attention_utils._is_packed_sequence), and a packed micro-batch has several, "
+    "so documents sharing a row would attend to each other. Use attn_implementation: sdpa or eager (they build the "
+    "block-diagonal mask from position_ids for any number of rows), or packing: false"
+)
+
+
+def uses_flash_attention(attn_implementation: str | None) -> bool:
+    """Flash-attention kernels (``flash_attention_2/3``, hub kernels such as ``kernels-community/flash-attn``)."""
+    return bool(attn_implementation) and "flash" in attn_implementation
+
+
+
 @dataclass
 class EAKDConfig(TrainingArguments):
     """Arguments of an EA-KD distillation run (every `TrainingArguments` field is accepted too).
@@ -271,6 +285,8 @@ class EAKDConfig(TrainingArguments):
             raise ConfigError(
                 f"generation_top_k must be >= 0 (0 turns top-k filtering off), got {self.generation_top_k}"
             )
+        if self.packing and uses_flash_attention(self.attn_implementation):
+            raise ConfigError(f"{FLASH_REFUSAL} (attn_implementation={self.attn_implementation})")
         if (self.on_policy_fraction > 0 or self.seq_kd) and self.kd_ratio == 0:
             raise ConfigError("on_policy_fraction > 0 and seq_kd need a teacher to score the generated responses: set "
                               "kd_ratio > 0")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import FLASH_REFUSAL, ConfigError, uses_flash_attention
 from .losses import IGNORE_INDEX
 
 
@@ -89,39 +89,45 @@ def padding_fraction(batch: Mapping[str, torch.Tensor]) -> float:
 
 @torch.no_grad()
 def check_isolation(model: nn.Module, name: str, vocab_size: int, device: torch.device) -> float:
-    """Raise :class:`ConfigError` unless ``model`` keeps two packed documents apart; returns the relative difference.
+    """Raise :class:`ConfigError` unless ``model`` keeps packed documents apart; returns the relative difference.
 
-    The second of two documents packed in one row (position ids restarting at 0, no attention mask) must give the same
-    final hidden states as when it is run alone. Every process calls this with the same input (sharded models gather
-    parameters collectively).
+    Two rows, each packing two documents (position ids restarting at 0, no attention mask), as a packed micro-batch
+    has several rows: each row's second document must give the same final hidden states as when it is run alone.
+    Flash-attention kernels are refused outright (:data:`FLASH_REFUSAL`). Every process calls this with the same
+    input (sharded models gather parameters collectively).
     """
     from .models import final_hidden_states
     from .sharding import unwrap_causal_lm
 
-    first, second = [3, 4, 5, 6, 7], [8, 9, 10, 11]
-    ids = [i % vocab_size for i in first + second]
-    packed = torch.tensor([ids], device=device)
-    positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
-    alone = torch.tensor([ids[len(first):]], device=device)
     causal_lm = unwrap_causal_lm(model)
+    config = getattr(causal_lm, "config", None)
+    kernel = getattr(config, "_attn_implementation", None) or "default"
+    if uses_flash_attention(kernel):
+        raise ConfigError(f"{FLASH_REFUSAL} (the {name} runs attn_implementation={kernel})")
+    docs = ([3, 4, 5, 6, 7], [8, 9, 10, 11]), ([12, 13, 14, 15], [16, 17, 18, 19, 20])
+    rows = [[i % vocab_size for i in a + b] for a, b in docs]
+    positions = [list(range(len(a))) + list(range(len(b))) for a, b in docs]
     was_training = causal_lm.training
     causal_lm.eval()
     try:
-        together = final_hidden_states(causal_lm, input_ids=packed, position_ids=positions)[0, len(first):].float()
-        reference = final_hidden_states(causal_lm, input_ids=alone,
-                                        position_ids=torch.arange(len(second), device=device)[None])[0].float()
+        together = final_hidden_states(causal_lm, input_ids=torch.tensor(rows, device=device),
+                                       position_ids=torch.tensor(positions, device=device)).float()
+        difference = 0.0
+        for row, (first, second) in enumerate(docs):
+            alone = torch.tensor([rows[row][len(first):]], device=device)
+            reference = final_hidden_states(causal_lm, input_ids=alone,
+                                            position_ids=torch.arange(len(second), device=device)[None])[0].float()
+            gap = (together[row, len(first):] - reference).abs().max() / reference.abs().max().clamp(min=1e-6)
+            difference = max(difference, float(gap))
     finally:
         causal_lm.train(was_training)
-    difference = float((together - reference).abs().max() / reference.abs().max().clamp(min=1e-6))
     dtype = next(causal_lm.parameters()).dtype
     tolerance = 1e-3 if dtype == torch.float32 else 3e-2
     if not difference <= tolerance:
-        config = getattr(causal_lm, "config", None)
-        kernel = getattr(config, "_attn_implementation", None) or "default"
         raise ConfigError(
             f"packing: the {name} ({type(causal_lm).__name__}, attn_implementation={kernel}) lets packed documents "
             f"attend to each other: a packed document's hidden states differ from the same document alone by "
             f"{difference:.2g} (relative). Set packing: false, or use a model and attention kernel that separate "
-            "documents by position_ids (e.g. Llama/Qwen with sdpa, eager or flash_attention_2)"
+            "documents by position_ids in every row (e.g. Llama/Qwen with sdpa or eager)"
         )
     return difference

@@ -88,6 +88,46 @@ def test_isolation_check_passes_and_refuses_a_model_that_mixes_documents(tiny_st
         check_isolation(model, "student", 100, torch.device("cpu"))
 
 
+def test_isolation_check_covers_every_row(tiny_stack, monkeypatch):
+    """A kernel that keeps documents apart in the first row only (as flash attention's packed-sequence detection does
+    for one-row batches) is refused: the check packs two rows."""
+    import transformers.masking_utils as masking_utils
+    from transformers import AutoModelForCausalLM
+
+    original = masking_utils.find_packed_sequence_indices
+
+    def first_row_only(position_ids):
+        indices = original(position_ids)
+        if indices is not None and indices.shape[0] > 1:
+            indices = indices.clone()
+            indices[1:] = 0  # later rows: one sequence, plain causal attention across the boundary
+        return indices
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", first_row_only)
+    with pytest.raises(ConfigError, match="lets packed documents attend to each other"):
+        check_isolation(model, "student", 100, torch.device("cpu"))
+
+
+def test_packing_with_flash_attention_is_refused(tiny_stack, tmp_path):
+    """transformers decides "packed" for flash attention only for one-row batches; a packed micro-batch has several
+    rows, so packing with a flash kernel is refused up front (config) and by the isolation check (a model whose
+    kernel was set elsewhere). The helper's behaviour is checked on CPU."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    positions = torch.tensor([[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    assert _is_packed_sequence(positions[:1], batch_size=1)
+    assert not _is_packed_sequence(positions, batch_size=2)  # two packed rows: not seen as packed
+    with pytest.raises(ConfigError, match="packing with flash attention is not supported.*ONE row"):
+        _config(tiny_stack, tmp_path, packing=True, attn_implementation="flash_attention_2")
+    _config(tiny_stack, tmp_path, packing=False, attn_implementation="flash_attention_2")  # no packing: fine
+    model = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="flash attention is not supported.*attn_implementation=flash_attention_2"):
+        check_isolation(model, "student", 100, torch.device("cpu"))
+
+
 def test_trainer_refuses_packing_before_the_first_step_when_documents_mix(tiny_stack, tmp_path, monkeypatch):
     import transformers.masking_utils as masking_utils
 
