@@ -203,6 +203,11 @@ def test_logs_losses_entropies_and_weights(tiny_stack, tmp_path):
                     "ea_weight_max"):
             assert key in entry and math.isfinite(entry[key]), key
         assert 0 <= entry["ea_weight_min"] <= entry["ea_weight_mean"] <= entry["ea_weight_max"]
+        # sum w d / sum d is a d-weighted mean of the weights: inside their range
+        assert entry["ea_weight_min"] <= entry["ea_effective_scale"] <= entry["ea_weight_max"]
+        assert entry["grad_norm_preclip_mean"] <= entry["grad_norm_preclip_max"]
+        clipped = entry["grad_norm_preclip_max"] > trainer.args.max_grad_norm
+        assert (entry["grad_clipped"] > 0) == clipped and 0 <= entry["grad_clipped"] <= 1
         vocab = trainer.vocab_size
         assert 0 <= entry["teacher_entropy"] <= math.log(vocab) + 1e-6
         # w <= (H_T + H_T) / 2 = H_T pointwise; with tau' = 2 the weights are bounded by log V.
