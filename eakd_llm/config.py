@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -148,6 +149,27 @@ class EAKDConfig(TrainingArguments):
         metadata={"help": "Sequence-level KD: steps that are not on-policy train on responses the teacher generates "
                   "(CE kept on them), instead of the dataset's."},
     )
+    on_policy_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "The first N optimizer steps (>= 0) are never on-policy (lambda = 0: dataset responses, or "
+                  "the teacher's with seq_kd) before on_policy_fraction applies, so that the student's samples are "
+                  "worth scoring. No effect when on_policy_fraction is 0."},
+    )
+    on_policy_fraction_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "After on_policy_warmup_steps, lambda rises linearly over this many steps R (>= 0), "
+                  "lambda * k / (R + 1) at the k-th, then stays at on_policy_fraction (a DistiLLM-style ramp). "
+                  "0: lambda applies in full right after the warmup."},
+    )
+    student_init_from: str | None = field(
+        default=None,
+        metadata={"help": "A local checkpoint folder whose weights initialise the student instead of "
+                  "model_name_or_path's, e.g. the output_dir (or a checkpoint-N inside it) of an off-policy run, to "
+                  "start on-policy training from a trained student; it must exist when the recipe is read. It must "
+                  "hold the student's architecture (config.json + weights), or with use_peft a LoRA adapter "
+                  "(adapter_config.json) for model_name_or_path, which keeps training. The tokenizer still comes from "
+                  "model_name_or_path / tokenizer_name_or_path."},
+    )
     max_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Most tokens generated per response in on-policy / seq_kd steps (>= 1); default "
@@ -279,6 +301,12 @@ class EAKDConfig(TrainingArguments):
         if self.compile_loss is True and not self.fused_loss:
             raise ConfigError("compile_loss: true needs fused_loss: true (it compiles the fused loss's chunk maths)")
         _in_range("on_policy_fraction", self.on_policy_fraction, 0.0, 1.0, closed=True)
+        for name in ("on_policy_warmup_steps", "on_policy_fraction_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (optimizer steps), got {getattr(self, name)}")
+        if self.student_init_from is not None:
+            check_student_init_folder(self.student_init_from, self.use_peft)
+            _check_outside_output_dir(self.student_init_from, self.output_dir)
         _positive("generation_temperature", self.generation_temperature)
         _in_range("generation_top_p", self.generation_top_p, 0.0, 1.0, closed=True, low_closed=False)
         if self.generation_top_k < 0:
@@ -319,6 +347,13 @@ class EAKDConfig(TrainingArguments):
             _in_range("lora_dropout", self.lora_dropout, 0.0, 1.0, closed=False, low_closed=True)
 
     @property
+    def every_step_generates(self) -> bool:
+        """Every optimizer step trains on generated responses (a prompt-only dataset is then enough)."""
+        fully_on_policy = (self.on_policy_fraction == 1 and self.on_policy_warmup_steps == 0
+                           and self.on_policy_fraction_warmup_steps == 0)
+        return fully_on_policy or self.seq_kd
+
+    @property
     def generation_budget(self) -> int:
         """New tokens per generated response (on-policy / seq_kd): max_new_tokens or max_length - max_prompt_length."""
         return self.max_new_tokens or self.max_length - self.max_prompt_length
@@ -338,6 +373,35 @@ class EAKDConfig(TrainingArguments):
             )
         if not self.dataset_name:
             raise ConfigError("dataset_name is required: a hub dataset id, a local data file or a folder")
+
+
+def check_student_init_folder(path: str, use_peft: bool) -> str:
+    """What ``student_init_from`` holds, ``"model"`` (config.json) or ``"adapter"`` (adapter_config.json, LoRA
+    students only); :class:`ConfigError` naming the key otherwise."""
+    folder = os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"student_init_from: {path!r} is not a folder (give a local checkpoint folder, e.g. an "
+                          "off-policy run's output_dir or a checkpoint-N inside it)")
+    if use_peft and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return "adapter"
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return "model"
+    if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise ConfigError(f"student_init_from: {path!r} holds a LoRA adapter (adapter_config.json) but use_peft is "
+                          "false: set use_peft: true to keep training the adapter")
+    raise ConfigError(f"student_init_from: {path!r} holds neither a model (config.json) nor a LoRA adapter "
+                      "(adapter_config.json)")
+
+
+def _check_outside_output_dir(path: str, output_dir: str | None) -> None:
+    # The new run's checkpoint rotation and final save would delete or overwrite the checkpoint it starts from.
+    if not output_dir:
+        return
+    source, output = (os.path.realpath(os.path.expanduser(p)) for p in (path, output_dir))
+    if source == output or source.startswith(output + os.sep):
+        raise ConfigError(f"student_init_from: {path!r} lies in this run's output_dir {output_dir!r}, whose "
+                          "checkpoints and final model the run overwrites: give the new run its own output_dir "
+                          "(resume_from_checkpoint continues the same run)")
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

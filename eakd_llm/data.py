@@ -82,7 +82,9 @@ def check_columns(columns: Sequence[str], fmt: str, config: EAKDConfig, split: s
             hint = ""
             if column == config.response_column and split == config.dataset_train_split:
                 hint = ("; a prompt-only dataset (no response column) needs every step's responses generated: "
-                        f"on_policy_fraction: 1 or seq_kd: true (got on_policy_fraction={config.on_policy_fraction}, "
+                        "on_policy_fraction: 1 with no warmup steps, or seq_kd: true (got on_policy_fraction="
+                        f"{config.on_policy_fraction}, on_policy_warmup_steps={config.on_policy_warmup_steps}, "
+                        f"on_policy_fraction_warmup_steps={config.on_policy_fraction_warmup_steps}, "
                         f"seq_kd={config.seq_kd})")
             raise ConfigError(
                 f"{split} data ({fmt} format) has no column {column!r} (set by {keys.get(column, 'config')}); "
@@ -207,7 +209,7 @@ def build_dataset(raw, config: EAKDConfig, tokenizer, split: str = "train", max_
     if len(raw) == 0:
         raise ConfigError(f"the {split} split of {config.dataset_name} is empty")
     fmt = detect_format(raw.column_names, config)
-    generated = split == config.dataset_train_split and (config.on_policy_fraction == 1 or config.seq_kd)
+    generated = split == config.dataset_train_split and config.every_step_generates
     prompt_only = generated and is_prompt_only(raw.column_names, fmt, config)
     check_columns(raw.column_names, fmt, config, split, prompt_only)
     first = raw[0]

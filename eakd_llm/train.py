@@ -10,15 +10,9 @@ from transformers import set_seed
 
 from .config import ConfigError, EAKDConfig
 from .data import build_dataset, load_split
-from .models import (
-    apply_lora,
-    check_tokenizers_match,
-    check_trainable_student,
-    load_causal_lm,
-    load_tokenizer,
-    shared_vocab_size,
-)
+from .models import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
 from .sharding import save_final_model
+from .student import load_student
 from .teacher_cache import CacheManifest, TeacherCache, check_cache_vocabulary, check_manifest
 from .trainer import EAKDTrainer
 
@@ -69,11 +63,7 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         check_manifest(cache_manifest, config, tokenizer, splits)
         cache = TeacherCache(config.teacher_cache, cache_manifest)  # every shard present and readable
 
-    model = load_causal_lm(config.model_name_or_path, config.model_dtype, config.trust_remote_code,
-                           config.attn_implementation)
-    check_trainable_student(model, config.use_peft)  # before the teacher is loaded: the HF Trainer would say so late
-    if config.use_peft:
-        model = apply_lora(model, config)
+    model = load_student(config)  # model_name_or_path's weights or student_init_from's, LoRA-wrapped with use_peft
     teacher = teacher_model if config.kd_ratio > 0 and cache is None else None
     if config.kd_ratio > 0 and cache is None and teacher is None:
         teacher = load_causal_lm(

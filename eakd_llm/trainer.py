@@ -49,8 +49,8 @@ class EAKDTrainer(Trainer):
     ``student_entropy`` (means at ``entropy_temperature`` over response tokens), ``ea_weight_mean/min/max``,
     ``ea_effective_scale`` (``sum w d / sum d`` over the window's tokens: the factor EA multiplies the KD term by) and
     ``grad_clipped`` (the share of optimizer steps whose gradient norm exceeded ``max_grad_norm``, with the pre-clip
-    norms' mean and max); with generation also ``on_policy``, ``generated_length``, ``generation_time_share`` and the
-    statistics by source.
+    norms' mean and max); with generation also ``on_policy``, ``on_policy_fraction_now`` (λ after its warmup and
+    ramp), ``generated_length``, ``generation_time_share`` and the statistics by source.
     """
 
     def __init__(

@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
         ("max_length", 1, "max_length must be >= 2"),
         ("max_prompt_length", 512, "max_prompt_length must be in [1, max_length)"),
         ("max_train_samples", 0, "max_train_samples must be >= 1"),
+        ("on_policy_warmup_steps", -1, "on_policy_warmup_steps must be >= 0 (optimizer steps), got -1"),
+        ("on_policy_fraction_warmup_steps", -2, "on_policy_fraction_warmup_steps must be >= 0"),
+        ("student_init_from", "/no/such/run", "student_init_from: '/no/such/run' is not a folder"),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(tmp_path, key, value, message):
@@ -251,3 +254,36 @@ def test_on_policy_and_generation_keys(tmp_path):
                                 ("max_new_tokens", 0, "max_new_tokens must be in [1, max_length - 1]")):
         with pytest.raises(ConfigError, match=message.replace("[", "\\[").replace("(", "\\(")):
             build_config({"output_dir": str(tmp_path), key: value})
+
+
+def test_student_init_from_must_be_a_model_folder_outside_output_dir(tmp_path):
+    run = tmp_path / "off-policy"
+    (run / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoint-10" / "config.json").write_text("{}")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    config = build_config({"output_dir": str(tmp_path / "on-policy"), "student_init_from": str(run / "checkpoint-10")})
+    assert config.student_init_from == str(run / "checkpoint-10")
+    assert build_config({"output_dir": str(tmp_path / "o"), "use_peft": True,
+                         "student_init_from": str(run / "adapter")}).use_peft
+    for values, message in (
+        ({"output_dir": str(run), "student_init_from": str(run / "checkpoint-10")}, "lies in this run's output_dir"),
+        ({"output_dir": str(tmp_path / "o"), "student_init_from": str(run)}, "holds neither a model (config.json)"),
+        ({"output_dir": str(tmp_path / "o"), "student_init_from": str(run / "adapter")}, "but use_peft is false"),
+        ({"output_dir": str(tmp_path / "o"), "student_init_from": str(run / "checkpoint-10" / "config.json")},
+         "is not a folder"),
+    ):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            build_config(values)
+
+
+def test_on_policy_schedule_keys_and_every_step_generates(tmp_path):
+    def config(**values):
+        return build_config({"output_dir": str(tmp_path), **values})
+
+    assert config(on_policy_fraction=1.0).every_step_generates
+    assert not config(on_policy_fraction=1.0, on_policy_warmup_steps=3).every_step_generates  # warmup: dataset steps
+    assert not config(on_policy_fraction=1.0, on_policy_fraction_warmup_steps=3).every_step_generates
+    assert config(on_policy_fraction=0.5, on_policy_warmup_steps=3, seq_kd=True).every_step_generates
+    assert not config(on_policy_fraction=0.5).every_step_generates
+    assert (config().on_policy_warmup_steps, config().on_policy_fraction_warmup_steps) == (0, 0)

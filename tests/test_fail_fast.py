@@ -88,6 +88,15 @@ def _remote_code_model(tiny_stack, tmp_path: Path) -> str:
     return str(folder)
 
 
+def _adapter(tiny_stack, tmp_path: Path) -> str:
+    from peft import LoraConfig, get_peft_model
+
+    folder = tmp_path / "adapter"
+    model = LlamaForCausalLM.from_pretrained(tiny_stack["student"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(folder)
+    return str(folder)
+
+
 def _quantized_model(tiny_stack, tmp_path: Path) -> str:
     """The student with dense weights but a config that still says gguf (a dequantised GGUF saved by hand)."""
     folder = tmp_path / "quantized_student"
@@ -167,6 +176,19 @@ CASES = {
     "prompt-only data, not fully on-policy": (lambda s, t: (
         [_recipe(s, t, dataset_name=_data(t, [{"prompt": "hi there"}]), on_policy_fraction=0.5)],
         "a prompt-only dataset (no response column) needs every step's responses generated")),
+    "on-policy warmup < 0": (lambda s, t: ([_recipe(s, t), "--on_policy_warmup_steps", "-1"],
+                                           "on_policy_warmup_steps must be >= 0 (optimizer steps), got -1")),
+    "on-policy ramp < 0": (lambda s, t: ([_recipe(s, t), "--on_policy_fraction_warmup_steps", "-5"],
+                                         "on_policy_fraction_warmup_steps must be >= 0 (optimizer steps), got -5")),
+    "student_init_from missing": (lambda s, t: ([_recipe(s, t, student_init_from=str(t / "no-run"))],
+                                                f"student_init_from: {str(t / 'no-run')!r} is not a folder")),
+    "student_init_from holds no model": (lambda s, t: ([_recipe(s, t, student_init_from=str(t))],
+                                                       "holds neither a model (config.json) nor a LoRA adapter")),
+    "student_init_from adapter without LoRA": (lambda s, t: ([_recipe(s, t, student_init_from=_adapter(s, t))],
+                                                             "holds a LoRA adapter (adapter_config.json) but use_peft "
+                                                             "is false: set use_peft: true")),
+    "student_init_from another architecture": (lambda s, t: (
+        [_recipe(s, t, student_init_from=_other_tokenizer_model(t))], "is not the architecture of model_name_or_path")),
     "evaluation file to exclude missing": (lambda s, t: ([_recipe(s, t, exclude_eval_prompts=[str(t / "nope.jsonl")])],
                                                          "nope.jsonl' is not a file")),
     "quantized student": (lambda s, t: ([_recipe(s, t, model_name_or_path=_quantized_model(s, t))], QUANTIZED)),

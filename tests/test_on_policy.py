@@ -11,7 +11,7 @@ from loss_helpers import distillation_loss_kw as distillation_loss
 import eakd_llm.on_policy as on_policy_module
 from eakd_llm.config import ConfigError, EAKDConfig
 from eakd_llm.losses import IGNORE_INDEX
-from eakd_llm.on_policy import step_source
+from eakd_llm.on_policy import on_policy_fraction_at, step_source
 from eakd_llm.train import prepare_run
 from eakd_llm.trainer import EAKDTrainer
 
@@ -47,6 +47,55 @@ def test_step_source_is_a_seeded_draw_per_step():
     with_teacher = [step_source(7, s, 0.3, True) for s in range(4000)]
     assert [d == "student" for d in with_teacher] == [d == "student" for d in draws]
     assert set(with_teacher) == {"student", "teacher"}  # seq_kd: every other step is teacher-generated
+
+
+def test_on_policy_fraction_schedule_hand_values():
+    """Warmup steps at 0, a ramp in equal increments lambda * k / (ramp + 1), then lambda."""
+    at = [on_policy_fraction_at(s, 0.8, warmup=10, ramp=3) for s in range(16)]
+    assert at[:10] == [0.0] * 10  # the warmup: off-policy
+    assert at[10:14] == pytest.approx([0.2, 0.4, 0.6, 0.8])  # the ramp's midpoint (step 11) is half of lambda
+    assert at[14:] == [0.8, 0.8] and on_policy_fraction_at(10**6, 0.8, 10, 3) == 0.8
+    assert [on_policy_fraction_at(s, 0.5, 0, 0) for s in range(3)] == [0.5] * 3  # no warmup, no ramp: as before
+    assert [on_policy_fraction_at(s, 1.0, 0, 1) for s in range(3)] == [0.5, 1.0, 1.0]  # a ramp alone
+    assert [on_policy_fraction_at(s, 1.0, 2, 0) for s in range(4)] == [0.0, 0.0, 1.0, 1.0]  # a warmup alone
+    assert {on_policy_fraction_at(s, 0.0, 3, 5) for s in range(20)} == {0.0}
+
+
+def test_realised_on_policy_share_follows_the_schedule():
+    """Over many steps the student-generated share of each window matches the schedule's mean λ within 4 binomial
+    standard deviations; the warmup draws no student step; seq_kd's other steps (the warmup's too) are the teacher's."""
+    seed, fraction, warmup, ramp = 3, 0.6, 300, 1000
+    lambdas = [on_policy_fraction_at(s, fraction, warmup, ramp) for s in range(2300)]
+    student = [step_source(seed, s, lam, False) == "student" for s, lam in enumerate(lambdas)]
+    assert not any(student[:warmup])
+    for start, end in ((300, 800), (800, 1300), (1300, 2300)):
+        window = lambdas[start:end]
+        mean, variance = sum(window), sum(lam * (1 - lam) for lam in window)
+        assert abs(sum(student[start:end]) - mean) <= 4 * variance**0.5, (start, end)
+    with_teacher = [step_source(seed, s, lam, True) for s, lam in enumerate(lambdas)]
+    assert set(with_teacher[:warmup]) == {"teacher"}
+    assert [d == "student" for d in with_teacher] == student  # seq_kd changes only the non-student steps
+
+
+def test_warmup_steps_never_generate_and_the_log_reports_the_schedule(tiny_stack, tmp_path, monkeypatch):
+    trainer = _trainer(tiny_stack, tmp_path, on_policy_warmup_steps=2, on_policy_fraction_warmup_steps=1,
+                       max_steps=4)
+    generated_at = []
+    original = on_policy_module.generate_token_ids
+
+    def spy(*args, **kwargs):
+        generated_at.append(trainer.state.global_step)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(on_policy_module, "generate_token_ids", spy)
+    trainer.train()
+    lambdas = [0.0, 0.0, 0.5, 1.0]  # two warmup steps, a one-step ramp at lambda / 2, then lambda = 1
+    drawn = [step_source(0, s, lam, False) == "student" for s, lam in enumerate(lambdas)]
+    assert drawn[:2] == [False, False] and drawn[3]
+    assert sorted(set(generated_at)) == [s for s in range(4) if drawn[s]]
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["on_policy_fraction_now"] for entry in logged] == pytest.approx(lambdas)
+    assert [entry["on_policy"] for entry in logged] == [float(d) for d in drawn]
 
 
 def test_student_generated_batch_is_prompt_plus_response_with_loss_on_the_response(tiny_stack, tmp_path):
@@ -170,6 +219,8 @@ def test_prompt_only_dataset_trains_fully_on_policy(tiny_stack, tmp_path):
     assert all(entry["on_policy"] == 1.0 for entry in trainer.state.log_history if "loss" in entry)
     with pytest.raises(ConfigError, match="prompt-only dataset .* needs every step's responses generated"):
         prepare_run(_config(tiny_stack, tmp_path, dataset_name=str(folder), on_policy_fraction=0.5))
+    with pytest.raises(ConfigError, match="on_policy_fraction: 1 with no warmup steps"):  # warmup steps are dataset's
+        prepare_run(_config(tiny_stack, tmp_path, dataset_name=str(folder), on_policy_warmup_steps=1))
 
 
 def test_generation_leaves_a_lora_students_generation_config_as_it_was(tiny_stack):
@@ -188,3 +239,82 @@ def test_generation_leaves_a_lora_students_generation_config_as_it_was(tiny_stac
     generate_token_ids(model, [[0, 5, 6]], settings, eos_ids=[2, 7], pad_id=1)
     assert model.get_base_model().generation_config.eos_token_id == [2, 7]
     assert model.generation_config.eos_token_id == [2, 7]
+
+
+# ----- starting from a trained student (student_init_from) -----
+
+
+def _perturbed_student(tiny_stack, folder) -> dict[str, torch.Tensor]:
+    """model_name_or_path's student with seeded noise on every weight, saved (without a tokenizer) to ``folder``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(folder)
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def _student_weights(tiny_stack) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_stack["student"]).state_dict()
+
+
+def test_student_init_from_loads_the_checkpoints_weights(tiny_stack, tmp_path):
+    folder = tmp_path / "off-policy-run"
+    perturbed = _perturbed_student(tiny_stack, folder)
+    original = _student_weights(tiny_stack)
+    parts = prepare_run(_config(tiny_stack, tmp_path, on_policy_fraction=0.5, student_init_from=str(folder)))
+    loaded = parts["model"].state_dict()
+    assert loaded.keys() == perturbed.keys()
+    for name, value in loaded.items():
+        assert torch.equal(value, perturbed[name]), name
+        assert not torch.equal(value, original[name]), name
+    assert all(p.requires_grad for p in parts["model"].parameters())
+    assert parts["processing_class"].name_or_path == tiny_stack["student"]  # the folder holds no tokenizer
+    # a LoRA student on a full checkpoint: a fresh adapter over the checkpoint's weights
+    lora = prepare_run(_config(tiny_stack, tmp_path, use_peft=True, lora_r=2, student_init_from=str(folder)))["model"]
+    base = lora.get_base_model()
+    assert torch.equal(base.model.embed_tokens.weight, perturbed["model.embed_tokens.weight"])
+    assert not base.model.embed_tokens.weight.requires_grad
+
+
+def test_student_init_from_a_lora_adapter_keeps_training_it(tiny_stack, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_stack["student"]),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:  # lora_B starts at zero: a trained adapter does not
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    saved = {name: value.clone() for name, value in model.named_parameters() if "lora_" in name}
+    folder = tmp_path / "lora-run"
+    model.save_pretrained(folder)
+    student = prepare_run(_config(tiny_stack, tmp_path, use_peft=True, lora_r=8, lora_alpha=16,
+                                  student_init_from=str(folder)))["model"]
+    loaded = {name: p for name, p in student.named_parameters() if "lora_" in name}
+    assert loaded.keys() == saved.keys()  # the adapter's own targets and rank (q, v; r=2), not the recipe's
+    for name, parameter in loaded.items():
+        assert torch.equal(parameter, saved[name]) and parameter.requires_grad, name
+    original = _student_weights(tiny_stack)
+    base = student.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(base, original["model.layers.0.self_attn.q_proj.weight"]) and not base.requires_grad
+    assert student.peft_config["default"].r == 2
+
+
+def test_student_init_from_another_architecture_is_refused(tiny_stack, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_stack["student"])
+    config.num_hidden_layers += 1
+    folder = tmp_path / "deeper"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"student_init_from: .* is not the architecture of model_name_or_path .*: "
+                                          r"num_hidden_layers \d+ vs \d+"):
+        prepare_run(_config(tiny_stack, tmp_path, student_init_from=str(folder)))
