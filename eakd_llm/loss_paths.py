@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from .chunked import LMHead, fused_distillation_loss
 from .losses import IGNORE_INDEX, LossSettings, SparseTeacher, distillation_loss
 from .models import logit_transform
 from .sharding import full_head, head_forward, is_sharded, zero3_trainable
+
+logger = logging.getLogger(__name__)
 
 
 def full_logits_loss(
@@ -165,3 +168,21 @@ def zero_loss(model: nn.Module) -> torch.Tensor:
     if not params:
         return torch.zeros((), device=next(model.parameters()).device)
     return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0
+
+
+def finite_or_none(loss: torch.Tensor, bad: list[str], step: int, policy: str) -> torch.Tensor | None:
+    """``loss`` when no input was non-finite (``bad`` empty); else stop (``nonfinite_logits: error``) or return
+    ``None``: the batch is skipped (``skip``)."""
+    if not bad:
+        return loss
+    message = f"non-finite {' and '.join(bad)} logits at step {step}"
+    if policy == "error":
+        raise FloatingPointError(f"{message}; lower the learning rate, use bf16 instead of fp16, or set "
+                                 "nonfinite_logits: skip")
+    logger.warning("%s: this batch contributes no loss (nonfinite_logits: skip)", message)
+    return None
+
+
+def sequence_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """A packed batch's document numbers, aligned with ``labels[:, 1:]``."""
+    return inputs["sequence_ids"][:, 1:] if "sequence_ids" in inputs else None

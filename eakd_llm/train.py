@@ -123,7 +123,20 @@ def run_training(config: EAKDConfig) -> EAKDTrainer:
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     if parts["eval_dataset"] is not None:
-        metrics = trainer.evaluate()
+        metrics = final_evaluation(trainer)
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     return trainer
+
+
+def final_evaluation(trainer: EAKDTrainer) -> dict[str, float]:
+    """The final model's evaluation metrics (``eval_ce_loss`` and the other statistics included): those of the
+    Trainer's own evaluation at the last step when it ran one (and did not load a best checkpoint afterwards), else
+    a new evaluation. Every process takes the same branch (each holds the same log history)."""
+    state = trainer.state
+    last = next((entry for entry in reversed(state.log_history) if "eval_loss" in entry), None)
+    if (last is not None and last["step"] == state.global_step and "eval_ce_loss" in last
+            and not trainer.args.load_best_model_at_end):
+        logger.info("final evaluation: the one at step %d", state.global_step)
+        return {key: value for key, value in last.items() if key != "step"}
+    return trainer.evaluate()

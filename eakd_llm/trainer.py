@@ -14,7 +14,7 @@ from transformers import Trainer
 from .config import ConfigError, EAKDConfig
 from .data import DistillationCollator
 from .log_window import LogWindow
-from .loss_paths import full_logits_loss, fused_blocker, fused_head_loss, zero_loss
+from .loss_paths import finite_or_none, full_logits_loss, fused_blocker, fused_head_loss, sequence_ids, zero_loss
 from .losses import IGNORE_INDEX, LossSettings, loss_denominator
 from .models import (
     check_tokenizers_match,
@@ -96,7 +96,8 @@ class EAKDTrainer(Trainer):
         self._student: tuple[nn.Module, nn.Module] | None = None  # (wrapped, unwrapped causal LM), set on first use
         self.on_policy = OnPolicyBatches.for_trainer(args, processing_class, source_collator, teacher_cache,
                                                      self.accelerator.process_index) if generates else None
-        self.log_windows = {"train": LogWindow(by_source=self.on_policy is not None), "eval": LogWindow()}
+        self.log_windows = {"train": LogWindow(by_source=self.on_policy is not None),
+                            "eval": LogWindow(token_weighted=True)}
         self._last_log_time = time.perf_counter()
         fsdp1 = self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 1
         if args.packing and fsdp1:
@@ -190,7 +191,7 @@ class EAKDTrainer(Trainer):
                     # The batch's KD term carries kd_ratio inside its scale (no CE): log it at the config's scale, so
                     # kd_loss means the same on dataset and generated batches.
                     stats["kd_loss"] = stats["kd_loss"] * args.kd_scale / settings.kd_scale
-                self.log_windows["train" if model.training else "eval"].record(stats, source)
+                self.log_windows["train" if model.training else "eval"].record(stats, source, num_tokens)
         return (loss, outputs) if return_outputs else loss
 
     def _full_logits_loss(self, model, inputs, labels, denominator, settings):
@@ -201,8 +202,8 @@ class EAKDTrainer(Trainer):
         if self.teacher_source is not None and settings.needs_teacher:
             teacher = self.teacher_source.full_side(inputs, forward_inputs, self.vocab_size)
         loss, stats, bad = full_logits_loss(outputs.logits[:, :-1], teacher, labels, settings, denominator,
-                                            self.vocab_size, _sequence_ids(inputs))
-        return (loss if self._finite_or_skip(bad) else None), stats, outputs
+                                            self.vocab_size, sequence_ids(inputs))
+        return finite_or_none(loss, bad, self.state.global_step, self.args.nonfinite_logits), stats, outputs
 
     def _fused_loss(self, model, inputs, labels, denominator, settings):
         """CE and KD from the final hidden states, projected chunk by chunk (see :mod:`eakd_llm.chunked`)."""
@@ -213,10 +214,10 @@ class EAKDTrainer(Trainer):
         with self._teacher_side(inputs, forward_inputs, settings) as teacher:
             loss, stats, bad = fused_head_loss(
                 self._causal_lm(model), student_hidden, teacher, labels, settings, denominator, self.vocab_size,
-                _sequence_ids(inputs), args.loss_chunk_size, args.compile_loss_on(student_hidden.device.type),
+                sequence_ids(inputs), args.loss_chunk_size, args.compile_loss_on(student_hidden.device.type),
             )
         # no logits in the outputs: the fused path never materialises them
-        return (loss if self._finite_or_skip(bad) else None), stats, {}
+        return finite_or_none(loss, bad, self.state.global_step, self.args.nonfinite_logits), stats, {}
 
     def _teacher_side(self, inputs, forward_inputs, settings):
         if self.teacher_source is None or not settings.needs_teacher:
@@ -257,18 +258,6 @@ class EAKDTrainer(Trainer):
                             difference)
         self._packing_checked = True
 
-    def _finite_or_skip(self, bad: list[str]) -> bool:
-        """Stop (``nonfinite_logits: error``) or skip the batch (``skip``) when any input is NaN or infinite."""
-        if not bad:
-            return True
-        message = f"non-finite {' and '.join(bad)} logits at step {self.state.global_step}"
-        if self.args.nonfinite_logits == "error":
-            raise FloatingPointError(
-                f"{message}; lower the learning rate, use bf16 instead of fp16, or set nonfinite_logits: skip"
-            )
-        logger.warning("%s: this batch contributes no loss (nonfinite_logits: skip)", message)
-        return False
-
     # ------------------------------------------------------------------------------------------------------------
     # Generated batches, gradient clipping and logging
     # ------------------------------------------------------------------------------------------------------------
@@ -290,22 +279,22 @@ class EAKDTrainer(Trainer):
             self.log_windows["train"].record_grad_norm(float(norm), self.args.max_grad_norm)
         return norm
 
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
+        """The Trainer's loop plus the evaluation's statistics over all its response tokens in the metrics (log line,
+        ``evaluate()``, eval_results.json): ``eval_ce_loss`` compares runs, ``eval_loss`` (the objective) does not."""
+        self.log_windows["eval"].clear()  # e.g. compute_loss called on a model in eval mode outside an evaluation
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        window = self.log_windows["eval"].reduce_across(self.accelerator)  # once per evaluation, on every process
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in window.items()})
+        return output
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        mode = "train" if self.model.training else "eval"
-        is_eval_log = any(key.startswith("eval") and key.endswith("_loss") for key in logs)
-        if "loss" not in logs and not is_eval_log:  # e.g. the final train summary
+        if "loss" not in logs:  # evaluation lines (their statistics come from evaluation_loop), the final summary
             return super().log(logs, *args, **kwargs)
-        gather = self.accelerator.gather if self.accelerator.num_processes > 1 else None
-        metrics = self.log_windows[mode].reduce(gather, self.accelerator.device)
-        if mode == "eval":
-            metrics = {f"eval_{k}": v for k, v in metrics.items()}
-        elif self.on_policy is not None:
+        metrics = self.log_windows["train"].reduce_across(self.accelerator)
+        if self.on_policy is not None:
             now = time.perf_counter()
             metrics.update(self.on_policy.metrics(now - self._last_log_time))
             self._last_log_time = now
         return super().log({**logs, **metrics}, *args, **kwargs)
-
-
-def _sequence_ids(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """A packed batch's document numbers, aligned with ``labels[:, 1:]``."""
-    return inputs["sequence_ids"][:, 1:] if "sequence_ids" in inputs else None

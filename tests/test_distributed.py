@@ -74,7 +74,8 @@ def _assert_same_weights(a: Path, b: Path, exact: bool, name: str = "model.safet
 
 def test_ddp_two_processes_match_one_process(tiny_stack, tmp_path):
     """Global batch 8: 1 process x 8, 2 processes x 4, and 2 processes x 2 x 2 accumulation steps."""
-    steps = ["--max_steps", "4", "--save_strategy", "no"]
+    # eval batches of 4: the 40 validation examples split evenly over 2 processes (else accelerate repeats some)
+    steps = ["--max_steps", "4", "--save_strategy", "no", "--per_device_eval_batch_size", "4"]
     _single(tiny_stack, tmp_path / "one", "--per_device_train_batch_size", "8", *steps)
     _launch(tiny_stack, tmp_path / "ddp", 2, "--per_device_train_batch_size", "4", *steps)
     _launch(tiny_stack, tmp_path / "ddp_ga", 2, "--per_device_train_batch_size", "2",
@@ -86,6 +87,9 @@ def test_ddp_two_processes_match_one_process(tiny_stack, tmp_path):
         assert losses == pytest.approx(reference, rel=1e-5), (run, losses, reference)
         print(f"{run}: max relative loss difference {max(abs(a - b) / abs(b) for a, b in zip(losses, reference)):.1e}")
         _assert_same_weights(tmp_path / "one", tmp_path / run, exact=False)
+        # the final validation CE: per response token over both processes' parts of the set, as in one process
+        ce = [json.loads((tmp_path / r / "eval_results.json").read_text())["eval_ce_loss"] for r in (run, "one")]
+        assert ce[0] == pytest.approx(ce[1], rel=1e-5), (run, ce)
 
 
 def _launch_deepspeed(tiny_stack, output_dir: Path, config: str, *extra: str) -> str:

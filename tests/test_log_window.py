@@ -53,6 +53,28 @@ def test_by_source_keeps_a_ratio_per_source():
     assert out["ea_effective_scale/generated"] == pytest.approx(6.0)
 
 
+def test_token_weighted_window_averages_over_tokens_across_processes():
+    window = LogWindow(token_weighted=True)
+    window.record({"ce_loss": torch.tensor(2.0), "ea_weight_min": torch.tensor(0.5)}, num_tokens=torch.tensor(30))
+    window.record({"ce_loss": torch.tensor(5.0), "ea_weight_min": torch.tensor(0.1)}, num_tokens=torch.tensor(10))
+
+    def gather(table):  # another process: one batch of 60 tokens at CE 1, and no weight statistics
+        other = torch.full_like(table, float("nan"))
+        keys = window.keys()
+        other[0, keys.index("ce_loss")] = 60.0
+        other[0, keys.index("ce_loss:tokens")] = 60.0
+        return torch.cat([table, other])
+
+    out = window.reduce(gather, torch.device("cpu"))
+    assert out["ce_loss"] == pytest.approx((2 * 30 + 5 * 10 + 1 * 60) / 100)  # not the batches' mean, 8/3
+    assert out["ea_weight_min"] == pytest.approx(0.1)
+    assert set(out) == {"ce_loss", "ea_weight_min"}
+    unweighted = LogWindow()
+    unweighted.record({"ce_loss": torch.tensor(2.0)}, num_tokens=30)
+    unweighted.record({"ce_loss": torch.tensor(5.0)}, num_tokens=10)
+    assert unweighted.reduce(None, torch.device("cpu"))["ce_loss"] == pytest.approx(3.5)
+
+
 def test_loss_settings_from_config_and_for_generated_batches(tmp_path):
     config = EAKDConfig(output_dir=str(tmp_path), model_name_or_path="m", teacher_model_name_or_path="t",
                         dataset_name="d", kd_ratio=0.3, kd_scale=2.0, divergence="jsd", ea_normalize="mean")

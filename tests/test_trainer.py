@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from eakd_llm.config import ConfigError, EAKDConfig
@@ -13,7 +15,7 @@ from eakd_llm.data import DistillationCollator
 from eakd_llm.losses import ea_weights, token_divergence
 from eakd_llm.models import check_tokenizers_match, load_tokenizer, shared_vocab_size
 from eakd_llm.synthetic import tiny_llama_config, train_tokenizer
-from eakd_llm.train import prepare_run
+from eakd_llm.train import prepare_run, run_training
 from eakd_llm.trainer import EAKDTrainer
 
 
@@ -369,3 +371,68 @@ def test_models_keep_only_their_final_hidden_states(tiny_stack, tmp_path):
     assert all(not kwargs.get("output_hidden_states") and kwargs.get("logits_to_keep") == 1 for kwargs in seen)
     expected = _reference_loss(trainer.model, trainer.teacher, batch, trainer.args, trainer.vocab_size)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The final evaluation: eval_ce_loss compares runs, evaluated once
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _validation_ce(model_dir: str, dataset) -> float:
+    """The saved student's cross-entropy per response token over the evaluation set, one unpadded example at a time."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for record in dataset:
+            ids, labels = torch.tensor(record["input_ids"]), torch.tensor(record["labels"])
+            logits = model(ids[None]).logits[0, :-1]
+            total += F.cross_entropy(logits.float(), labels[1:], ignore_index=-100, reduction="sum").item()
+            count += int((labels[1:] != -100).sum())
+    return total / count
+
+
+def _run(tiny_stack, tmp_path, monkeypatch, **overrides) -> tuple[dict, int]:
+    """A short run through ``run_training``: its eval_results.json and how often ``evaluate`` ran."""
+    calls = []
+    original = EAKDTrainer.evaluate
+    monkeypatch.setattr(EAKDTrainer, "evaluate", lambda self, *a, **k: (calls.append(1), original(self, *a, **k))[1])
+    values = dict(dataset_eval_split="validation", eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=8,
+                  kd_ratio=0.5, learning_rate=1e-3)
+    config = _config(tiny_stack, tmp_path, **{**values, **overrides})
+    trainer = run_training(config)
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert json.loads((tmp_path / "out" / "all_results.json").read_text())["eval_ce_loss"] == results["eval_ce_loss"]
+    results["validation_ce"] = _validation_ce(config.output_dir, trainer.eval_dataset)
+    return results, len(calls)
+
+
+@pytest.mark.parametrize(("max_steps", "eval_strategy", "expected_calls"), [(2, "steps", 1), (3, "steps", 2),
+                                                                            (2, "no", 1)])
+def test_final_evaluation_runs_once_and_saves_the_validation_ce(tiny_stack, tmp_path, monkeypatch, max_steps,
+                                                                 eval_strategy, expected_calls):
+    # eval_steps 2: at the last step of a 2-step run (reused, not repeated), before the last one of a 3-step run
+    results, calls = _run(tiny_stack, tmp_path, monkeypatch, max_steps=max_steps, eval_strategy=eval_strategy)
+    assert calls == expected_calls
+    for key in ("eval_loss", "eval_ce_loss", "eval_kd_loss", "eval_teacher_entropy", "eval_student_entropy",
+                "eval_ea_weight_mean", "eval_ea_effective_scale"):
+        assert math.isfinite(results[key]), key
+    # per response token over the whole set (5 batches of unequal token counts), not a mean of batch means
+    assert results["eval_ce_loss"] == pytest.approx(results["validation_ce"], rel=1e-4)
+    assert results["eval_loss"] == pytest.approx(0.5 * results["eval_ce_loss"] + 0.5 * results["eval_kd_loss"],
+                                                 rel=0.05)
+
+
+def test_eval_ce_loss_compares_kd_and_eakd_where_eval_loss_does_not(tiny_stack, tmp_path, monkeypatch):
+    # kd_ratio 1: eval_loss is the KD term alone, which EA multiplies by its effective scale (about log V with this
+    # random, near-uniform teacher)
+    kd, _ = _run(tiny_stack, tmp_path / "kd", monkeypatch, ea=False, kd_ratio=1.0)
+    eakd, _ = _run(tiny_stack, tmp_path / "eakd", monkeypatch, ea=True, kd_ratio=1.0)
+    for results in (kd, eakd):
+        assert results["eval_ce_loss"] == pytest.approx(results["validation_ce"], rel=1e-4)
+        assert results["eval_loss"] == pytest.approx(results["eval_kd_loss"], rel=0.05)
+    assert eakd["eval_ea_effective_scale"] > 3
+    assert eakd["eval_loss"] > 3 * kd["eval_loss"]  # the objectives: not comparable
+    assert abs(eakd["eval_loss"] - eakd["eval_ce_loss"]) > 0.5 * eakd["eval_ce_loss"]
+    # Two steps from one initialisation (here even equal: EA's near-constant weights only scale the gradient, which
+    # clipping undoes).
+    assert eakd["eval_ce_loss"] == pytest.approx(kd["eval_ce_loss"], rel=0.02)
