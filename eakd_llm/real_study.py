@@ -330,7 +330,8 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, log_path: Path, say: Cal
         rows.append(row)
         means = row["means"]
         timing = f"{row['seconds_per_step']:.2f} s/step, " if "seconds_per_step" in row else ""
-        say(f"  [{len(rows)}/{len(jobs)}] {row['name']:<24} seed {row['seed']}: {timing}CE {means['ce']:.3f}, "
+        seed = f"seed {row['seed']}" if row["seed"] is not None else "(no training)"
+        say(f"  [{len(rows)}/{len(jobs)}] {row['name']:<24} {seed}: {timing}CE {means['ce']:.3f}, "
             f"top-1 {means['top1']:.1f}%, ROUGE-L {means['rougeL']:.1f}, stopped {100 * means['stopped']:.0f}%")
 
     if workers <= 1 or len(jobs) <= 1:
@@ -355,14 +356,22 @@ def _run_jobs(jobs: list[dict[str, Any]], workers: int, log_path: Path, say: Cal
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _timed(timings: dict[str, float], name: str):
+class _Timings(dict):
+    """Seconds of each step, kept in ``timings.json``: a step a resumed run reuses keeps the time it took when it
+    ran (a step that did work is timed again)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.earlier = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
     @contextlib.contextmanager
-    def block():
+    def step(self, name: str, reused: Callable[[], bool] = lambda: False):
         start = time.perf_counter()
         yield
-        timings[name] = time.perf_counter() - start
-
-    return block()
+        seconds = time.perf_counter() - start
+        self[name] = self.earlier[name] if reused() and name in self.earlier else seconds
+        self.path.write_text(json.dumps({**self.earlier, **self}, indent=2) + "\n", encoding="utf-8")
 
 
 def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[str, Any], seeds: Sequence[int],
@@ -396,9 +405,12 @@ def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[s
 
 def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence[int] = (1,),
               cache_dir: str | None = None, workers: int | None = None, prompts_file: str | None = None,
-              fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+              fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print,
+              threads: int | None = None) -> dict[str, Any]:
     """Run the whole study (module docstring) into ``output_dir``; returns what ``results.json`` holds. ``fetch``
-    maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.fetch_model.ensure_smollm2`)."""
+    maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.fetch_model.ensure_smollm2`).
+    ``threads``: torch threads of this process (generation, pruning, caching, runs when there is one worker); on a
+    shared CPU one thread avoids oversubscription (measured: 2 threads on 2 busy cores generated 7x slower)."""
     import torch
 
     from .demo import check_output_dir
@@ -407,6 +419,10 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     from .study import machine_description
 
     plan.validate()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct training seeds, got {seeds}")
@@ -417,35 +433,37 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen)
     root.mkdir(parents=True, exist_ok=True)
     _bind_plan(root, plan, _sha256(lines.encode()))
-    started, timings = time.perf_counter(), {}
+    started, timings = time.perf_counter(), _Timings(root / "timings.json")
     if workers is None:
         workers = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
     say(f"eakd-llm study: {len(recipes)} recipes ({', '.join(recipes)}) x {len(seeds)} seed(s), {plan.steps} steps, "
         f"{plan.num_layers}-layer student, {workers} worker(s) -> {root}")
 
-    with _timed(timings, "fetch"):
+    with timings.step("fetch"):
         cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         teacher = Path(fetch(cache_root) if fetch else ensure_smollm2(cache_root)).resolve()
         _link(teacher, root / "teacher")
     say(f"  teacher: {teacher} ({timings['fetch']:.0f} s)")
     if not (root / "prompts.jsonl").exists():
         write_prompt_set(str(root / "prompts.jsonl"), chosen)
-    with _timed(timings, "generate_data"):
+    with timings.step("generate_data", lambda: data["generated"] == 0):
         data = _generate(root, plan)
     say(f"  teacher answers: {data['generated']} generated, {data['reused']} reused ({timings['generate_data']:.0f} "
         f"s); " + ", ".join(f"{s}: {e['records']} kept, {e['dropped']} truncated left out"
                             for s, e in data["splits"].items()))
-    with _timed(timings, "prune"):
+    pruned_before = (root / "student-pruned" / "prune.json").exists()
+    with timings.step("prune", lambda: pruned_before):
         pruned = _prune(root, plan)
     say(f"  student: kept layers {pruned['kept_layers']} of {pruned['source_num_hidden_layers']} "
         f"({timings['prune']:.0f} s)")
-    with _timed(timings, "teacher_reference"):
+    reference_before = (root / "reference.json").exists()
+    with timings.step("teacher_reference", lambda: reference_before):
         _reference(root, plan)
     configs = {name: recipe_config(path, root, run_overrides(plan, seeds[0], root / "tmp"))
                for name, path in recipes.items()}
     cache = plan_cache(configs, plan, len(seeds), data["splits"]["train"]["records"])
     if cache["use"]:
-        with _timed(timings, "teacher_cache"):
+        with timings.step("teacher_cache"):
             first = configs[cache["recipes"][0]]
             cache["recipes"] = [n for n in cache["recipes"] if _cache_key(configs[n]) == _cache_key(first)]
             cache = _build_cache(root, plan, first, cache)
@@ -455,11 +473,11 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
             f"{cache['cache_examples']} to cache)")
     todo, rows = _jobs(root, plan, recipes, configs, seeds, cache)
     say(f"  {len(todo)} runs to do, {len(rows)} reused; library output of workers -> {root / 'study.log'}")
-    with _timed(timings, "runs"):
+    with timings.step("runs", lambda: not todo):
         rows += _run_jobs(todo, workers, root / "study.log", say)
     from .real_study_report import assemble, write_markdown
 
-    results = assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache, timings,
+    results = assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache, dict(timings),
                        machine_description(), time.perf_counter() - started, workers)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
     say(write_markdown(results, root / "results.md"))
@@ -513,6 +531,8 @@ def build_study_parser() -> argparse.ArgumentParser:
                         "or ~/.cache/eakd-llm)")
     parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: min(2, CPU cores); 1 on "
                         "a GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: "
+                        "torch's; use 1 on a CPU other jobs share)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
@@ -536,7 +556,7 @@ def study_main(argv: Sequence[str]) -> int:
         return 2
     try:
         run_study(args.recipe_dir, args.output_dir, plan_from_args(args), args.seeds, args.cache_dir, args.workers,
-                  args.prompts)
+                  args.prompts, threads=args.threads)
     except (ConfigError, FetchError) as err:
         if args.debug:
             raise

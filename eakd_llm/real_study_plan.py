@@ -61,7 +61,8 @@ PRESETS: dict[str, StudyPlan] = {
     # ~45 min on 2 CPU cores: two single-threaded workers, about 6 s per 24-layer student step at 4 x ~110 tokens.
     "pilot": StudyPlan(num_train=320, num_test=64, steps=150, batch_size=4, max_length=192, max_prompt_length=96,
                        max_new_tokens=64, calibration_samples=64),
-    # a few minutes: every step of the study once, at toy sizes
+    # a few minutes: every step of the study once, at toy sizes (16-token answers: truncated ones are kept)
     "smoke": StudyPlan(num_train=12, num_test=6, steps=2, batch_size=2, max_length=128, max_prompt_length=96,
-                       max_new_tokens=16, calibration_samples=8, generation_batch_size=8, teacher_cache="off"),
+                       max_new_tokens=16, calibration_samples=8, generation_batch_size=8, teacher_cache="off",
+                       keep_truncated=True),
 }

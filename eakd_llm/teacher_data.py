@@ -206,7 +206,8 @@ def answer_record(record: PromptRecord, ids: Sequence[int], end_ids: Sequence[in
 
 
 def _read_generations(path: str, wanted: Mapping[str, PromptRecord]) -> dict[str, dict[str, Any]]:
-    """Finished records of an earlier run: those of the prompt file's ids (a torn last line is dropped)."""
+    """Finished records of an earlier run: those of the prompt file's ids. A torn last line (an interrupted append)
+    is cut from the file, so the next append starts on a line of its own; that batch is generated again."""
     done: dict[str, dict[str, Any]] = {}
     if not os.path.isfile(path):
         return done
@@ -216,13 +217,27 @@ def _read_generations(path: str, wanted: Mapping[str, PromptRecord]) -> dict[str
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines):  # an interrupted append: that batch is generated again
-                break
-            raise ConfigError(f"{path}:{number}: not valid JSON ({err}); the folder is damaged: use another "
-                              "--output") from err
+            if number < len(lines):
+                raise ConfigError(f"{path}:{number}: not valid JSON ({err}); the folder is damaged: use another "
+                                  "--output") from err
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("".join(kept + "\n" for kept in lines[:-1]))
+            break
         if row.get("id") in wanted:
             done[row["id"]] = row
     return done
+
+
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The (dotted) keys whose values differ between two settings dicts."""
+    keys = []
+    for key in sorted(a.keys() | b.keys()):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            keys += _differing(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(prefix + key)
+    return keys
 
 
 def _bind_folder(output: str, expected: dict[str, Any]) -> None:
@@ -235,7 +250,7 @@ def _bind_folder(output: str, expected: dict[str, Any]) -> None:
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path} is not valid JSON; use another --output") from err
         if existing != expected:
-            keys = sorted(k for k in expected.keys() | existing.keys() if expected.get(k) != existing.get(k))
+            keys = _differing(expected, existing)
             raise ConfigError(f"--output {output!r} holds answers generated with other settings ({', '.join(keys)} "
                               "differ); nothing was changed: use another --output folder")
         return
