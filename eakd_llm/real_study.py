@@ -257,7 +257,7 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
     vocab = min(reference["vocab_size"], int(model.get_output_embeddings().weight.shape[0]))
     forced = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size,
-                                   [ids[:] for ids in reference["argmax"]], vocab)
+                                   reference["argmax"], vocab)
     generated = generation_scores(model, tokenizer, records, data_settings(plan).generation())
     with open(Path(folder) / "answers.jsonl", "w", encoding="utf-8") as handle:
         for id_, f, g in zip(reference["ids"], forced, generated):
@@ -504,7 +504,7 @@ def build_study_parser() -> argparse.ArgumentParser:
         description="The real-model study: fetch SmolLM2-135M-Instruct, generate its answers to the project's "
         "instruction prompts, prune it by block influence into a student, train every recipe of RECIPE_DIR on the "
         "answers, and score each student's fidelity to the teacher on unseen test prompts (CE, top-1 agreement, "
-        "ROUGE-L, stopped share) with paired 95%% intervals. Writes results.json and results.md.",
+        "ROUGE-L, stopped share) with paired 95% intervals. Writes results.json and results.md.",
     )
     parser.add_argument("recipe_dir", help="folder of recipes (e.g. recipes/smollm2-135m_pruned)")
     parser.add_argument("--output-dir", default="runs/smollm2-study", help="study folder (default: "
