@@ -1,5 +1,5 @@
-"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``fetch-model``, ``prune``, ``prepare-tiny`` and the
-``config`` reference."""
+"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``fetch-model``, ``prune``, ``generate-data``, ``study``,
+``prepare-tiny`` and the ``config`` reference."""
 
 from __future__ import annotations
 
@@ -190,6 +190,18 @@ def prune_main(argv: Sequence[str]) -> int:
     return run(argv)
 
 
+def generate_data_main(argv: Sequence[str]) -> int:
+    from .teacher_data import generate_data_main as run
+
+    return run(argv)
+
+
+def study_main(argv: Sequence[str]) -> int:
+    from .real_study import study_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "demo": (demo_main, "the embedded default: teacher, SFT/KD/EA-KD students, table and plots (offline, CPU)"),
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
@@ -198,6 +210,10 @@ COMMANDS = {
     "fetch-model": (fetch_model_main, "a known name, hub id or .gguf file as a dense local checkpoint (offline "
                     "fallbacks)"),
     "prune": (prune_main, "depth-prune a model: keep chosen layers (uniform, ShortGPT block influence, a list)"),
+    "generate-data": (generate_data_main, "a teacher's answers to a prompt file as chat records (train/validation/"
+                      "test jsonl; greedy, batched, resumable)"),
+    "study": (study_main, "the real-model study: fetch SmolLM2, prune, generate data, train a recipe folder, score "
+              "fidelity to the teacher"),
     "prepare-tiny": (prepare_tiny_main, "write the offline tiny data, tokenizer, teacher and student"),
     "config": (config_main, "print the reference of the recipe keys"),
 }

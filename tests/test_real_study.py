@@ -1,0 +1,192 @@
+"""The real-model study: fidelity metrics against hand computations, its decisions (teacher cache, recipe paths,
+verdicts for a lower-is-better metric), and the whole study on the tiny stack with a mocked fetch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from eakd_llm.config import ConfigError
+from eakd_llm.fidelity import chat_examples, teacher_forced_scores, top1_agreement
+from eakd_llm.losses import IGNORE_INDEX
+from eakd_llm.models import load_tokenizer
+from eakd_llm.prompts import EvalRecord, load_eval_records
+from eakd_llm.real_study import plan_cache, recipe_config, run_study, select_prompts, study_main
+from eakd_llm.real_study_plan import PRESETS, PRUNED, TEACHER, StudyPlan
+from eakd_llm.real_study_report import compare
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes" / "smollm2-135m_pruned"
+
+
+def _by_hand(model, example) -> tuple[float, list[int]]:
+    """CE per answer token and the argmax at each answer position, one unpadded example, plain torch."""
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].double()
+    targets = torch.tensor(example["labels"][1:])
+    keep = targets != IGNORE_INDEX
+    log_probs = logits[keep].log_softmax(-1)
+    ce = -log_probs[torch.arange(int(keep.sum())), targets[keep]].mean().item()
+    return ce, logits[keep].argmax(-1).tolist()
+
+
+def test_top1_agreement_by_hand():
+    assert top1_agreement([1, 2, 3, 4], [1, 0, 3, 0]) == 50.0
+    assert top1_agreement([7], [7]) == 100.0
+    with pytest.raises(ValueError, match="one length"):
+        top1_agreement([1, 2], [1])
+
+
+def test_teacher_forced_scores_match_a_hand_computation(tiny_stack):
+    tokenizer = load_tokenizer(tiny_stack["student"])
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny_stack["student"]).eval()
+    records = [EvalRecord("q", ["a short answer"], [{"role": "user", "content": "Name a fruit."}]),
+               EvalRecord("q", ["apple banana cherry, and a much longer answer than the first one"],
+                          [{"role": "user", "content": "hello"}])]
+    examples = chat_examples(records, tokenizer, 128, 96)
+    assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"])  # one batch, padded
+    reference = [_by_hand(teacher, e)[1] for e in examples]
+    scores = teacher_forced_scores(student, examples, tokenizer.pad_token_id, batch_size=2, reference=reference)
+    for example, score, ref in zip(examples, scores, reference):
+        ce, argmax = _by_hand(student, example)
+        assert score["ce"] == pytest.approx(ce, abs=1e-4)
+        assert score["argmax"] == argmax
+        assert score["top1"] == pytest.approx(100.0 * np.mean([a == b for a, b in zip(argmax, ref)]))
+    assert [s["top1"] for s in teacher_forced_scores(teacher, examples, tokenizer.pad_token_id,
+                                                     reference=reference)] == [100.0, 100.0]
+
+
+def _row(name, seed, ce, top1):
+    return {"name": name, "seed": seed, "per_prompt": {"ce": ce, "top1": top1, "rougeL": top1, "stopped": [1.0]}}
+
+
+def test_verdicts_know_that_lower_ce_is_better():
+    rng = np.random.default_rng(0)
+    base = rng.normal(2.0, 0.3, size=40)
+    better = _row("a", 1, list(base - 0.5 + rng.normal(0, 0.01, 40)), list(base * 10 + 5))
+    worse = _row("b", 1, list(base), list(base * 10))
+    ce = compare("a", [better], "b", [worse], "ce")
+    assert ce["mean_diff"] < 0 and ce["verdict"] == "better"
+    assert compare("b", [worse], "a", [better], "ce")["verdict"] == "worse"
+    top1 = compare("a", [better], "b", [worse], "top1")
+    assert top1["mean_diff"] == pytest.approx(5.0) and top1["verdict"] == "better"
+    assert "one training seed" in top1["method"]
+
+
+def test_teacher_cache_pays_off_only_with_more_live_forwards_than_examples():
+    kd = SimpleNamespace(kd_ratio=0.5, on_policy_fraction=0.0, seq_kd=False)
+    sft = SimpleNamespace(kd_ratio=0.0, on_policy_fraction=0.0, seq_kd=False)
+    on_policy = SimpleNamespace(kd_ratio=0.5, on_policy_fraction=0.5, seq_kd=False)
+    plan = StudyPlan(steps=10, batch_size=4)
+    configs = {"kd": kd, "sft": sft, "op": on_policy}
+    decision = plan_cache(configs, plan, num_seeds=2, num_train=79)  # 1 cacheable run x 2 seeds x 10 x 4 = 80
+    assert decision["use"] and decision["recipes"] == ["kd"] and decision["live_teacher_examples"] == 80
+    assert not plan_cache(configs, plan, num_seeds=2, num_train=80)["use"]
+    assert plan_cache(configs, StudyPlan(steps=1, batch_size=1, teacher_cache="on"), 1, 10**6)["use"]
+    assert not plan_cache(configs, StudyPlan(teacher_cache="off"), 9, 1)["use"]
+    assert not plan_cache({"sft": sft}, StudyPlan(teacher_cache="on"), 1, 1)["use"]
+
+
+def test_recipe_paths_point_into_the_study_folder(tmp_path):
+    for name in ("student-pruned", "teacher", "data"):
+        (tmp_path / name).mkdir()
+    config = recipe_config(RECIPES / "kd.yaml", tmp_path, {"output_dir": str(tmp_path / "out"), "max_steps": 3})
+    assert config.model_name_or_path == str(tmp_path / "student-pruned")
+    assert config.teacher_model_name_or_path == str(tmp_path / "teacher")
+    assert config.dataset_name == str(tmp_path / "data") and config.max_steps == 3
+    (tmp_path / "teacher").rmdir()  # a path that is not in the study folder is left as written (a hub id, say)
+    assert recipe_config(RECIPES / "kd.yaml", tmp_path, {"output_dir": "o"}).teacher_model_name_or_path == "teacher"
+
+
+def test_plans_and_prompt_selection():
+    for plan in PRESETS.values():
+        plan.validate()
+    assert PRESETS["pilot"].max_length == 192 and PRESETS["pilot"].num_layers == 24
+    with pytest.raises(ConfigError, match="--num-test must be >= 2"):
+        StudyPlan(num_test=1).validate()
+    with pytest.raises(ConfigError, match="cannot hold a prompt"):
+        StudyPlan(max_length=100, max_prompt_length=64, max_new_tokens=64).validate()
+    rows = [{"id": str(i), "split": s} for i, s in enumerate(["train", "test", "train", "test", "test", "train"])]
+    chosen = select_prompts(rows, StudyPlan(num_train=2, num_test=2))
+    assert [r["id"] for r in chosen] == ["0", "2", "1", "3"]
+    with pytest.raises(ConfigError, match="1 test prompts"):
+        select_prompts(rows[:2], StudyPlan())
+
+
+TINY_PLAN = StudyPlan(num_train=8, num_test=4, steps=2, batch_size=2, num_layers=3, max_length=128,
+                      max_prompt_length=96, max_new_tokens=8, calibration_samples=4, generation_batch_size=8,
+                      eval_batch_size=4, teacher_cache="on", cache_top_k=16, system=None, keep_truncated=True)
+
+
+def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
+    root = tmp_path / "study"
+    fetched = []
+
+    def fetch(cache: Path) -> Path:
+        fetched.append(cache)
+        return Path(tiny_stack["teacher"])
+
+    results = run_study(str(RECIPES), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(tmp_path / "cache"), workers=1,
+                        fetch=fetch)
+    assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == Path(tiny_stack["teacher"]).resolve()
+    # the data: the teacher's answers to the first prompts of each split, chat records
+    train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (root / "data" / "test.jsonl").read_text().splitlines()]
+    assert len(train) == 8 and len(test) == 4 and all(r["messages"][-1]["role"] == "assistant" for r in train)
+    # the student: 4 -> 3 layers by block influence, calibrated on the training conversations
+    pruned = json.loads((root / "student-pruned" / "prune.json").read_text())
+    assert pruned["num_hidden_layers"] == 3 and pruned["method"] == "block-influence"
+    calibration = json.loads((root / "student-pruned" / "block_influence.json").read_text())["calibration"]
+    assert calibration["data"] == str(root / "data" / "train.jsonl") and calibration["sequences"] == 4
+    # every model has a row; the KD recipes trained from the teacher cache, SFT without
+    table = {row["name"]: row for row in results["table"]}
+    assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "kd", "sft"]
+    assert table[TEACHER]["top1"]["mean"] == 100.0 and table[TEACHER]["by_definition"] == ["top1", "rougeL"]
+    assert table["kd"]["teacher_cache"] and not table["sft"]["teacher_cache"]
+    assert all(table[n]["seconds_per_step"] > 0 for n in ("kd", "sft"))
+    rows = {(r["name"], r["seed"]): r for r in results["rows"]}
+    assert all(len(r["per_prompt"]["ce"]) == 4 for r in rows.values())
+    assert len(results["comparisons"]) == 4 * 3 and all(c["verdict"] for c in results["comparisons"])
+    assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
+    text = (root / "results.md").read_text()
+    assert "one training seed" in text and "| kd (teacher cache) |" in text
+    assert len((root / "students" / "sft" / "seed-1" / "answers.jsonl").read_text().splitlines()) == 4
+
+    # top-1 agreement of the untrained pruned student, recomputed by hand from the two models
+    tokenizer = load_tokenizer(str(root / "student-pruned"))
+    records = load_eval_records(str(root / "data" / "test.jsonl"), fmt="messages")
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(root / "student-pruned").eval()
+    by_hand = []
+    for example in chat_examples(records, tokenizer, 128, 96):
+        s_ce, s_argmax = _by_hand(student, example)
+        by_hand.append((s_ce, 100.0 * np.mean([a == b for a, b in zip(s_argmax, _by_hand(teacher, example)[1])])))
+    assert rows[(PRUNED, None)]["per_prompt"]["top1"] == pytest.approx([t for _, t in by_hand])
+    assert rows[(PRUNED, None)]["per_prompt"]["ce"] == pytest.approx([c for c, _ in by_hand], abs=1e-4)
+
+    # a second run reuses everything; another plan is refused in one line
+    capsys.readouterr()
+    again = run_study(str(RECIPES), str(root), TINY_PLAN, seeds=(1,), workers=1, fetch=fetch)
+    assert "0 runs to do, 5 reused" in capsys.readouterr().out
+    assert again["table"] == results["table"] and again["timings"]["runs"] == results["timings"]["runs"]
+    with pytest.raises(ConfigError, match="another plan \\(steps differ\\)"):
+        run_study(str(RECIPES), str(root), StudyPlan(**{**TINY_PLAN.__dict__, "steps": 3}), fetch=fetch)
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert study_main([str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "is not a folder of recipe .yaml files" in capsys.readouterr().err
+    assert study_main([str(RECIPES), "--smoke", "--num-test", "1", "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "eakd-llm: error: --num-test must be >= 2 (paired intervals need two prompts), got 1"
+    (tmp_path / "file").write_text("x")
+    assert study_main([str(RECIPES), "--output-dir", str(tmp_path / "file")]) == 2
+    assert "is an existing file" in capsys.readouterr().err
