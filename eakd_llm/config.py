@@ -108,8 +108,9 @@ class EAKDConfig(TrainingArguments):
     kd_scale: float = field(
         default=1.0,
         metadata={"help": "Constant multiplier of the KD term (> 0): loss = (1 - kd_ratio) * CE + kd_ratio * "
-                  "kd_scale * KD. A control: plain KD with kd_scale = EA's measured mean weight has EA's scale "
-                  "without its adaptivity. Leave at 1 otherwise."},
+                  "kd_scale * KD. A control: plain KD with kd_scale = EA's measured effective scale "
+                  "(ea_effective_scale = sum w*d / sum d, logged by EA runs) has EA's scale without its adaptivity. "
+                  "Leave at 1 otherwise."},
     )
     skew_alpha: float = field(
         default=0.1, metadata={"help": "Skew alpha of the skl/srkl divergences, in (0, 1) (DistiLLM uses 0.1)."}
