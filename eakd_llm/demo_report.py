@@ -332,6 +332,8 @@ def write_plots(results: dict[str, Any], rows: list[dict[str, Any]], stats: dict
 def _plot_learning_curves(methods: dict[str, Any], folder: Path, plt) -> list[str]:
     """``learning_curves.png``: validation CE per token vs step, mean over training seeds per method (a second panel
     for the continued rows of ``--full``, step 0 being the trained student they start from)."""
+    from matplotlib.ticker import FormatStrFormatter
+
     panels = [[(n, r) for n, r in methods.items() if r.get("learning_curve") and bool(r.get("continues")) == c]
               for c in (False, True)]
     panels = [p for p in panels if p]
@@ -344,7 +346,10 @@ def _plot_learning_curves(methods: dict[str, Any], folder: Path, plt) -> list[st
             ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, label=name,
                     linestyle="--" if "KD ×" in name or "normalised" in name else "-")
         ax.set_xlabel("step" + (" (continued)" if panel[0][1].get("continues") else ""))
-        ax.set_ylabel("validation CE per token")
+        ax.set_ylabel("validation CE per token (log scale)")
+        ax.set_yscale("log")  # the late differences between methods stay visible
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format(FormatStrFormatter("%g"))
         ax.set_title("continued from the trained students" if panel[0][1].get("continues")
                      else "from scratch", fontsize=10)
         ax.legend(fontsize=7)
