@@ -115,6 +115,21 @@ class CachedTeacher(nn.Module):
         return out
 
     @torch.no_grad()
+    def precompute(self, sequences, batch_size: int = 64) -> None:
+        """Fill the cache with these token sequences in a fixed order and batching: an example's states then do not
+        depend on the batch in which a run first met it (other batch shapes round differently), so a run's result
+        does not depend on which runs its worker ran before."""
+        device = next(self.teacher.parameters()).device
+        for start in range(0, len(sequences), batch_size):
+            chunk = [list(seq) for seq in sequences[start: start + batch_size]]
+            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq, device=device)
+                mask[row, : len(seq)] = 1
+            self.final_hidden_states(input_ids=ids, attention_mask=mask)
+
+    @torch.no_grad()
     def forward(self, use_cache: bool = False, logits_to_keep: int = 0, **inputs: torch.Tensor) -> SimpleNamespace:
         """Logits projected from the cached hidden states with the teacher's head (the last ``logits_to_keep``
         positions, all when 0), as a causal LM's forward gives them."""
@@ -319,17 +334,21 @@ def _worker_init(log_path: str, stack: dict[str, str], plan: DemoPlan, threads: 
                           kd_ratio=0.0)
     _WORKER.update(
         tokenizer=tokenizer,
+        train=build_dataset(load_split(stack["data_dir"], "train"), config, tokenizer, split="train"),
         validation=build_dataset(load_split(stack["data_dir"], "validation"), config, tokenizer, split="validation"),
         records=load_eval_records(stack["test_file"], max_samples=plan.eval_records),
     )
 
 
 def _worker_teacher(teacher_dir: str) -> CachedTeacher:
-    """The trained teacher, loaded once per worker, with its per-example cache of hidden states."""
+    """The trained teacher, loaded once per worker, with its per-example cache of hidden states filled for the
+    training and validation splits up front (:meth:`CachedTeacher.precompute`: results independent of run order)."""
     if "teacher" not in _WORKER:
         from transformers import AutoModelForCausalLM
 
-        _WORKER["teacher"] = CachedTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
+        teacher = CachedTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
+        teacher.precompute([*_WORKER["train"]["input_ids"], *_WORKER["validation"]["input_ids"]])
+        _WORKER["teacher"] = teacher
     return _WORKER["teacher"]
 
 

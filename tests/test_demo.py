@@ -46,6 +46,31 @@ def test_cached_teacher_returns_the_same_hidden_states_per_example(tiny_stack):
     assert (cached.hits, cached.misses) == (1, 3)
 
 
+def test_precomputed_teacher_states_do_not_depend_on_the_batch_a_run_asks_in(tiny_stack):
+    from transformers import AutoModelForCausalLM
+
+    from eakd_llm.models import final_hidden_states
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
+    sequences = [[0, 5, 9, 12, 4], [0, 7, 8], [3, 3, 3, 3, 3, 3, 3], [0, 7, 8]]  # a repeat is stored once
+    cached = CachedTeacher(teacher)
+    cached.precompute(sequences, batch_size=3)
+    assert len(cached.cache) == 3 and cached.misses == 3  # batches [0, 1, 2] and [3]: the repeat is a hit
+    stored = {key: value.clone() for key, value in cached.cache.items()}
+    # asked again in other batch shapes (alone, beside a longer row): the very same tensors, nothing recomputed
+    for ids, mask in ((torch.tensor([[0, 7, 8]]), torch.ones(1, 3, dtype=torch.long)),
+                      (torch.tensor([[0, 7, 8, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3]]),
+                       torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7]))):
+        out = final_hidden_states(cached, input_ids=ids, attention_mask=mask)
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            assert torch.equal(out[row, :length], stored[ids[row, :length].numpy().tobytes()])
+    assert cached.misses == 3 and len(cached.cache) == 3
+    with torch.no_grad():  # and they are the teacher's states
+        direct = teacher(input_ids=torch.tensor([sequences[0]]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(stored[torch.tensor(sequences[0]).numpy().tobytes()], direct, atol=1e-5, rtol=1e-5)
+
+
 def test_the_plan_is_fixed_before_training():
     headline = plan_runs(DEFAULT)
     assert [(r.name, r.train_seed) for r in headline] == [(n, s) for s in DEFAULT.train_seeds for n in METHODS]
