@@ -1,23 +1,27 @@
 """``eakd-llm demo``: the embedded default: a controlled, multi-seed study of EA-KD, offline, on 2 CPU cores.
 
-The plan is fixed before anything trains (:data:`FULL`, :data:`QUICK`):
+The plan is fixed before anything trains (:mod:`eakd_llm.demo_plan`: :data:`DEFAULT`, :data:`QUICK`):
 
 1. the tiny stack: synthetic instruction data (train/validation/test), a local BPE tokenizer, a tiny Llama teacher and
    one tiny student initialisation per training seed;
-2. the teacher, trained with SFT and kept in the output folder (a second run reuses it), and its top-k cache
-   (``eakd-llm cache-teacher``'s code) for the cached-teacher row;
-3. the main comparison, every method trained once per training seed (the seed sets the student's initialisation and
-   the data order; every method of a seed sees the same batches): SFT, KD, KD x s_eff (plain KD scaled by EA's
-   effective scale sum(w d) / sum(d) measured in the EA-KD token run of the same seed: EA's scale without its
-   adaptivity), EA-KD token, EA-KD token with normalised weights, EA-KD sequence, KD and EA-KD token on-policy
-   (λ = 0.5), and EA-KD token from the k-cache;
+2. the teacher, trained with SFT and kept in the output folder (a second run reuses it); the runs that need no
+   teacher (SFT) train beside it;
+3. the headline comparison, every method trained once per training seed (the seed sets the student's initialisation
+   and the data order; every method of a seed sees the same batches), with the validation CE every ``eval_steps``
+   steps (the learning curves): SFT, KD, KD x s_eff (plain KD scaled by EA's effective scale sum(w d) / sum(d)
+   measured in the EA-KD token run of the same seed: EA's scale without its adaptivity), EA-KD token, EA-KD token with
+   normalised weights, EA-KD sequence;
 4. every trained model scored on the same held-out prompts with the same sampling seeds (MiniLLM/DistiLLM protocol);
 5. paired differences with crossed-design t intervals and a verdict per comparison (:mod:`eakd_llm.study`);
-6. an ablation over τ′ × kd_ratio, with and without normalisation (one training seed);
-7. ``results.json``, ``results.md`` and PNG plots (:mod:`eakd_llm.demo_report`).
+6. ``results.json``, ``results.md`` and PNG plots, the learning curves among them (:mod:`eakd_llm.demo_report`).
 
-Runs go to a pool of worker processes (one thread each: on 2 cores two single-threaded runs do more work than one
-two-threaded run). The console shows one progress bar and one line per finished run; the libraries' own output goes to
+``--full`` adds, on the same seeds: EA-KD token from the teacher's top-k cache (``eakd-llm cache-teacher``'s code);
+KD and EA-KD token continued on-policy (λ = 0.5) from the same seed's trained student, each beside the same student
+continued off-policy for the same number of steps; and the one-seed ablation over τ′ × kd_ratio, raw and normalised.
+
+The teacher's SFT and every run go to a pool of worker processes (one thread each: on 2 cores two single-threaded
+runs do more work than one two-threaded run, and a two-threaded run slows down several times when another process
+shares its cores). The console shows one progress bar and one line per finished run; the libraries' own output goes to
 ``demo.log`` in the output folder.
 """
 
@@ -30,7 +34,6 @@ import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,14 +43,17 @@ from torch import nn
 
 from .demo_plan import (
     COMPARISONS,
+    DEFAULT,
     EA_TOKEN,
-    FULL,
+    INIT_FROM,
     METHODS,
     QUICK,
     SCALE_SOURCE,
     DemoPlan,
     RunSpec,
+    depends_on,
     plan_runs,
+    study_methods,
 )
 from .models import final_hidden_states
 
@@ -109,6 +115,21 @@ class CachedTeacher(nn.Module):
         return out
 
     @torch.no_grad()
+    def precompute(self, sequences, batch_size: int = 64) -> None:
+        """Fill the cache with these token sequences in a fixed order and batching: an example's states then do not
+        depend on the batch in which a run first met it (other batch shapes round differently), so a run's result
+        does not depend on which runs its worker ran before."""
+        device = next(self.teacher.parameters()).device
+        for start in range(0, len(sequences), batch_size):
+            chunk = [list(seq) for seq in sequences[start: start + batch_size]]
+            ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long, device=device)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(chunk):
+                ids[row, : len(seq)] = torch.tensor(seq, device=device)
+                mask[row, : len(seq)] = 1
+            self.final_hidden_states(input_ids=ids, attention_mask=mask)
+
+    @torch.no_grad()
     def forward(self, use_cache: bool = False, logits_to_keep: int = 0, **inputs: torch.Tensor) -> SimpleNamespace:
         """Logits projected from the cached hidden states with the teacher's head (the last ``logits_to_keep``
         positions, all when 0), as a causal LM's forward gives them."""
@@ -122,7 +143,10 @@ class CachedTeacher(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _base_config(plan: DemoPlan, stack: dict[str, str], output_dir: Path, steps: int, **overrides: Any):
+def _base_config(plan: DemoPlan, stack: dict[str, str], output_dir: Path, steps: int, curve: bool = False,
+                 **overrides: Any):
+    """A run's config; ``curve``: the validation CE every ``plan.eval_steps`` steps and at step 0 (one batch: the
+    logged ``eval_ce_loss`` is the CE per token over the whole validation split)."""
     from .config import EAKDConfig
 
     values: dict[str, Any] = dict(
@@ -147,7 +171,11 @@ def _base_config(plan: DemoPlan, stack: dict[str, str], output_dir: Path, steps:
         disable_tqdm=True,
         entropy_temperature=plan.entropy_temperature,
         max_new_tokens=plan.max_new_tokens,
+        dataset_eval_split="validation",
     )
+    if curve:
+        values.update(eval_strategy="steps", eval_steps=plan.eval_steps, eval_on_start=True,
+                      per_device_eval_batch_size=plan.num_validation, prediction_loss_only=True)
     values.update(overrides)
     return EAKDConfig(**values)
 
@@ -285,14 +313,14 @@ def _history_mean(history: list[dict[str, Any]], key: str, reduce=None) -> float
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(log_path: str, teacher_dir: str, stack: dict[str, str], plan: DemoPlan, threads: int) -> None:
-    """One worker process: its own thread budget, its output into the log, the teacher and shared data loaded once."""
+def _worker_init(log_path: str, stack: dict[str, str], plan: DemoPlan, threads: int) -> None:
+    """One worker process: its own thread budget, its output into the log, the shared data loaded once (the teacher
+    when a run first needs it: the teacher's own training may still be under way)."""
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from .data import build_dataset, load_split
@@ -302,19 +330,33 @@ def _worker_init(log_path: str, teacher_dir: str, stack: dict[str, str], plan: D
     hf_logging.set_verbosity_error()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     tokenizer = load_tokenizer(stack["student"])
-    config = _base_config(plan, stack, Path(teacher_dir).parent / "tmp", 1, model_name_or_path=stack["student"],
+    config = _base_config(plan, stack, Path(stack["data_dir"]).parent / "tmp", 1, model_name_or_path=stack["student"],
                           kd_ratio=0.0)
     _WORKER.update(
-        teacher=CachedTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval()),
         tokenizer=tokenizer,
+        train=build_dataset(load_split(stack["data_dir"], "train"), config, tokenizer, split="train"),
         validation=build_dataset(load_split(stack["data_dir"], "validation"), config, tokenizer, split="validation"),
         records=load_eval_records(stack["test_file"], max_samples=plan.eval_records),
     )
 
 
+def _worker_teacher(teacher_dir: str) -> CachedTeacher:
+    """The trained teacher, loaded once per worker, with its per-example cache of hidden states filled for the
+    training and validation splits up front (:meth:`CachedTeacher.precompute`: results independent of run order)."""
+    if "teacher" not in _WORKER:
+        from transformers import AutoModelForCausalLM
+
+        teacher = CachedTeacher(AutoModelForCausalLM.from_pretrained(teacher_dir).eval())
+        teacher.precompute([*_WORKER["train"]["input_ids"], *_WORKER["validation"]["input_ids"]])
+        _WORKER["teacher"] = teacher
+    return _WORKER["teacher"]
+
+
 def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str, teacher_dir: str,
                 settings: dict[str, Any]) -> dict[str, Any]:
-    """Train one student run, evaluate it, and return its row (runs in a worker)."""
+    """Train one student run, evaluate it, and return its row (runs in a worker). ``settings``: the teacher cache's
+    folder, and for a dependent run (:func:`eakd_llm.demo_plan.depends_on`) the measured ``kd_scale`` or the
+    ``init_dir`` of the trained student it continues."""
     overrides = dict(spec.overrides)
     for key, value in list(overrides.items()):
         if value == "plan":
@@ -324,14 +366,18 @@ def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str,
     kd = overrides.get("kd_ratio", 0.0) > 0
     cached = "teacher_cache" in overrides
     folder = Path(root) / "students" / spec.slug
+    init, steps = stack[f"student-{spec.train_seed}"], plan.student_steps
+    if spec.name in INIT_FROM:  # continues the same seed's trained student: its saved folder is the new start
+        init, steps = settings["init_dir"], plan.continue_steps
+        overrides.setdefault("learning_rate", plan.continue_learning_rate)
     config = _base_config(
-        plan, stack, folder, plan.student_steps, model_name_or_path=stack[f"student-{spec.train_seed}"],
+        plan, stack, folder, steps, curve=True, model_name_or_path=init,
         teacher_model_name_or_path=teacher_dir if kd else None, seed=spec.train_seed, data_seed=spec.train_seed,
         **overrides,
     )
-    teacher = _WORKER["teacher"]
-    known = set(teacher.cache) if "on_policy_fraction" in overrides else None
-    trainer, seconds = _train(config, teacher if kd and not cached else None)
+    teacher = _worker_teacher(teacher_dir) if kd and not cached else None
+    known = set(teacher.cache) if teacher is not None and "on_policy_fraction" in overrides else None
+    trainer, seconds = _train(config, teacher)
     if known is not None:  # generated sequences are never seen again: keep the worker's memory flat
         for key in set(teacher.cache) - known:
             del teacher.cache[key]
@@ -339,14 +385,15 @@ def run_student(spec: RunSpec, plan: DemoPlan, stack: dict[str, str], root: str,
     evaluation = _evaluate(str(folder), _WORKER["records"], plan)
     return {
         "name": spec.name, "group": spec.group, "train_seed": spec.train_seed, "output_dir": str(folder),
-        "overrides": overrides, "train_seconds": seconds,
+        "init": init, "steps": steps, "overrides": overrides, "train_seconds": seconds,
         "eval_ce_loss": _validation_ce(str(folder), _WORKER["validation"], _WORKER["tokenizer"]),
-        "final_train_ce_loss": _history_mean(history[-2:], "ce_loss"),
+        "final_train_ce_loss": _history_mean([e for e in history if "loss" in e][-1:], "ce_loss"),
         "ea_weight_mean": _history_mean(history, "ea_weight_mean"),
         "ea_weight_min": _history_mean(history, "ea_weight_min", min),
         "ea_effective_scale": _history_mean(history, "ea_effective_scale"),
         "generation_time_share": _history_mean(history, "generation_time_share"),
         "generated_length": _history_mean(history, "generated_length"),
+        "learning_curve": [(int(e["step"]), float(e["eval_ce_loss"])) for e in history if "eval_ce_loss" in e],
         "rougeL": evaluation["rougeL"], "exact_match": evaluation["exact_match"],
         "per_example": evaluation["per_example"],
         "log_history": history,
@@ -397,11 +444,10 @@ def check_output_dir(output_dir: str | os.PathLike[str]) -> None:
             return
 
 
-def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | None = None,
+def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | None = None, full: bool = False,
              ablation: bool = True) -> dict[str, Any]:
-    """Run the whole study (see the module docstring) and return what ``results.json`` holds."""
-    import multiprocessing
-
+    """Run the headline study, or with ``full`` the full one (see the module docstring), and return what
+    ``results.json`` holds. ``ablation=False`` leaves the full study's ablation out."""
     check_output_dir(output_dir)
 
     from tqdm.auto import tqdm
@@ -409,9 +455,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
     from .demo_report import assemble_results, write_markdown, write_plots
     from .study import machine_description
 
-    plan = QUICK if quick else FULL
-    if not ablation:
-        plan = replace(plan, ablation_taus=(), ablation_ratios=())
+    plan = QUICK if quick else DEFAULT
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / "demo.log"
@@ -423,77 +467,116 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
     def say(text: str) -> None:
         print(text, file=console, flush=True)
 
-    runs = [spec for spec in plan_runs(plan) if ablation or spec.group == "main"]
-    say(f"eakd-llm demo: {len(runs)} student runs ({len(METHODS)} methods x {len(plan.train_seeds)} training seeds + "
-        f"{len(runs) - len(METHODS) * len(plan.train_seeds)} ablation runs), {plan.student_steps} steps each, "
-        f"{workers} worker process(es); library output -> {log_path}")
+    runs = [spec for spec in plan_runs(plan, full) if ablation or spec.group == "main"]
+    methods = study_methods(full)
+    extra = len(runs) - len(methods) * len(plan.train_seeds)
+    say(f"eakd-llm demo{' --full' if full else ''}: {len(runs)} student runs ({len(methods)} methods x "
+        f"{len(plan.train_seeds)} training seeds{f' + {extra} ablation runs' if extra else ''}), {plan.student_steps} "
+        f"steps each{f' ({plan.continue_steps} for the continued rows)' if full else ''}, {workers} worker "
+        f"process(es); library output -> {log_path}")
     with _output_to(log_path):
         stack = _prepare_stack(root, plan)
     say(f"  tiny stack ready ({root / 'stack'})")
-    with _output_to(log_path):
-        teacher_dir, teacher_seconds = _train_teacher(root, plan, stack)
-    say(f"  teacher SFT, {plan.teacher_steps} steps: "
-        + ("reusing the trained teacher" if teacher_seconds is None else f"{teacher_seconds:.0f} s"))
-    with _output_to(log_path):
-        cache = _build_teacher_cache(root, plan, stack, teacher_dir)
-    say(f"  teacher top-{cache['top_k']} cache: {cache['bytes_per_token']} B/token, "
-        f"{cache['disk_bytes'] / 2**20:.1f} MiB, {cache['build_seconds']:.0f} s")
-
-    settings = {"teacher_cache": cache["folder"]}
-    rows: list[dict[str, Any]] = []
-    teacher_eval: dict[str, Any] | None = None
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    total, finished = len(runs) + 1, 0
-    # One bar on a terminal; elsewhere (a log, CI) the numbered line of each finished run says the same.
-    bar = tqdm(total=total, desc="demo runs", unit="run", file=console, dynamic_ncols=True,
-               disable=not console.isatty())
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
-                             initargs=(str(log_path), teacher_dir, stack, plan, threads)) as pool:
-        pending: dict[Future, RunSpec | None] = {}
-        waiting = [spec for spec in runs if spec.name in SCALE_SOURCE]
-        # Longest first (generation), then the runs others wait for, then the rest.
-        order = sorted((s for s in runs if s not in waiting),
-                       key=lambda s: (0 if "on-policy" in s.name else 1 if s.name in SCALE_SOURCE.values() else 2))
-        for spec in order:
-            pending[pool.submit(run_student, spec, plan, stack, str(root), teacher_dir, settings)] = spec
-        pending[pool.submit(_evaluate_teacher, teacher_dir, plan)] = None
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                spec = pending.pop(future)
-                result = future.result()
-                bar.update(1)
-                finished += 1
-                if spec is None:
-                    teacher_eval = result
-                    bar.write(f"  [{finished}/{total}] {'Teacher (SFT)':<36} evaluated: ROUGE-L "
-                              f"{result['rougeL']['mean']:.1f}", file=console)
-                    console.flush()
-                    continue
-                rows.append(result)
-                bar.write(f"  [{finished}/{total}] {spec.name:<36} seed {spec.train_seed}  "
-                          f"{result['train_seconds']:5.1f} s  validation CE {result['eval_ce_loss']:.3f}  "
-                          f"ROUGE-L {result['rougeL']['mean']:.1f}", file=console)
-                console.flush()
-                for other in [w for w in waiting if SCALE_SOURCE[w.name] == spec.name
-                              and w.train_seed == spec.train_seed]:
-                    waiting.remove(other)
-                    measured = {**settings, "kd_scale": result["ea_effective_scale"]}
-                    pending[pool.submit(run_student, other, plan, stack, str(root), teacher_dir, measured)] = other
-    bar.close()
+    done = _run_pool(runs, plan, stack, root, workers, log_path, console, tqdm)
+    teacher_dir = str(root / "teacher-sft")
 
     say(f"  writing results.json, results.md and plots to {root}")
     with _output_to(log_path):
-        stats = _entropy_statistics(root, plan, stack, teacher_dir, rows)
-    results = assemble_results(plan, rows, teacher_eval, teacher_dir, teacher_seconds, cache, machine_description(),
-                               time.perf_counter() - started)
+        stats = _entropy_statistics(root, plan, stack, teacher_dir, done["rows"])
+    results = assemble_results(plan, done["rows"], done["teacher_eval"], teacher_dir, done["teacher_seconds"],
+                               done["cache"], machine_description(), time.perf_counter() - started, full)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     with _output_to(log_path):
-        write_plots(results, rows, stats, root)
+        write_plots(results, done["rows"], stats, root)
     text = write_markdown(results, root / "results.md")
     say(text)
     return results
+
+
+def _needs(spec: RunSpec) -> set[str]:
+    """What must be finished before a run starts: the teacher (or its cache), and the same seed's run of the method
+    it depends on (:func:`depends_on`)."""
+    overrides = dict(spec.overrides)
+    needs = set()
+    if overrides.get("kd_ratio", 0.0) > 0:
+        needs.add("cache" if "teacher_cache" in overrides else "teacher")
+    source = depends_on(spec.name)
+    if source:
+        needs.add(f"{source}#{spec.train_seed}")
+    return needs
+
+
+def _run_pool(runs: list[RunSpec], plan: DemoPlan, stack: dict[str, str], root: Path, workers: int, log_path: Path,
+              console, tqdm) -> dict[str, Any]:
+    """The teacher's SFT, its cache when a run needs one, its evaluation and every student run on the worker pool.
+    A run starts as soon as what it needs (:func:`_needs`) is finished, so runs without a teacher (SFT) train beside
+    the teacher's SFT; a dependent run gets its source's measured scale or trained weights."""
+    import multiprocessing
+
+    teacher_dir = str(root / "teacher-sft")
+    out: dict[str, Any] = {"rows": [], "teacher_eval": None, "teacher_seconds": None, "cache": None}
+    settings: dict[str, Any] = {}
+    finished: dict[str, dict[str, Any] | None] = {}
+    needs_cache = any("teacher_cache" in dict(spec.overrides) for spec in runs)
+    total, count = len(runs) + 2 + needs_cache, 0
+    # One bar on a terminal; elsewhere (a log, CI) the numbered line of each finished task says the same.
+    bar = tqdm(total=total, desc="demo runs", unit="run", file=console, dynamic_ncols=True,
+               disable=not console.isatty())
+    sources = {depends_on(spec.name) for spec in runs} - {None}
+    waiting = list(runs)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(str(log_path), stack, plan, threads)) as pool:
+        pending: dict[Future, RunSpec | str] = {pool.submit(_train_teacher, root, plan, stack): "teacher"}
+
+        def submit_ready() -> None:
+            # the runs others wait for first, then the rest in plan order
+            ready = sorted((s for s in waiting if _needs(s) <= finished.keys()), key=lambda s: s.name not in sources)
+            for spec in ready:
+                waiting.remove(spec)
+                given = dict(settings)
+                source = depends_on(spec.name)
+                if source:
+                    row = finished[f"{source}#{spec.train_seed}"]
+                    given.update({"kd_scale": row["ea_effective_scale"]} if spec.name in SCALE_SOURCE
+                                 else {"init_dir": row["output_dir"]})
+                pending[pool.submit(run_student, spec, plan, stack, str(root), teacher_dir, given)] = spec
+
+        submit_ready()
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                tag = pending.pop(future)
+                result = future.result()
+                bar.update(1)
+                count += 1
+                if tag == "teacher":
+                    out["teacher_seconds"] = result[1]
+                    line = f"teacher SFT, {plan.teacher_steps} steps: " + (
+                        "reusing the trained teacher" if result[1] is None else f"{result[1]:.0f} s")
+                    finished["teacher"] = None
+                    if needs_cache:
+                        pending[pool.submit(_build_teacher_cache, root, plan, stack, teacher_dir)] = "cache"
+                    pending[pool.submit(_evaluate_teacher, teacher_dir, plan)] = "teacher-eval"
+                elif tag == "cache":
+                    out["cache"] = result
+                    settings["teacher_cache"] = result["folder"]
+                    finished["cache"] = None
+                    line = (f"teacher top-{result['top_k']} cache: {result['bytes_per_token']} B/token, "
+                            f"{result['disk_bytes'] / 2**20:.1f} MiB, {result['build_seconds']:.0f} s")
+                elif tag == "teacher-eval":
+                    out["teacher_eval"] = result
+                    line = f"{'Teacher (SFT)':<40} evaluated: ROUGE-L {result['rougeL']['mean']:.1f}"
+                else:
+                    out["rows"].append(result)
+                    finished[f"{tag.name}#{tag.train_seed}"] = result
+                    line = (f"{tag.name:<40} seed {tag.train_seed}  {result['train_seconds']:5.1f} s  validation CE "
+                            f"{result['eval_ce_loss']:.3f}  ROUGE-L {result['rougeL']['mean']:.1f}")
+                bar.write(f"  [{count}/{total}] {line}", file=console)
+                console.flush()
+                submit_ready()
+    bar.close()
+    return out
 
 
 def _entropy_statistics(root: Path, plan: DemoPlan, stack: dict[str, str], teacher_dir: str,
@@ -549,13 +632,16 @@ def demo_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="eakd-llm demo",
         description="A controlled multi-seed study of EA-KD on a tiny teacher/student pair (offline, CPU): SFT, KD, "
-        "KD x mean EA weight, EA-KD (token, normalised, sequence, on-policy, from a top-k cache), paired intervals and "
-        "verdicts, an ablation over tau' x kd_ratio. Writes results.json, results.md and PNG plots.",
+        "KD x EA's effective scale, EA-KD (token, normalised, sequence), learning curves, paired intervals and "
+        "verdicts. Writes results.json, results.md and PNG plots.",
     )
     parser.add_argument("--output-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
     parser.add_argument("--quick", action="store_true", help="a smoke test (one training seed, tiny sizes)")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: min(2, CPU count))")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the tau' x kd_ratio ablation")
+    parser.add_argument("--full", action="store_true",
+                        help="the full study: adds EA-KD from a teacher cache, on-policy continuations beside "
+                        "off-policy ones, and the one-seed tau' x kd_ratio ablation")
+    parser.add_argument("--no-ablation", action="store_true", help="with --full: skip the tau' x kd_ratio ablation")
     args = parser.parse_args(list(argv))
     if args.workers is not None and args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -568,9 +654,9 @@ def demo_main(argv) -> int:
         return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_demo(args.output_dir, quick=args.quick, workers=args.workers, ablation=not args.no_ablation)
+    run_demo(args.output_dir, quick=args.quick, workers=args.workers, full=args.full, ablation=not args.no_ablation)
     return 0
 
 
-__all__ = ["COMPARISONS", "FULL", "METHODS", "QUICK", "CachedTeacher", "DemoPlan", "RunSpec", "check_output_dir",
+__all__ = ["COMPARISONS", "DEFAULT", "METHODS", "QUICK", "CachedTeacher", "DemoPlan", "RunSpec", "check_output_dir",
            "demo_main", "plan_runs", "run_demo", "token_statistics"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .demo_plan import COMPARISONS, METHODS, ablation_points
+from .demo_plan import INIT_FROM, ON_POLICY, ablation_points, study_comparisons, study_methods
 from .study import paired_difference, seed_summary, stack_scores, verdict_line
 
 METRICS = {"rougeL": "ROUGE-L", "exact_match": "exact match"}
@@ -30,17 +30,27 @@ def _summary(values: list[float | None]) -> dict[str, Any] | None:
             "per_train_seed": values}
 
 
-def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, Any] | None, teacher_dir: str,
-                     teacher_seconds: float | None, cache: dict[str, Any], machine: str,
-                     total_seconds: float) -> dict[str, Any]:
-    """Everything ``results.json`` holds: per method its training seeds, per-seed numbers and spread; the paired
-    comparisons with intervals and verdicts; the ablation; the plan, machine and wall time."""
-    from dataclasses import asdict
+def _learning_curve(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Validation CE per token at each evaluated step: per training seed, and the mean over seeds (steps every seed
+    evaluated)."""
+    curves = [dict(r.get("learning_curve") or []) for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if not steps:
+        return None
+    per_seed = [[c[step] for step in steps] for c in curves]
+    return {"steps": steps, "mean": [float(np.mean(v)) for v in zip(*per_seed)], "per_train_seed": per_seed}
 
+
+def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, Any] | None, teacher_dir: str,
+                     teacher_seconds: float | None, cache: dict[str, Any] | None, machine: str,
+                     total_seconds: float, full: bool = False) -> dict[str, Any]:
+    """Everything ``results.json`` holds: per method its training seeds, per-seed numbers, spread and learning curve;
+    the paired comparisons with intervals and verdicts; the ablation; the plan, machine and wall time."""
+    from dataclasses import asdict
 
     seeds = list(plan.sampling_seeds)
     main = {name: sorted((r for r in rows if r["group"] == "main" and r["name"] == name),
-                         key=lambda r: r["train_seed"]) for name in METHODS}
+                         key=lambda r: r["train_seed"]) for name in study_methods(full)}
     methods: dict[str, Any] = {}
     if teacher_eval is not None:
         methods["Teacher (SFT)"] = {
@@ -54,6 +64,8 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
         entry: dict[str, Any] = {
             "train_seeds": [r["train_seed"] for r in runs],
             "overrides": runs[0]["overrides"],
+            "steps": runs[0].get("steps"),
+            "continues": INIT_FROM.get(name),
             "eval_ce_loss": _summary([r["eval_ce_loss"] for r in runs]),
             "train_seconds": _summary([r["train_seconds"] for r in runs]),
             "ea_weight_mean": _summary([r["ea_weight_mean"] for r in runs]),
@@ -62,7 +74,9 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
             "generation_time_share": _summary([r["generation_time_share"] for r in runs]),
             "generated_length": _summary([r["generated_length"] for r in runs]),
             "kd_scale": _summary([r["overrides"].get("kd_scale") for r in runs]),
+            "learning_curve": _learning_curve(runs),
             "per_run": [{"train_seed": r["train_seed"], "output_dir": r["output_dir"],
+                         **({"init_from": r["init"]} if name in INIT_FROM else {}),
                          **{m: {"mean": r[m]["mean"], "std_over_sampling_seeds": r[m]["std"],
                                 "per_sampling_seed": r[m]["per_seed"]} for m in METRICS}} for r in runs],
         }
@@ -71,7 +85,7 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
         methods[name] = entry
 
     comparisons = []
-    for a, b in COMPARISONS:
+    for a, b in study_comparisons(full):
         if not main.get(a) or not main.get(b):
             continue
         if [r["train_seed"] for r in main[a]] != [r["train_seed"] for r in main[b]]:
@@ -84,7 +98,7 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
 
     by_name = {r["name"]: r for r in rows if r["train_seed"] == plan.train_seeds[0]}
     ablation = []
-    for tau, ratio, normalize, name in ablation_points(plan):
+    for tau, ratio, normalize, name in ablation_points(plan) if any(r["group"] == "ablation" for r in rows) else ():
         row = by_name.get(name)
         if row is None:
             continue
@@ -97,6 +111,7 @@ def assemble_results(plan, rows: list[dict[str, Any]], teacher_eval: dict[str, A
                    "per_sampling_seed": row[m]["per_seed"]} for m in METRICS},
         })
     return {
+        "study": "full" if full else "headline",
         "plan": asdict(plan),
         "machine": machine,
         "total_seconds": total_seconds,
@@ -114,26 +129,58 @@ def _fmt(metric: dict[str, Any] | None, digits: int = 1) -> str:
     return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
 
 
+def _teacher_share(methods: dict[str, Any], name: str = "KD") -> str:
+    """A sentence giving the student's mean ROUGE-L as a share of the teacher's, or "" without both rows."""
+    teacher, row = methods.get("Teacher (SFT)"), methods.get(name)
+    if not teacher or not row or not teacher["rougeL"]["mean"] > 0:
+        return ""
+    return (f" The {name} student's mean ROUGE-L is {100 * row['rougeL']['mean'] / teacher['rougeL']['mean']:.0f}% "
+            "of the teacher's.")
+
+
+def _curve_lines(methods: dict[str, Any], continued: bool) -> list[str]:
+    """A table of the mean validation CE per step: the from-scratch rows, or the continued rows."""
+    curves = {name: row["learning_curve"] for name, row in methods.items()
+              if row.get("learning_curve") and bool(row.get("continues")) == continued}
+    if not curves:
+        return []
+    steps = sorted({step for curve in curves.values() for step in curve["steps"]})
+    lines = ["| step | " + " | ".join(curves) + " |", "|---" * (len(curves) + 1) + "|"]
+    for step in steps:
+        cells = []
+        for curve in curves.values():
+            values = dict(zip(curve["steps"], curve["mean"]))
+            cells.append(f"{values[step]:.3f}" if step in values else "–")
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> str:
     plan = results["plan"]
     train_seeds = ", ".join(str(s) for s in plan["train_seeds"])
     sampling = ", ".join(str(s) for s in plan["sampling_seeds"])
     cache = results["teacher_cache"]
+    methods = results["methods"]
+    full = results.get("study") == "full"
+    continued = (f" The continued rows start from the same seed's trained KD or EA-KD token student and train "
+                 f"{plan.get('continue_steps')} more steps (peak learning rate "
+                 f"{plan.get('continue_learning_rate', 0):g}): on-policy, or off-policy for the same number of steps."
+                 if full else "")
     lines = [
-        "# eakd-llm demo results",
+        f"# eakd-llm demo{' --full' if full else ''} results",
         "",
         f"Held-out synthetic test split ({results['num_test_records']} prompts), sampled at temperature 1 "
         f"(MiniLLM/DistiLLM protocol) with sampling seeds {sampling}. Every student: {plan['student_steps']} steps, "
         f"batch {plan['batch_size']}, trained once per training seed ({train_seeds}: the student's initialisation and "
-        f"the data order). ROUGE-L and exact match ×100: mean ± std over training seeds (each seed's score averaged "
-        f"over the prompts and sampling seeds). Machine: {results['machine']}. Total wall time: "
-        f"{results['total_seconds']:.0f} s.",
+        f"the data order).{continued} ROUGE-L and exact match ×100: mean ± std over training seeds (each seed's score "
+        f"averaged over the prompts and sampling seeds).{_teacher_share(methods)} Machine: {results['machine']}. "
+        f"Total wall time: {results['total_seconds']:.0f} s.",
         "",
         "| model | ROUGE-L | exact match | validation CE | mean EA weight w̄ | effective EA scale "
         "| train time per run (s) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, row in results["methods"].items():
+    for name, row in methods.items():
         if name == "Teacher (SFT)":
             seconds = "cached" if row["train_seconds"] is None else f"{row['train_seconds']:.0f}"
             lines.append(f"| {name} (std over sampling seeds) | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} "
@@ -146,6 +193,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             scale = f"kd_scale {_fmt(row['kd_scale'], 2)}"
         lines.append(f"| {name} | {_fmt(row['rougeL'])} | {_fmt(row['exact_match'])} | {_fmt(row['eval_ce_loss'], 3)} "
                      f"| {weight} | {scale} | {_fmt(row['train_seconds'], 0)} |")
+    curve = _curve_lines(methods, continued=False)
+    if curve:
+        lines += ["", "## Learning curves", "",
+                  "Validation cross-entropy per response token (the whole validation split) during training, mean "
+                  "over training seeds.", "", "![learning curves](learning_curves.png)", "", *curve]
+        more = _curve_lines(methods, continued=True)
+        if more:
+            lines += ["", "Continued rows (step 0: the trained student they start from):", "", *more]
     if results["comparisons"]:
         lines += [
             "",
@@ -166,11 +221,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             lines.append(f"| {c['name']} | {METRICS[c['metric']]} | {c['mean_diff']:+.2f} | "
                          f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] | {per_seed} | {c['verdict']} |")
         lines += ["", "Verdicts:", ""] + [f"- {c['line']}" for c in results["comparisons"]]
-    generation = [(n, r) for n, r in results["methods"].items() if r.get("generation_time_share")]
+    generation = [(n, r) for n, r in methods.items() if r.get("generation_time_share")]
     if generation:
         lines += ["", "## Cost of on-policy generation", ""]
         for name, row in generation:
-            off = results["methods"].get(name.replace(", on-policy λ=0.5", ""))
+            off = methods.get(name.replace(ON_POLICY, "off-policy"))
             slower = (f", {row['train_seconds']['mean'] / off['train_seconds']['mean']:.2f}× the off-policy run's "
                       f"time" if off and off.get("train_seconds") else "")
             lines.append(f"- {name}: generation took {100 * row['generation_time_share']['mean']:.0f}% of the "
@@ -248,22 +303,7 @@ def write_plots(results: dict[str, Any], rows: list[dict[str, Any]], stats: dict
         plt.close(fig)
         written.append("paired_differences.png")
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    first_seed = results["plan"]["train_seeds"][0]
-    for run in rows:
-        if run["group"] != "main" or run["train_seed"] != first_seed:
-            continue
-        points = [(e["step"], e["ce_loss"]) for e in run["log_history"] if "ce_loss" in e and "loss" in e]
-        if points:
-            ax.plot(*zip(*points), label=run["name"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy per token")
-    ax.set_title(f"Training curves, training seed {first_seed} (CE of the batch, generated batches included)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "loss_curves.png", dpi=120)
-    plt.close(fig)
-    written.append("loss_curves.png")
+    written += _plot_learning_curves(methods, folder, plt)
 
     import torch
 
@@ -287,3 +327,35 @@ def write_plots(results: dict[str, Any], rows: list[dict[str, Any]], stats: dict
     plt.close(fig)
     written.append("entropy_distributions.png")
     return written
+
+
+def _plot_learning_curves(methods: dict[str, Any], folder: Path, plt) -> list[str]:
+    """``learning_curves.png``: validation CE per token vs step, mean over training seeds per method (a second panel
+    for the continued rows of ``--full``, step 0 being the trained student they start from)."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    panels = [[(n, r) for n, r in methods.items() if r.get("learning_curve") and bool(r.get("continues")) == c]
+              for c in (False, True)]
+    panels = [p for p in panels if p]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for name, row in panel:
+            curve = row["learning_curve"]
+            ax.plot(curve["steps"], curve["mean"], marker="o", markersize=3, label=name,
+                    linestyle="--" if "KD ×" in name or "normalised" in name else "-")
+        ax.set_xlabel("step" + (" (continued)" if panel[0][1].get("continues") else ""))
+        ax.set_ylabel("validation CE per token (log scale)")
+        ax.set_yscale("log")  # the late differences between methods stay visible
+        for axis_format in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis_format(FormatStrFormatter("%g"))
+        ax.set_title("continued from the trained students" if panel[0][1].get("continues")
+                     else "from scratch", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Validation cross-entropy during training (mean over training seeds)")
+    fig.tight_layout()
+    fig.savefig(folder / "learning_curves.png", dpi=120)
+    plt.close(fig)
+    return ["learning_curves.png"]

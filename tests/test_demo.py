@@ -1,5 +1,5 @@
-"""``eakd-llm demo``: the plan, the per-example teacher cache, and ``--quick`` end to end (the files, rows, comparisons
-and console lines the README's main job promises)."""
+"""``eakd-llm demo``: the plan, the per-example teacher cache, and ``--quick --full`` end to end (the files, rows,
+learning curves, continued runs, comparisons and console lines the README's main job promises)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eakd_llm.demo import COMPARISONS, FULL, METHODS, QUICK, CachedTeacher, plan_runs
+from eakd_llm.demo import COMPARISONS, DEFAULT, METHODS, QUICK, CachedTeacher, plan_runs
+from eakd_llm.demo_plan import FULL_COMPARISONS, FULL_METHODS, INIT_FROM, depends_on
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,43 +46,97 @@ def test_cached_teacher_returns_the_same_hidden_states_per_example(tiny_stack):
     assert (cached.hits, cached.misses) == (1, 3)
 
 
+def test_precomputed_teacher_states_do_not_depend_on_the_batch_a_run_asks_in(tiny_stack):
+    from transformers import AutoModelForCausalLM
+
+    from eakd_llm.models import final_hidden_states
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
+    sequences = [[0, 5, 9, 12, 4], [0, 7, 8], [3, 3, 3, 3, 3, 3, 3], [0, 7, 8]]  # a repeat is stored once
+    cached = CachedTeacher(teacher)
+    cached.precompute(sequences, batch_size=3)
+    assert len(cached.cache) == 3 and cached.misses == 3  # batches [0, 1, 2] and [3]: the repeat is a hit
+    stored = {key: value.clone() for key, value in cached.cache.items()}
+    # asked again in other batch shapes (alone, beside a longer row): the very same tensors, nothing recomputed
+    for ids, mask in ((torch.tensor([[0, 7, 8]]), torch.ones(1, 3, dtype=torch.long)),
+                      (torch.tensor([[0, 7, 8, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3]]),
+                       torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7]))):
+        out = final_hidden_states(cached, input_ids=ids, attention_mask=mask)
+        for row in range(ids.shape[0]):
+            length = int(mask[row].sum())
+            assert torch.equal(out[row, :length], stored[ids[row, :length].numpy().tobytes()])
+    assert cached.misses == 3 and len(cached.cache) == 3
+    with torch.no_grad():  # and they are the teacher's states
+        direct = teacher(input_ids=torch.tensor([sequences[0]]), output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(stored[torch.tensor(sequences[0]).numpy().tobytes()], direct, atol=1e-5, rtol=1e-5)
+
+
 def test_the_plan_is_fixed_before_training():
-    runs = plan_runs(FULL)
+    headline = plan_runs(DEFAULT)
+    assert [(r.name, r.train_seed) for r in headline] == [(n, s) for s in DEFAULT.train_seeds for n in METHODS]
+    assert len(DEFAULT.train_seeds) >= 3 and {r.group for r in headline} == {"main"}
+    assert "on-policy" not in " ".join(METHODS) and "k-cache" not in " ".join(METHODS)  # both are --full rows
+    runs = plan_runs(DEFAULT, full=True)
+    assert set(headline) < set(runs)  # --full adds runs, it changes none
     main = [r for r in runs if r.group == "main"]
-    assert len(main) == len(METHODS) * len(FULL.train_seeds) and len(FULL.train_seeds) >= 3
-    assert {r.train_seed for r in main} == set(FULL.train_seeds)
+    assert len(main) == (len(METHODS) + len(FULL_METHODS)) * len(DEFAULT.train_seeds)
     ablation = [r for r in runs if r.group == "ablation"]
-    # tau' x kd_ratio x {raw, normalised}, less the two points that are main-comparison runs of the first seed
-    assert len(ablation) == len(FULL.ablation_taus) * len(FULL.ablation_ratios) * 2 - 2
+    # tau' x kd_ratio x {raw, normalised}, less the two points that are headline runs of the first seed
+    assert len(ablation) == len(DEFAULT.ablation_taus) * len(DEFAULT.ablation_ratios) * 2 - 2
+    assert {r.train_seed for r in ablation} == {DEFAULT.train_seeds[0]}
     assert len({r.slug for r in runs}) == len(runs)
     assert {a for a, _ in COMPARISONS} | {b for _, b in COMPARISONS} <= set(METHODS)
-    assert plan_runs(FULL) == runs  # nothing random, nothing picked after the fact
+    assert {a for a, _ in FULL_COMPARISONS} | {b for _, b in FULL_COMPARISONS} <= set(METHODS) | set(FULL_METHODS)
+    # every dependent run waits for a method of the same study; each on-policy continuation has an off-policy twin
+    # continuing the same trained student
+    for name in [*METHODS, *FULL_METHODS]:
+        assert depends_on(name) in (None, *METHODS)
+    on_policy = [n for n in INIT_FROM if "on-policy" in n]
+    assert on_policy and all(INIT_FROM[n.replace("on-policy λ=0.5", "off-policy")] == INIT_FROM[n] for n in on_policy)
+    assert plan_runs(DEFAULT, full=True) == runs  # nothing random, nothing picked after the fact
 
 
 @pytest.mark.slow
-def test_demo_quick_writes_results_table_comparisons_and_plots(tmp_path):
+def test_demo_quick_full_writes_results_curves_comparisons_and_plots(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-m", "eakd_llm.cli", "demo", "--quick", "--output-dir", str(out)],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, "-m", "eakd_llm.cli", "demo", "--quick", "--full", "--output-dir",
+                             str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:] + (out / "demo.log").read_text()[-4000:]
     # The console: stage lines and one line per finished run; the libraries' output went to the log.
     assert "teacher SFT" in result.stdout and "Tokenizing" not in result.stdout
-    assert f"[{len(plan_runs(QUICK)) + 1}/{len(plan_runs(QUICK)) + 1}]" in result.stdout
+    runs = plan_runs(QUICK, full=True)
+    tasks = len(runs) + 3  # and the teacher's SFT, its evaluation, its cache
+    assert f"[{tasks}/{tasks}]" in result.stdout and result.stdout.count(f"/{tasks}] ") == tasks
     assert "Tokenizing" in (out / "demo.log").read_text()
 
     results = json.loads((out / "results.json").read_text())
-    assert list(results["methods"]) == ["Teacher (SFT)", *METHODS]
-    for name, row in results["methods"].items():
+    methods = results["methods"]
+    assert results["study"] == "full" and list(methods) == ["Teacher (SFT)", *METHODS, *FULL_METHODS]
+    steps = list(range(0, QUICK.student_steps + 1, QUICK.eval_steps))
+    for name, row in methods.items():
         for metric in ("rougeL", "exact_match"):
             assert 0.0 <= row[metric]["mean"] <= 100.0
-        if name != "Teacher (SFT)":
-            assert row["train_seeds"] == list(QUICK.train_seeds)
-    scale = results["methods"]["KD × s_eff"]["kd_scale"]["mean"]
-    assert scale == pytest.approx(results["methods"]["EA-KD token"]["ea_effective_scale"]["mean"])  # measured
-    assert results["methods"]["KD, on-policy λ=0.5"]["generation_time_share"]["mean"] > 0
+        if name == "Teacher (SFT)":
+            continue
+        assert row["train_seeds"] == list(QUICK.train_seeds)
+        # the learning curve: validation CE at step 0 and every eval_steps, its last point the final validation CE
+        curve = row["learning_curve"]
+        assert curve["steps"] == (steps if name not in INIT_FROM else [0, QUICK.continue_steps])
+        assert curve["mean"][-1] == pytest.approx(row["eval_ce_loss"]["mean"], rel=1e-4)
+    scale = methods["KD × s_eff"]["kd_scale"]["mean"]
+    assert scale == pytest.approx(methods["EA-KD token"]["ea_effective_scale"]["mean"])  # measured
+    for name, source in INIT_FROM.items():
+        # a continued run starts from the same seed's trained student: its step-0 validation CE is that student's
+        assert methods[name]["learning_curve"]["mean"][0] == pytest.approx(
+            methods[source]["learning_curve"]["mean"][-1], rel=1e-4)
+        assert [r["init_from"] for r in methods[name]["per_run"]] == [r["output_dir"] for r in
+                                                                      methods[source]["per_run"]]
+        assert methods[name]["steps"] == QUICK.continue_steps
+    assert methods["KD, continued on-policy λ=0.5"]["generation_time_share"]["mean"] > 0
+    assert methods["KD, continued off-policy"]["generation_time_share"] is None
     names = {c["name"] for c in results["comparisons"]}
-    assert names == {f"{a} − {b}" for a, b in COMPARISONS}
+    assert names == {f"{a} − {b}" for a, b in COMPARISONS + FULL_COMPARISONS}
     for comparison in results["comparisons"]:
         assert set(comparison) >= {"name", "metric", "mean_diff", "ci_low", "ci_high", "verdict"}
         assert comparison["ci_low"] <= comparison["mean_diff"] <= comparison["ci_high"]
@@ -89,15 +144,15 @@ def test_demo_quick_writes_results_table_comparisons_and_plots(tmp_path):
     assert results["teacher_cache"]["bytes_per_token"] > 0
 
     table = (out / "results.md").read_text()
-    for name in results["methods"]:
+    for name in methods:
         assert f"| {name}" in table
-    assert "## Paired differences (A − B)" in table
+    assert "## Paired differences (A − B)" in table and "## Learning curves" in table
+    assert "| step | SFT | KD |" in table and "![learning curves](learning_curves.png)" in table
     assert any(f"→ {verdict}" in table for verdict in ("better", "worse", "not distinguishable at 95%"))
     assert "| τ′ | kd_ratio | weights |" in table
-    for plot in ("rougeL.png", "loss_curves.png", "entropy_distributions.png", "paired_differences.png"):
+    for plot in ("rougeL.png", "learning_curves.png", "entropy_distributions.png", "paired_differences.png"):
         assert (out / plot).stat().st_size > 5000
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
 
 
 def test_a_second_demo_run_reuses_the_trained_teacher(tiny_stack, tmp_path):
