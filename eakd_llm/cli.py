@@ -31,7 +31,11 @@ def train_main(argv: Sequence[str]) -> int:
         from .train import run_training
 
         config = load_recipe(argv[0], argv[1:])
-        run_training(config)
+        trainer = run_training(config)
+        # Leave together: every process waits for the others, then the process group is torn down before the
+        # interpreter exits (a rank leaving while another's gloo threads still run can abort it at shutdown).
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     except ConfigError as err:
         if debug:
             raise
