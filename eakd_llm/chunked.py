@@ -206,7 +206,7 @@ def fused_distillation_loss(
     elif teacher is None:
         raise ValueError(f"kd_ratio={settings.kd_ratio} needs a teacher (an LMHead or a SparseTeacher); kd_ratio 0 is "
                          "plain SFT")
-    vocab_size = _shared_vocab(student, teacher, vocab_size, settings)
+    vocab_size = _shared_vocab(student, teacher, vocab_size, labels)
     if isinstance(teacher, SparseTeacher):
         if teacher.ids.shape[0] != int(num_tokens):
             raise ValueError(f"teacher_sparse has {teacher.ids.shape[0]} tokens for {int(num_tokens)} loss positions")
@@ -255,15 +255,15 @@ def fused_distillation_loss(
 
 
 def _shared_vocab(student: LMHead, teacher: LMHead | SparseTeacher | None, vocab_size: int | None,
-                  settings: LossSettings) -> int:
-    """``V`` of the KD term, checked against both heads."""
+                  labels: torch.Tensor) -> int:
+    """``V`` of the KD term, checked against both heads (a teacher head is also checked against ``labels``)."""
     v_s = student.weight.shape[0]
     if not isinstance(teacher, LMHead):
         vocab_size = v_s if vocab_size is None else vocab_size
         if teacher is not None and not 2 <= vocab_size <= v_s:
             raise ValueError(f"vocab_size must be in [2, V_s = {v_s}], got {vocab_size}")
         return vocab_size
-    teacher.check("teacher", teacher.hidden.new_empty(teacher.hidden.shape[:2], dtype=torch.long))
+    teacher.check("teacher", labels)
     v_t = teacher.weight.shape[0]
     vocab_size = min(v_s, v_t) if vocab_size is None else vocab_size
     if not 2 <= vocab_size <= min(v_s, v_t):

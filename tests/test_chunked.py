@@ -572,6 +572,7 @@ def test_argument_errors_match_reference(bad):
         ({"student_softcap": 0.0}, "student_softcap"),
         ({"teacher_hidden": None}, "needs a teacher"),
         ({"labels": torch.zeros(B, T + 1, dtype=torch.long)}, "aligned with labels"),
+        ({"teacher_hidden": torch.zeros(B, T + 1, H_T)}, "teacher_hidden must be .* aligned with labels"),
         ({"student_hidden": torch.zeros(B, T, H_S + 1)}, "hidden size"),
         ({"teacher_weight": torch.zeros(V_T, H_T + 1)}, "hidden size"),
         ({"student_bias": torch.zeros(V_S + 1)}, "student_bias"),
