@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ConfigError
+from .config.eakd_config import ConfigError
 
 logger = logging.getLogger("eakd_llm")
 
@@ -24,11 +24,11 @@ def train_main(argv: Sequence[str]) -> int:
         print(f"usage: {TRAIN_USAGE}\n\nAny EAKDConfig key can be overridden; `eakd-llm config` lists them.")
         return 0 if argv else 2
     _setup_logging()
-    from .sharding import SaveError
+    from .models.sharding import SaveError
 
     try:
-        from .recipe import load_recipe
-        from .train import run_training
+        from .config.recipe import load_recipe
+        from .training.train import run_training
 
         config = load_recipe(argv[0], argv[1:])
         trainer = run_training(config)
@@ -55,7 +55,7 @@ _CACHE_FLAGS = {"--output": str, "--top-k": int, "--value-format": str, "--shard
 
 
 def cache_teacher_main(argv: Sequence[str]) -> int:
-    """Run the recipe's teacher once and write its top-k cache (see :mod:`eakd_llm.teacher_cache`)."""
+    """Run the recipe's teacher once and write its top-k cache (see :mod:`eakd_llm.teacher.cache`)."""
     argv = list(argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -85,8 +85,8 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
         for required in ("--output", "--top-k"):
             if required not in flags:
                 raise ConfigError(f"{required} is required: {CACHE_USAGE}")
-        from .recipe import load_recipe
-        from .teacher_cache import build_cache
+        from .config.recipe import load_recipe
+        from .teacher.cache import build_cache
 
         config = load_recipe(argv[0], rest)
         manifest = build_cache(
@@ -119,7 +119,7 @@ def prepare_tiny_main(argv: Sequence[str]) -> int:
     parser.add_argument("--num-test", type=int, default=200, help="test records")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial weights")
     args = parser.parse_args(list(argv))
-    from .synthetic import prepare_tiny_stack
+    from .studies.synthetic import prepare_tiny_stack
 
     paths = prepare_tiny_stack(
         args.output_dir,
@@ -135,7 +135,7 @@ def prepare_tiny_main(argv: Sequence[str]) -> int:
 
 def fetch_model_main(argv: Sequence[str]) -> int:
     """``NAME --output DIR``: a known name, hub id or .gguf file as a dense local checkpoint. Exit 2 on any error."""
-    from .fetch_model import DTYPES, KNOWN_MODELS, SOURCES
+    from .models.fetch import DTYPES, KNOWN_MODELS, SOURCES
 
     parser = argparse.ArgumentParser(
         prog="eakd-llm fetch-model",
@@ -154,7 +154,7 @@ def fetch_model_main(argv: Sequence[str]) -> int:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(list(argv))
     _setup_logging()
-    from .fetch_model import FetchError, fetch_model
+    from .models.fetch import FetchError, fetch_model
 
     try:
         folder = fetch_model(args.name, args.output, dtype=args.dtype, overwrite=args.overwrite,
@@ -170,38 +170,38 @@ def fetch_model_main(argv: Sequence[str]) -> int:
 
 def config_main(argv: Sequence[str]) -> int:
     """Print the config reference (the distillation keys; TrainingArguments keys are accepted too)."""
-    from .reference import config_reference_markdown
+    from .config.reference import config_reference_markdown
 
     print(config_reference_markdown())
     return 0
 
 
 def demo_main(argv: Sequence[str]) -> int:
-    from .demo import demo_main as run
+    from .studies.demo import demo_main as run
 
     return run(argv)
 
 
 def eval_main(argv: Sequence[str]) -> int:
-    from .evaluation import eval_main as run
+    from .evaluation.protocol import eval_main as run
 
     return run(argv)
 
 
 def prune_main(argv: Sequence[str]) -> int:
-    from .prune import prune_main as run
+    from .models.prune import prune_main as run
 
     return run(argv)
 
 
 def generate_data_main(argv: Sequence[str]) -> int:
-    from .teacher_data import generate_data_main as run
+    from .teacher.answers import generate_data_main as run
 
     return run(argv)
 
 
 def study_main(argv: Sequence[str]) -> int:
-    from .real_study import study_main as run
+    from .studies.real_study import study_main as run
 
     return run(argv)
 

@@ -19,7 +19,7 @@ Cases (``kd_ratio`` 0.5 unless noted; ``loss`` is the value of the step's loss, 
 
 * ``floor``: teacher backbone forward (hidden states only) + student SFT step with the model's own CE loss;
 * ``full/<div>/<ea>``: ``EAKDTrainer.compute_loss`` today: full logits of both models, CE + ``distillation_loss``;
-* ``fused/<div>/<ea>``: backbones only (last hidden states) + :func:`eakd_llm.chunked.fused_distillation_loss`;
+* ``fused/<div>/<ea>``: backbones only (last hidden states) + :func:`eakd_llm.loss.chunked.fused_distillation_loss`;
 * ``fused-compiled/...``: the same with ``compile=True`` (``torch.compile`` of the per-chunk maths); ``.../c256``: chunk
   size 256 instead of the preset's;
 * ``fused/<fkl|jsd>/no-ea/kd-only``: the fused path with ``kd_ratio=1``, no EA: the same loss as the peers;
@@ -229,8 +229,8 @@ def make_step(case: Case, preset: Preset, teacher, student, batch):
     import torch
     import torch.nn.functional as F
 
-    from eakd_llm.chunked import LMHead, fused_distillation_loss
-    from eakd_llm.losses import IGNORE_INDEX, LossSettings, distillation_loss, loss_denominator
+    from eakd_llm.loss.chunked import LMHead, fused_distillation_loss
+    from eakd_llm.loss.distillation import IGNORE_INDEX, LossSettings, distillation_loss, loss_denominator
 
     fwd = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1

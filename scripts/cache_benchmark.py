@@ -32,14 +32,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eakd_llm.study import machine_description  # noqa: E402
-from eakd_llm.teacher_cache import VALUE_FORMATS, bytes_per_token  # noqa: E402
+from eakd_llm.studies.statistics import machine_description  # noqa: E402
+from eakd_llm.teacher.cache import VALUE_FORMATS, bytes_per_token  # noqa: E402
 
 QWEN_VOCAB = 151_936
 
 
 def _config(stack: dict[str, str], out: Path, **overrides):
-    from eakd_llm.config import EAKDConfig
+    from eakd_llm.config.eakd_config import EAKDConfig
 
     values = dict(
         output_dir=str(out), model_name_or_path=stack["student"], teacher_model_name_or_path=stack["teacher"],
@@ -55,8 +55,8 @@ def train_once(stack_json: str, out: str, steps: int, cache: str | None, threads
     """Child process: one training run; prints its wall time and peak RSS as JSON."""
     import resource
 
-    from eakd_llm.train import prepare_run
-    from eakd_llm.trainer import EAKDTrainer
+    from eakd_llm.training.train import prepare_run
+    from eakd_llm.training.trainer import EAKDTrainer
 
     torch.set_num_threads(threads)
     stack = json.loads(stack_json)
@@ -87,8 +87,8 @@ def main() -> int:
         train_once(stack_json, out, int(steps), None if cache == "-" else cache, args.threads)
         return 0
 
-    from eakd_llm.synthetic import prepare_tiny_stack
-    from eakd_llm.teacher_cache import CacheManifest, build_cache
+    from eakd_llm.studies.synthetic import prepare_tiny_stack
+    from eakd_llm.teacher.cache import CacheManifest, build_cache
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="cache-bench-"))

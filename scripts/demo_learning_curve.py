@@ -1,10 +1,11 @@
-"""The measured learning curve behind the demo's plan (``eakd_llm/demo_plan.py``): how long must the students train?
+"""The measured learning curve behind the demo's plan (``eakd_llm/studies/demo_plan.py``): how long must the students
+train?
 
 Trains the demo's teacher (or reuses it from ``--output-dir``), then SFT, KD and EA-KD token students of one training
 seed for several step budgets, each with its own cosine schedule (what a plan with that budget would run), the
 validation CE every ``eval_steps`` steps, and at the end the demo's held-out ROUGE-L (same prompts, same sampling
 seeds). Prints a table (final validation CE, ROUGE-L and its share of the teacher's, seconds per step) and writes
-``learning_curve.json``. Sizes other than the step budgets are the demo's (:data:`eakd_llm.demo_plan.DEFAULT`).
+``learning_curve.json``. Sizes other than the step budgets are the demo's (:data:`eakd_llm.studies.demo_plan.DEFAULT`).
 
     PYTHONPATH=$PWD python scripts/demo_learning_curve.py --output-dir /tmp/demo-curve --budgets 160,300,450,600
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
-from eakd_llm.demo import (  # noqa: E402  (the project's root on the path first)
+from eakd_llm.studies.demo import (  # noqa: E402  (the project's root on the path first)
     _evaluate_teacher,
     _output_to,
     _prepare_stack,
@@ -33,7 +34,7 @@ from eakd_llm.demo import (  # noqa: E402  (the project's root on the path first
     _worker_init,
     run_student,
 )
-from eakd_llm.demo_plan import DEFAULT, METHODS, RunSpec  # noqa: E402
+from eakd_llm.studies.demo_plan import DEFAULT, METHODS, RunSpec  # noqa: E402
 
 
 def _run(spec: RunSpec, budget: int, plan, stack, root: str, teacher_dir: str) -> dict:

@@ -9,7 +9,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
-from eakd_llm.evaluation import eval_main  # noqa: E402
+from eakd_llm.evaluation.protocol import eval_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(eval_main(sys.argv[1:]))

@@ -55,7 +55,7 @@ def _losses(output_dir: Path) -> list[float]:
 def _loadable(output_dir: Path) -> str:
     """'ok' when the final save left a model (or adapter) and tokenizer that eakd-llm eval loads, else why not."""
     try:
-        from eakd_llm.evaluation import load_model_for_eval
+        from eakd_llm.evaluation.protocol import load_model_for_eval
 
         load_model_for_eval(str(output_dir), device="cpu")
         return "ok"
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
 
-    from eakd_llm.synthetic import prepare_tiny_stack
+    from eakd_llm.studies.synthetic import prepare_tiny_stack
 
     stack = prepare_tiny_stack(str(work / "tiny"), num_train=400, num_validation=40, num_test=40, vocab_size=512,
                                seed=0)

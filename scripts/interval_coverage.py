@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How often the demo's paired 95% intervals give a verdict: false verdicts when A and B do not differ, power when
-they do, on simulated studies with the demo's design (:func:`eakd_llm.study.simulate_scores`: training seeds x
-sampling seeds x prompts, prompts shared by all seeds).
+they do, on simulated studies with the demo's design (:func:`eakd_llm.studies.statistics.simulate_scores`: training
+seeds x sampling seeds x prompts, prompts shared by all seeds).
 
-Intervals compared: the one the demo uses (:func:`eakd_llm.study.paired_difference`, crossed-design t), a
+Intervals compared: the one the demo uses (:func:`eakd_llm.studies.statistics.paired_difference`, crossed-design t), a
 Satterthwaite t interval on the same variance estimate, a bootstrap of the crossed design (seeds resampled, one
 prompt resample shared by all of them) and the former two-stage bootstrap (prompts resampled afresh within each
 drawn seed, as if nested in it). Bootstraps use ``--num-bootstrap`` replicates.
@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eakd_llm.study import paired_difference, simulate_scores, t_quantile, verdict, verdict_rate  # noqa: E402
+from eakd_llm.studies.statistics import paired_difference, simulate_scores, t_quantile, verdict, verdict_rate  # noqa: E402
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "default: 3 seeds, prompt 3, seed 0.5, seed x prompt 3, sampling 10": {},

@@ -23,13 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eakd_llm.config import EAKDConfig  # noqa: E402
-from eakd_llm.data import DistillationCollator  # noqa: E402
-from eakd_llm.packing import padding_fraction  # noqa: E402
-from eakd_llm.study import machine_description  # noqa: E402
-from eakd_llm.synthetic import prepare_tiny_stack  # noqa: E402
-from eakd_llm.train import prepare_run  # noqa: E402
-from eakd_llm.trainer import EAKDTrainer  # noqa: E402
+from eakd_llm.config.eakd_config import EAKDConfig  # noqa: E402
+from eakd_llm.data.dataset import DistillationCollator  # noqa: E402
+from eakd_llm.data.packing import padding_fraction  # noqa: E402
+from eakd_llm.studies.statistics import machine_description  # noqa: E402
+from eakd_llm.studies.synthetic import prepare_tiny_stack  # noqa: E402
+from eakd_llm.training.train import prepare_run  # noqa: E402
+from eakd_llm.training.trainer import EAKDTrainer  # noqa: E402
 
 
 def step_seconds(trainer: EAKDTrainer, batches: list[dict[str, torch.Tensor]]) -> float:

@@ -32,7 +32,7 @@ ROWS = {
 
 
 def chat_data(folder: Path, num_train: int, seed: int) -> Path:
-    from eakd_llm.synthetic import generate_records
+    from eakd_llm.studies.synthetic import generate_records
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "train.jsonl", "w", encoding="utf-8") as handle:
@@ -46,7 +46,7 @@ def chat_data(folder: Path, num_train: int, seed: int) -> Path:
 def pruned_student(teacher: str, folder: Path, layers: int) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eakd_llm.prune import prune_layers, uniform_keep
+    from eakd_llm.models.prune import prune_layers, uniform_keep
 
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     prune_layers(model, uniform_keep(model.config.num_hidden_layers, layers)).save_pretrained(folder)
@@ -55,8 +55,8 @@ def pruned_student(teacher: str, folder: Path, layers: int) -> str:
 
 
 def run(row: str, overrides: dict, args, teacher: str, student: str, data: Path, root: Path) -> dict:
-    from eakd_llm.config import EAKDConfig
-    from eakd_llm.train import run_training
+    from eakd_llm.config.eakd_config import EAKDConfig
+    from eakd_llm.training.train import run_training
 
     config = EAKDConfig(
         output_dir=str(root / row.replace(" ", "_").replace(",", "")), model_name_or_path=student,
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
 
-    from eakd_llm.fetch_model import default_cache_dir, ensure_smollm2
-    from eakd_llm.study import machine_description
+    from eakd_llm.models.fetch import default_cache_dir, ensure_smollm2
+    from eakd_llm.studies.statistics import machine_description
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     teacher = str(ensure_smollm2(default_cache_dir()))

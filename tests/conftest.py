@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_stack(tmp_path_factory) -> dict[str, str]:
-    from eakd_llm.synthetic import prepare_tiny_stack
+    from eakd_llm.studies.synthetic import prepare_tiny_stack
 
     root = tmp_path_factory.mktemp("tiny")
     return prepare_tiny_stack(str(root), num_train=400, num_validation=40, num_test=40, vocab_size=512, seed=0)
@@ -56,7 +56,7 @@ CHAT_TEXTS = [
 def chatml_tokenizers(tmp_path_factory) -> dict[str, object]:
     """Tiny ChatML tokenizers (EOS ``<|im_end|>``): ``bos`` adds a BOS and its template writes it (Llama style),
     ``no_bos`` adds none (SmolLM2, Qwen)."""
-    from eakd_llm.synthetic import train_tokenizer
+    from eakd_llm.studies.synthetic import train_tokenizer
 
     return {
         name: train_tokenizer(CHAT_TEXTS * 20, vocab_size=400, chat_format="chatml", add_bos=name == "bos",

@@ -1,13 +1,13 @@
 """Keyword adapters for the loss tests: the test grids name every setting as a keyword (``divergence="jsd"``,
-``student_bias=...``); these build the :class:`~eakd_llm.losses.LossSettings` and :class:`~eakd_llm.chunked.LMHead`
-objects the loss functions take, so each test states only what it varies."""
+``student_bias=...``); these build the :class:`~eakd_llm.loss.distillation.LossSettings` and
+:class:`~eakd_llm.loss.chunked.LMHead` objects the loss functions take, so each test states only what it varies."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from eakd_llm.chunked import LMHead, fused_distillation_loss
-from eakd_llm.losses import DEFAULT_ENTROPY_TEMPERATURE, LossSettings, distillation_loss
+from eakd_llm.loss.chunked import LMHead, fused_distillation_loss
+from eakd_llm.loss.distillation import DEFAULT_ENTROPY_TEMPERATURE, LossSettings, distillation_loss
 
 SETTING_NAMES = {f.name for f in fields(LossSettings)}
 

@@ -1,8 +1,8 @@
-"""Exactness tests for :func:`eakd_llm.chunked.fused_distillation_loss` against the full-logits reference.
+"""Exactness tests for :func:`eakd_llm.loss.chunked.fused_distillation_loss` against the full-logits reference.
 
 The reference materialises the logits ``hidden @ weight.T + bias`` (then scale/softcap) of both models and runs plain
-autograd through ``F.cross_entropy`` (sum / N) and :func:`eakd_llm.losses.distillation_loss`, which is itself tested
-against independent float64 references in ``test_losses.py``.
+autograd through ``F.cross_entropy`` (sum / N) and :func:`eakd_llm.loss.distillation.distillation_loss`, which is itself
+tested against independent float64 references in ``test_losses.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from loss_helpers import fused_loss_kw as fused_distillation_loss
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import eakd_llm.chunked as chunked
-from eakd_llm.losses import loss_denominator
+import eakd_llm.loss.chunked as chunked
+from eakd_llm.loss.distillation import loss_denominator
 
 DIVS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 GRANS = ("token", "sequence")
@@ -201,7 +201,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
     monkeypatch.setattr(chunked, "_compiled_chunk_terms", broken)
     inputs = make_inputs(seed=5)
     kwargs = dict(kd_ratio=0.5, divergence="fkl", ea_granularity="token", chunk_size=6)
-    with caplog.at_level("WARNING", logger="eakd_llm.chunked"):
+    with caplog.at_level("WARNING", logger="eakd_llm.loss.chunked"):
         assert_matches_reference(inputs, compile=True, **kwargs)
         assert_matches_reference(inputs, compile=True, **kwargs)
     assert len(calls) == 1  # tried once, then eager for the process

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.recipe import build_config, load_recipe, parse_overrides, read_yaml
-from eakd_llm.reference import REFERENCE_BEGIN, REFERENCE_DOC, REFERENCE_END, config_reference_markdown
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.config.recipe import build_config, load_recipe, parse_overrides, read_yaml
+from eakd_llm.config.reference import REFERENCE_BEGIN, REFERENCE_DOC, REFERENCE_END, config_reference_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_validate_for_training_requires_paths(tmp_path):
 def test_every_distillation_field_has_help():
     import dataclasses
 
-    from eakd_llm.reference import distillation_fields
+    from eakd_llm.config.reference import distillation_fields
 
     fields = distillation_fields()
     assert len(fields) >= 30
@@ -218,7 +218,7 @@ def test_docs_embed_the_generated_config_reference():
     page = (REPO / REFERENCE_DOC).read_text(encoding="utf-8")
     start, end = page.index(REFERENCE_BEGIN) + len(REFERENCE_BEGIN), page.index(REFERENCE_END)
     assert page[start:end].strip() == config_reference_markdown().strip(), (
-        f"{REFERENCE_DOC} is stale: regenerate it with `python -m eakd_llm.reference` from the repository root"
+        f"{REFERENCE_DOC} is stale: regenerate it with `python -m eakd_llm.config.reference` from the repository root"
     )
 
 

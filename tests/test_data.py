@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.data import (
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.data.dataset import (
     PROMPT_TEMPLATE_NO_CONTEXT,
     DistillationCollator,
     build_dataset,
@@ -16,8 +16,8 @@ from eakd_llm.data import (
     load_split,
     tokenize_example,
 )
-from eakd_llm.losses import IGNORE_INDEX
-from eakd_llm.synthetic import train_tokenizer
+from eakd_llm.loss.distillation import IGNORE_INDEX
+from eakd_llm.studies.synthetic import train_tokenizer
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -193,8 +193,8 @@ def test_end_of_turn_that_is_not_eos_and_templates_without_one(tmp_path, chatml_
 
     import datasets
 
-    from eakd_llm.generation import end_token_ids
-    from eakd_llm.prompts import chat_end_token_id
+    from eakd_llm.data.prompts import chat_end_token_id
+    from eakd_llm.models.generation import end_token_ids
 
     tok = copy.deepcopy(chatml_tokenizers["no_bos"])
     tok.eos_token = "</s>"
@@ -321,7 +321,7 @@ def test_exclude_eval_prompts_drops_training_records_whose_prompt_is_evaluated(t
     config = _config(tmp_path, dataset_format="instruction", context_column="context",
                      exclude_eval_prompts=[str(raw_eval), str(processed_eval)], max_length=64)
     raw = load_split(config.dataset_name, "train")
-    with caplog.at_level("WARNING", logger="eakd_llm.data"):
+    with caplog.at_level("WARNING", logger="eakd_llm.data.dataset"):
         kept = build_dataset(raw, config, tokenizer)
     assert len(kept) == 2  # "uppercase/apple" and "say hello" are evaluation prompts; the banana one is not
     responses = sorted(tokenizer.decode(_decode_response(tokenizer, ex), skip_special_tokens=True).strip()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from eakd_llm.demo import COMPARISONS, DEFAULT, METHODS, QUICK, CachedTeacher, plan_runs
-from eakd_llm.demo_plan import FULL_COMPARISONS, FULL_METHODS, INIT_FROM, depends_on
+from eakd_llm.studies.demo import COMPARISONS, DEFAULT, METHODS, QUICK, CachedTeacher, plan_runs
+from eakd_llm.studies.demo_plan import FULL_COMPARISONS, FULL_METHODS, INIT_FROM, depends_on
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_cached_teacher_returns_the_same_hidden_states_per_example(tiny_stack):
     from transformers import AutoModelForCausalLM
 
-    from eakd_llm.models import final_hidden_states
+    from eakd_llm.models.loading import final_hidden_states
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
     cached = CachedTeacher(teacher)
@@ -49,7 +49,7 @@ def test_cached_teacher_returns_the_same_hidden_states_per_example(tiny_stack):
 def test_precomputed_teacher_states_do_not_depend_on_the_batch_a_run_asks_in(tiny_stack):
     from transformers import AutoModelForCausalLM
 
-    from eakd_llm.models import final_hidden_states
+    from eakd_llm.models.loading import final_hidden_states
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"]).eval()
     sequences = [[0, 5, 9, 12, 4], [0, 7, 8], [3, 3, 3, 3, 3, 3, 3], [0, 7, 8]]  # a repeat is stored once
@@ -158,7 +158,7 @@ def test_demo_quick_full_writes_results_curves_comparisons_and_plots(tmp_path):
 def test_a_second_demo_run_reuses_the_trained_teacher(tiny_stack, tmp_path):
     from dataclasses import replace
 
-    from eakd_llm.demo import _train_teacher
+    from eakd_llm.studies.demo import _train_teacher
 
     plan = replace(QUICK, teacher_steps=3, num_train=400)
     root = tmp_path / "demo"
@@ -174,8 +174,8 @@ def test_a_second_demo_run_reuses_the_trained_teacher(tiny_stack, tmp_path):
 def test_results_md_names_the_interval_method_the_comparisons_used(tmp_path):
     import numpy as np
 
-    from eakd_llm.demo_report import write_markdown
-    from eakd_llm.study import paired_difference, verdict_line
+    from eakd_llm.studies.demo_report import write_markdown
+    from eakd_llm.studies.statistics import paired_difference, verdict_line
 
     rng = np.random.default_rng(0)
     b = rng.normal(20, 5, size=(3, 2, 40))
@@ -192,7 +192,7 @@ def test_results_md_names_the_interval_method_the_comparisons_used(tmp_path):
 
 
 def test_demo_refuses_an_output_dir_that_is_a_file_in_one_line(tmp_path, capsys, monkeypatch):
-    import eakd_llm.demo as demo
+    import eakd_llm.studies.demo as demo
     from eakd_llm.cli import main
 
     started = []

@@ -19,7 +19,7 @@ import torch
 from conftest import run_with_a_free_port
 from safetensors.torch import load_file
 
-from eakd_llm.sharding import check_saved_model
+from eakd_llm.models.sharding import check_saved_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -13,9 +13,11 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.data import build_dataset, format_instruction_prompt, prompt_length
-from eakd_llm.evaluation import (
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.data.dataset import build_dataset, format_instruction_prompt, prompt_length
+from eakd_llm.data.prompts import load_split
+from eakd_llm.evaluation.metrics import ROUGE_L_METRIC_PATH
+from eakd_llm.evaluation.protocol import (
     BENCHMARKS,
     DEFAULT_SEEDS,
     EvalRecord,
@@ -33,8 +35,6 @@ from eakd_llm.evaluation import (
     normalize_answer,
     score,
 )
-from eakd_llm.metrics import ROUGE_L_METRIC_PATH
-from eakd_llm.prompts import load_split
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"max_new_tokens": 8, "batch_size": 4}
@@ -108,7 +108,7 @@ def test_rouge_l_module_through_evaluate_matches_rouge_score():
 
 
 def test_hf_cache_honours_hf_home_else_falls_back_to_a_writable_folder(monkeypatch, tmp_path):
-    from eakd_llm import evaluation
+    from eakd_llm.evaluation import protocol as evaluation
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "mine"))
     assert evaluation._hf_home() == str(tmp_path / "mine")
@@ -405,7 +405,7 @@ def test_generation_stops_and_cuts_at_every_end_token_of_the_generation_config(s
     <|endoftext|>): generation must stop and cut at any of them, not only at the tokenizer's EOS."""
     from transformers import AutoModelForCausalLM
 
-    from eakd_llm.generation import end_token_ids, generate_token_ids
+    from eakd_llm.models.generation import end_token_ids, generate_token_ids
 
     model, tokenizer = student
     prompts = [encode_prompt(tokenizer, r.prompt, 256) for r in records[:4]]
@@ -519,7 +519,7 @@ def test_instruction_prompt_is_the_training_prompt(tiny_stack, student):
 def test_predictions_record_how_generation_ended(student, records, tmp_path):
     """Each prediction keeps its raw text (end token included), whether an end id stopped it and how many tokens it
     generated; results report the stopped share. One end id is a token some greedy responses emit and others not."""
-    from eakd_llm.generation import generate_token_ids
+    from eakd_llm.models.generation import generate_token_ids
 
     model, tokenizer = student
     prompts = [encode_prompt(tokenizer, r.prompt, 256) for r in records]
@@ -624,7 +624,7 @@ def test_eval_main_end_to_end(tiny_stack, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def chatml_model(chatml_tokenizers, tmp_path_factory) -> str:
-    from eakd_llm.synthetic import save_tiny_model
+    from eakd_llm.studies.synthetic import save_tiny_model
 
     folder = tmp_path_factory.mktemp("chatml-model")
     save_tiny_model("student", folder, chatml_tokenizers["no_bos"], seed=0)

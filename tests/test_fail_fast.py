@@ -10,7 +10,7 @@ import yaml
 from transformers import LlamaForCausalLM
 
 from eakd_llm.cli import train_main
-from eakd_llm.synthetic import tiny_llama_config, train_tokenizer
+from eakd_llm.studies.synthetic import tiny_llama_config, train_tokenizer
 
 
 def _recipe(tiny_stack, tmp_path: Path, **changes) -> Path:
@@ -65,7 +65,7 @@ def _other_tokenizer_model(tmp_path: Path) -> str:
 
 def _small_vocab_teacher(tiny_stack, tmp_path: Path) -> str:
     """Same tokenizer, but an output layer that cannot hold all of its tokens."""
-    from eakd_llm.models import load_tokenizer
+    from eakd_llm.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_stack["teacher"])
     folder = tmp_path / "small_teacher"
@@ -214,7 +214,7 @@ def test_bad_input_fails_fast_with_one_clear_line(tiny_stack, tmp_path, capsys, 
 
 
 def test_debug_flag_shows_the_traceback(tiny_stack, tmp_path):
-    from eakd_llm.config import ConfigError
+    from eakd_llm.config.eakd_config import ConfigError
 
     with pytest.raises(ConfigError, match="kd_ratio must be in"):
         train_main([str(_recipe(tiny_stack, tmp_path)), "--kd_ratio", "2", "--debug"])
@@ -225,8 +225,8 @@ def test_trainable_quantization_needs_lora(tiny_stack):
     full training, with use_peft as the way out, and accepted with it or under a PEFT wrapper."""
     from types import SimpleNamespace
 
-    from eakd_llm.config import ConfigError, EAKDConfig
-    from eakd_llm.models import apply_lora, check_trainable_student, load_causal_lm
+    from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+    from eakd_llm.models.loading import apply_lora, check_trainable_student, load_causal_lm
 
     model = load_causal_lm(tiny_stack["student"])
     check_trainable_student(model, use_peft=False)  # an ordinary student passes

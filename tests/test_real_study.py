@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from eakd_llm.config import ConfigError
-from eakd_llm.fidelity import chat_examples, teacher_forced_scores, top1_agreement
-from eakd_llm.losses import IGNORE_INDEX
-from eakd_llm.models import load_tokenizer
-from eakd_llm.prompts import EvalRecord, load_eval_records
-from eakd_llm.real_study import plan_cache, recipe_config, run_study, select_prompts, study_main
-from eakd_llm.real_study_plan import PRESETS, PRUNED, TEACHER, StudyPlan
-from eakd_llm.real_study_report import compare
+from eakd_llm.config.eakd_config import ConfigError
+from eakd_llm.data.prompts import EvalRecord, load_eval_records
+from eakd_llm.evaluation.fidelity import chat_examples, teacher_forced_scores, top1_agreement
+from eakd_llm.loss.distillation import IGNORE_INDEX
+from eakd_llm.models.loading import load_tokenizer
+from eakd_llm.studies.real_study import plan_cache, recipe_config, run_study, select_prompts, study_main
+from eakd_llm.studies.real_study_plan import PRESETS, PRUNED, TEACHER, StudyPlan
+from eakd_llm.studies.real_study_report import compare
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes" / "smollm2-135m_pruned"

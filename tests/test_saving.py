@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eakd_llm.sharding import SaveError, check_saved_model, save_final_model
+from eakd_llm.models.sharding import SaveError, check_saved_model, save_final_model
 
 
 def _saved(tiny_stack, folder, tokenizer: bool = True):

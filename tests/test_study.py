@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from eakd_llm.study import (
+from eakd_llm.studies.statistics import (
     paired_difference,
     seed_summary,
     simulate_scores,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from eakd_llm import synthetic
-from eakd_llm.synthetic import (
+from eakd_llm.studies import synthetic
+from eakd_llm.studies.synthetic import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
     ANTONYM_PAIRS,

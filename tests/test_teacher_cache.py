@@ -18,10 +18,10 @@ import torch
 from loss_helpers import distillation_loss_kw as distillation_loss
 from loss_helpers import fused_loss_kw as fused_distillation_loss
 
-import eakd_llm.teacher_cache as cache_module
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.losses import SparseTeacher, ea_weights, sparse_divergence
-from eakd_llm.teacher_cache import (
+import eakd_llm.teacher.cache as cache_module
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.loss.distillation import SparseTeacher, ea_weights, sparse_divergence
+from eakd_llm.teacher.cache import (
     CacheManifest,
     TeacherCache,
     build_cache,
@@ -32,8 +32,8 @@ from eakd_llm.teacher_cache import (
     encode_values,
     teacher_entries,
 )
-from eakd_llm.train import prepare_run
-from eakd_llm.trainer import EAKDTrainer
+from eakd_llm.training.train import prepare_run
+from eakd_llm.training.trainer import EAKDTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 DIVS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd")
@@ -101,8 +101,8 @@ def test_a_masked_token_with_k_equal_to_v_stays_finite_in_every_format(fmt):
 def test_nonfinite_cached_values_are_named_by_both_loss_paths():
     """A NaN in a cached entry (a corrupt or badly built cache) is caught before it trains: the full-logits path checks
     the entries first, the fused path names the cache when its loss is not finite."""
-    from eakd_llm.loss_paths import full_logits_loss, fused_head_loss
-    from eakd_llm.losses import LossSettings
+    from eakd_llm.loss.distillation import LossSettings
+    from eakd_llm.training.loss_paths import full_logits_loss, fused_head_loss
 
     torch.manual_seed(0)
     labels = torch.tensor([[-100, 1, 2, 3]])

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from eakd_llm.cli import main
-from eakd_llm.instruction_prompts import generate_prompt_set
-from eakd_llm.models import load_tokenizer
+from eakd_llm.models.loading import load_tokenizer
+from eakd_llm.studies.instruction_prompts import generate_prompt_set
 
 SYSTEM = "Be brief."
 
@@ -186,9 +186,9 @@ def test_missing_file_and_a_foreign_output_folder(tiny_stack, prompts, tmp_path,
 
 
 def test_records_train_and_evaluate(tiny_stack, prompts, tmp_path):
-    from eakd_llm.config import EAKDConfig
-    from eakd_llm.data import build_dataset, load_split
-    from eakd_llm.prompts import load_eval_records
+    from eakd_llm.config.eakd_config import EAKDConfig
+    from eakd_llm.data.dataset import build_dataset, load_split
+    from eakd_llm.data.prompts import load_eval_records
 
     path, _ = prompts
     out = tmp_path / "data"

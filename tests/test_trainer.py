@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from eakd_llm.config import ConfigError, EAKDConfig
-from eakd_llm.data import DistillationCollator
-from eakd_llm.losses import ea_weights, token_divergence
-from eakd_llm.models import check_tokenizers_match, load_tokenizer, shared_vocab_size
-from eakd_llm.synthetic import tiny_llama_config, train_tokenizer
-from eakd_llm.train import prepare_run, run_training
-from eakd_llm.trainer import EAKDTrainer
+from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
+from eakd_llm.data.dataset import DistillationCollator
+from eakd_llm.loss.distillation import ea_weights, token_divergence
+from eakd_llm.models.loading import check_tokenizers_match, load_tokenizer, shared_vocab_size
+from eakd_llm.studies.synthetic import tiny_llama_config, train_tokenizer
+from eakd_llm.training.train import prepare_run, run_training
+from eakd_llm.training.trainer import EAKDTrainer
 
 
 def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:
@@ -271,8 +271,8 @@ def test_fused_and_full_paths_agree_for_a_lora_student(tiny_stack, tmp_path):
 def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypatch, caplog):
     """Which sharded student heads the fused path takes: ZeRO-3 (here: flagged) trainable or frozen, FSDP2 only frozen.
     A trainable ZeRO-3 head is called as a module (its hooks gather and reduce); compile_loss reaches the loss."""
-    import eakd_llm.loss_paths as loss_paths_module
-    import eakd_llm.sharding as sharding_module
+    import eakd_llm.models.sharding as sharding_module
+    import eakd_llm.training.loss_paths as loss_paths_module
 
     trainer = _trainer(tiny_stack, tmp_path, kd_ratio=0.5, compile_loss=True)
     head = trainer.model.get_output_embeddings()
@@ -295,7 +295,7 @@ def test_sharded_student_heads_and_the_fused_path(tiny_stack, tmp_path, monkeypa
     monkeypatch.setattr(loss_paths_module, "fused_distillation_loss",
                         lambda *a, **k: (seen.update(k), original(*a, **{**k, "compile": False}))[1])
     batch = _batch(trainer)
-    with caplog.at_level("INFO", logger="eakd_llm.trainer"):
+    with caplog.at_level("INFO", logger="eakd_llm.training.trainer"):
         loss = trainer.compute_loss(trainer.model, batch)
     assert seen["compile"] is True and seen["chunk_size"] == trainer.args.loss_chunk_size
     assert "EA-KD loss path: fused chunked (chunk 1024, compiled, sharded heads gathered once per step)" in caplog.text
@@ -346,7 +346,7 @@ def test_data_parallel_token_count_is_collapsed(tiny_stack, tmp_path):
 
 
 def test_zero_loss_survives_empty_parameter_shards():
-    from eakd_llm.loss_paths import zero_loss
+    from eakd_llm.training.loss_paths import zero_loss
 
     model = torch.nn.Linear(3, 2)
     with torch.no_grad():

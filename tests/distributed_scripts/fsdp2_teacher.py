@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from eakd_llm.sharding import shard_teacher_fsdp2
+from eakd_llm.models.sharding import shard_teacher_fsdp2
 
 
 def main(teacher_dir: str, out_dir: str) -> None:

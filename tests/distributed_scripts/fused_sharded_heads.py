@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from eakd_llm.config import EAKDConfig
-from eakd_llm.loss_paths import fused_head_loss
-from eakd_llm.losses import LossSettings, loss_denominator
-from eakd_llm.models import model_inputs
-from eakd_llm.sharding import is_sharded, unwrap_causal_lm
-from eakd_llm.teacher_source import LiveTeacher
+from eakd_llm.config.eakd_config import EAKDConfig
+from eakd_llm.loss.distillation import LossSettings, loss_denominator
+from eakd_llm.models.loading import model_inputs
+from eakd_llm.models.sharding import is_sharded, unwrap_causal_lm
+from eakd_llm.teacher.source import LiveTeacher
+from eakd_llm.training.loss_paths import fused_head_loss
 
 
 def loss_and_grad(student, teacher, ids, labels, args, vocab):
@@ -63,7 +63,7 @@ def main(mode: str, student_dir: str, teacher_dir: str, out_dir: str) -> None:
 
     student, teacher = load(student_dir), load(teacher_dir).eval().requires_grad_(False)
     if mode == "zero3":
-        from eakd_llm.sharding import deepspeed_inference_engine
+        from eakd_llm.models.sharding import deepspeed_inference_engine
 
         ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 2,
                      "gradient_accumulation_steps": 1}
@@ -73,7 +73,7 @@ def main(mode: str, student_dir: str, teacher_dir: str, out_dir: str) -> None:
             deepspeed_config={"zero_optimization": {"stage": 3}})))
         teacher = deepspeed_inference_engine(teacher, accelerator, args)
     else:
-        from eakd_llm.sharding import shard_teacher_fsdp2
+        from eakd_llm.models.sharding import shard_teacher_fsdp2
 
         student, teacher = shard_teacher_fsdp2(student), shard_teacher_fsdp2(teacher)
     heads = [unwrap_causal_lm(m).get_output_embeddings() for m in (student, teacher)]

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from eakd_llm.generation import GenerationSettings, generate_token_ids
-from eakd_llm.sharding import gathered_for_generation, parameter_elements, shard_teacher_fsdp2
+from eakd_llm.models.generation import GenerationSettings, generate_token_ids
+from eakd_llm.models.sharding import gathered_for_generation, parameter_elements, shard_teacher_fsdp2
 
 
 def main(mode: str, student_dir: str, out_dir: str) -> None:

@@ -10,8 +10,8 @@ import deepspeed
 import torch
 from transformers import AutoModelForCausalLM
 
-from eakd_llm.config import EAKDConfig
-from eakd_llm.sharding import deepspeed_inference_engine
+from eakd_llm.config.eakd_config import EAKDConfig
+from eakd_llm.models.sharding import deepspeed_inference_engine
 
 
 def main(teacher_dir: str, out_dir: str) -> None:

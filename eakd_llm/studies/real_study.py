@@ -1,0 +1,565 @@
+"""``eakd-llm study RECIPE_DIR``: distil a real teacher into its own pruned copy and score fidelity to the teacher.
+
+One command, every step resumable (a second run with the same plan reuses what is finished):
+
+1. fetch SmolLM2-135M-Instruct (:func:`eakd_llm.models.fetch.ensure_smollm2`, the pinned offline copy) into the cache
+   folder; ``DIR/teacher`` links to it;
+2. the prompts: the project's instruction set (:mod:`eakd_llm.studies.instruction_prompts`, or ``--prompts``), the first
+   ``num_train`` training and ``num_test`` test prompts (test prompts are unseen in training);
+3. the teacher's greedy answers as chat records (:mod:`eakd_llm.teacher.answers`) in ``DIR/data``; answers that ran
+   out of budget are left out unless ``--keep-truncated``;
+4. the student: the teacher pruned by block influence to ``num_layers`` layers (:mod:`eakd_llm.models.prune`),
+   calibrated on the training conversations, in ``DIR/student-pruned``;
+5. the teacher's top-k cache (:func:`eakd_llm.teacher.cache.build_cache`) when it costs fewer teacher forwards than
+   the KD runs would make live (``--teacher-cache auto``);
+6. every recipe of ``RECIPE_DIR`` trained once per training seed (paths in the recipes are relative to ``DIR``);
+7. every model scored on the test prompts against the teacher's answers (:mod:`eakd_llm.evaluation.fidelity`: CE, top-1
+   agreement, ROUGE-L of greedy answers, stopped share), with rows for the teacher and the untrained pruned student,
+   paired differences with 95% intervals and verdicts (:mod:`eakd_llm.studies.statistics`), the time of every step;
+   ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..config.eakd_config import ConfigError
+from .real_study_plan import PRESETS, PRUNED, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
+
+logger = logging.getLogger(__name__)
+
+PATH_KEYS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_name_or_path", "dataset_name",
+             "teacher_cache")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preparation: recipes, plan, prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def find_recipes(recipe_dir: str) -> dict[str, Path]:
+    """``{name: path}`` of the ``*.yaml`` recipes of a folder, the name being the file's stem."""
+    folder = Path(recipe_dir)
+    if not folder.is_dir():
+        raise ConfigError(f"RECIPE_DIR {recipe_dir!r} is not a folder of recipe .yaml files")
+    recipes = {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+    if not recipes:
+        raise ConfigError(f"RECIPE_DIR {recipe_dir!r} holds no .yaml recipe")
+    return recipes
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _bind_plan(root: Path, plan: StudyPlan, prompts_sha: str) -> None:
+    """``plan.json``, or a one-line refusal when the folder was made with another plan (seeds may differ)."""
+    wanted = {"plan": asdict(plan), "prompts_sha256": prompts_sha}
+    path = root / "plan.json"
+    if path.exists():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        if have != wanted:
+            keys = [k for k in wanted["plan"] if have.get("plan", {}).get(k) != wanted["plan"][k]]
+            keys += ["the prompt set"] if have.get("prompts_sha256") != prompts_sha else []
+            raise ConfigError(f"--output-dir {str(root)!r} holds a study with another plan ({', '.join(keys)} "
+                              "differ); use another --output-dir")
+        return
+    path.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+
+
+def select_prompts(records: Sequence[dict[str, Any]], plan: StudyPlan) -> list[dict[str, Any]]:
+    """The first ``num_train`` training and ``num_test`` test prompts, in file order (validation is not used)."""
+    chosen = []
+    for split, count in (("train", plan.num_train), ("test", plan.num_test)):
+        rows = [r for r in records if r.get("split", "train") == split]
+        if len(rows) < (2 if split == "test" else 1):
+            raise ConfigError(f"the prompt set has {len(rows)} {split} prompts; the study needs "
+                              f"{'two' if split == 'test' else 'one'} at least")
+        if count is not None and count > len(rows):
+            logger.warning("--num-%s %d: the prompt set has only %d; using them all", split, count, len(rows))
+        chosen += rows[:count]
+    return chosen
+
+
+def _prompt_rows(prompts_file: str | None) -> list[dict[str, Any]]:
+    if prompts_file is None:
+        from .instruction_prompts import generate_prompt_set
+
+        return generate_prompt_set(0)
+    from ..teacher.answers import read_prompt_file
+
+    return [asdict(record) for record in read_prompt_file(prompts_file)]
+
+
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` (a symlink, re-pointed when it exists)."""
+    if link.is_symlink():
+        if Path(os.readlink(link)) == target:
+            return
+        link.unlink()
+    elif link.exists():
+        raise ConfigError(f"{str(link)!r} exists and is not a link to the teacher; use another --output-dir")
+    link.symlink_to(target, target_is_directory=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def data_settings(plan: StudyPlan):
+    """The teacher's answering settings: greedy, the plan's budget and system turn (students are scored alike)."""
+    from ..teacher.answers import DataSettings
+
+    return DataSettings(max_new_tokens=plan.max_new_tokens, max_prompt_length=plan.max_prompt_length,
+                        system=plan.system, batch_size=plan.generation_batch_size)
+
+
+def _generate(root: Path, plan: StudyPlan) -> dict[str, Any]:
+    from ..teacher.answers import generate_teacher_data
+
+    summary = generate_teacher_data(str(root / "teacher"), str(root / "prompts.jsonl"), str(root / "data"),
+                                    data_settings(plan), drop_truncated=not plan.keep_truncated)
+    splits = summary["splits"]
+    for split, least in (("train", 1), ("test", 2)):
+        have = splits.get(split, {}).get("records", 0)
+        if have < least:
+            raise ConfigError(f"the teacher finished {have} {split} answers within --max-new-tokens "
+                              f"{plan.max_new_tokens} ({splits.get(split, {}).get('dropped', 0)} ran out of budget); "
+                              "raise --max-new-tokens or pass --keep-truncated")
+    return summary
+
+
+def _prune(root: Path, plan: StudyPlan) -> dict[str, Any]:
+    """The block-influence pruned student (reused when ``prune.json`` is there: it is written last)."""
+    from ..models.prune import PRUNE_FILE, build_prune_parser, run_prune
+
+    folder = root / "student-pruned"
+    if (folder / PRUNE_FILE).exists():
+        return json.loads((folder / PRUNE_FILE).read_text(encoding="utf-8"))
+    train = root / "data" / "train.jsonl"
+    samples = min(plan.calibration_samples, sum(1 for line in train.open(encoding="utf-8") if line.strip()))
+    args = build_prune_parser().parse_args([
+        str(root / "teacher"), "--output", str(folder), "--num-layers", str(plan.num_layers), "--method",
+        "block-influence", "--calibration-data", str(train), "--calibration-samples", str(samples),
+        "--max-length", str(plan.max_length), "--overwrite", "--dtype", "float32"])
+    return run_prune(args)
+
+
+def _reference(root: Path, plan: StudyPlan) -> dict[str, Any]:
+    """The teacher's CE and argmaxes on its own test answers (``reference.json``), computed once."""
+    path = root / "reference.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    from ..data.prompts import load_eval_records
+    from ..evaluation.fidelity import chat_examples, teacher_forced_scores
+    from ..evaluation.protocol import load_model_for_eval
+
+    model, tokenizer = load_model_for_eval(str(root / "teacher"), dtype="float32")
+    records = load_eval_records(str(root / "data" / "test.jsonl"), fmt="messages")
+    examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
+    scores = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size)
+    rows = [json.loads(line) for line in (root / "data" / "test.jsonl").open(encoding="utf-8") if line.strip()]
+    reference = {"ids": [r["id"] for r in rows], "ce": [s["ce"] for s in scores],
+                 "argmax": [s["argmax"] for s in scores], "stopped": [float(r["stopped"]) for r in rows],
+                 "vocab_size": int(model.get_output_embeddings().weight.shape[0])}
+    path.write_text(json.dumps(reference) + "\n", encoding="utf-8")
+    return reference
+
+
+def recipe_config(path: Path, root: Path, overrides: dict[str, Any]):
+    """The recipe as an :class:`EAKDConfig`: its relative paths that exist under the study folder point there, then
+    the study's overrides."""
+    from ..config.recipe import build_config, check_keys, read_yaml
+
+    values = read_yaml(str(path))
+    check_keys(list(values), f"recipe {path}")
+    for key in PATH_KEYS:
+        value = values.get(key)
+        if isinstance(value, str) and not os.path.isabs(value) and (root / value).exists():
+            values[key] = str(root / value)
+    values.update(overrides)
+    return build_config(values, source=f"recipe {path}")
+
+
+def run_overrides(plan: StudyPlan, seed: int, output_dir: Path, warmup: int | None = None) -> dict[str, Any]:
+    """What the study sets in every recipe: its sizes, the seed, where the run goes, no checkpoints or evaluation;
+    ``warmup`` (the recipe's warmup steps) is capped at a tenth of the plan's steps."""
+    import torch
+
+    overrides = {"output_dir": str(output_dir), "max_steps": plan.steps, "per_device_train_batch_size":
+                 plan.batch_size, "max_length": plan.max_length, "max_prompt_length": plan.max_prompt_length,
+                 "seed": seed, "data_seed": seed, "logging_steps": max(1, min(10, plan.steps // 5)),
+                 "save_strategy": "no", "eval_strategy": "no", "report_to": "none", "disable_tqdm": True,
+                 "use_cpu": not torch.cuda.is_available()}
+    if warmup is not None:
+        overrides["warmup_steps"] = min(warmup, max(1, plan.steps // 10))
+    return overrides
+
+
+def _cacheable(config) -> bool:
+    return config.kd_ratio > 0 and config.on_policy_fraction == 0 and not config.seq_kd
+
+
+def _cache_key(config) -> tuple:
+    return (config.temperature, config.entropy_temperature, str(config.teacher_dtype or config.model_dtype))
+
+
+def plan_cache(configs: dict[str, Any], plan: StudyPlan, num_seeds: int, num_train: int) -> dict[str, Any]:
+    """Whether to cache the teacher: ``auto`` caches when the KD runs would run the teacher on more examples live
+    (runs x steps x batch) than the cache costs once (the training examples)."""
+    kd = [name for name, config in configs.items() if _cacheable(config)]
+    live = len(kd) * num_seeds * plan.steps * plan.batch_size
+    use = bool(kd) and (plan.teacher_cache == "on" or (plan.teacher_cache == "auto" and live > num_train))
+    return {"use": use, "mode": plan.teacher_cache, "live_teacher_examples": live, "cache_examples": num_train,
+            "recipes": kd if use else []}
+
+
+def _build_cache(root: Path, plan: StudyPlan, config, decision: dict[str, Any]) -> dict[str, Any]:
+    from ..teacher.cache import build_cache
+
+    folder = root / f"teacher-cache-k{plan.cache_top_k}"
+    start = time.perf_counter()
+    manifest = build_cache(config, str(folder), plan.cache_top_k, value_format="float16", shard_size=256,
+                           batch_size=plan.eval_batch_size)
+    return {**decision, "folder": str(folder), "top_k": plan.cache_top_k, "seconds": time.perf_counter() - start,
+            "bytes_per_token": manifest.bytes_per_token(), "tokens": manifest.splits["train"]["tokens"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs (in this process or in a worker)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
+    """Per-prompt fidelity of the model in ``folder`` on the study's test records (answers kept in
+    ``folder/answers.jsonl``)."""
+    from ..data.prompts import load_eval_records
+    from ..evaluation.fidelity import chat_examples, generation_scores, teacher_forced_scores
+    from ..evaluation.protocol import load_model_for_eval
+
+    start = time.perf_counter()
+    reference = json.loads((Path(root) / "reference.json").read_text(encoding="utf-8"))
+    model, tokenizer = load_model_for_eval(folder, dtype="float32")
+    records = load_eval_records(str(Path(root) / "data" / "test.jsonl"), fmt="messages")
+    examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
+    vocab = min(reference["vocab_size"], int(model.get_output_embeddings().weight.shape[0]))
+    forced = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size,
+                                   reference["argmax"], vocab)
+    generated = generation_scores(model, tokenizer, records, data_settings(plan).generation())
+    with open(Path(folder) / "answers.jsonl", "w", encoding="utf-8") as handle:
+        for id_, f, g in zip(reference["ids"], forced, generated):
+            handle.write(json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"],
+                                     "top1": f["top1"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n")
+    per_prompt = {"ce": [f["ce"] for f in forced], "top1": [f["top1"] for f in forced],
+                  "rougeL": [g["rougeL"] for g in generated], "stopped": [g["stopped"] for g in generated]}
+    return {"per_prompt": per_prompt, "means": {k: sum(v) / len(v) for k, v in per_prompt.items()},
+            "eval_seconds": time.perf_counter() - start}
+
+
+def _train(config) -> dict[str, Any]:
+    from ..training.train import prepare_run
+    from ..training.trainer import EAKDTrainer
+
+    parts = prepare_run(config)
+    trainer = EAKDTrainer(args=config, **parts)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.save_model(config.output_dir)
+    history = [dict(entry) for entry in trainer.state.log_history]
+    steps = max(1, trainer.state.global_step)
+
+    def last(key: str) -> float | None:
+        values = [entry[key] for entry in history if key in entry]
+        return float(values[-1]) if values else None
+
+    return {"train_seconds": seconds, "steps": steps, "seconds_per_step": seconds / steps,
+            "final_train_loss": last("loss"), "ea_weight_mean": last("ea_weight_mean"),
+            "ea_effective_scale": last("ea_effective_scale"), "log_history": history}
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one recipe with one seed (or nothing, for the untrained pruned student), then score it; the row is
+    also written to ``row.json`` in the run's folder."""
+    plan = StudyPlan(**job["plan"])
+    root = Path(job["root"])
+    row: dict[str, Any] = {"name": job["name"], "seed": job["seed"], "recipe_sha256": job.get("recipe_sha256"),
+                           "teacher_cache": job.get("teacher_cache")}
+    folder = root / "student-pruned"
+    if job.get("recipe"):
+        overrides = dict(job["overrides"])
+        if job.get("teacher_cache"):
+            overrides["teacher_cache"] = job["teacher_cache"]
+        config = recipe_config(Path(job["recipe"]), root, overrides)
+        folder = Path(config.output_dir)
+        row.update(_train(config))
+    row.update(evaluate_folder(str(folder), str(root), plan), folder=str(folder))
+    (Path(job["row_path"])).write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return row
+
+
+def _worker_init(log_path: str, threads: int) -> None:
+    import torch
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, log_path: Path, say: Callable[[str], None]) -> list[dict]:
+    """Rows of every job: in this process (one worker) or in a pool of single-threaded spawned workers."""
+    rows: list[dict[str, Any]] = []
+
+    def report(row: dict[str, Any]) -> None:
+        rows.append(row)
+        means = row["means"]
+        timing = f"{row['seconds_per_step']:.2f} s/step, " if "seconds_per_step" in row else ""
+        seed = f"seed {row['seed']}" if row["seed"] is not None else "(no training)"
+        say(f"  [{len(rows)}/{len(jobs)}] {row['name']:<24} {seed}: {timing}CE {means['ce']:.3f}, "
+            f"top-1 {means['top1']:.1f}%, ROUGE-L {means['rougeL']:.1f}, stopped {100 * means['stopped']:.0f}%")
+
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            report(run_job(job))
+        return rows
+    import multiprocessing
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(str(log_path), threads)) as pool:
+        pending = {pool.submit(run_job, job) for job in jobs}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                report(future.result())
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The study
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Timings(dict):
+    """Seconds of each step, kept in ``timings.json``: a step a resumed run reuses keeps the time it took when it
+    ran (a step that did work is timed again)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        self.earlier = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+    @contextlib.contextmanager
+    def step(self, name: str, reused: Callable[[], bool] = lambda: False):
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        self[name] = self.earlier[name] if reused() and name in self.earlier else seconds
+        self.path.write_text(json.dumps({**self.earlier, **self}, indent=2) + "\n", encoding="utf-8")
+
+
+def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[str, Any], seeds: Sequence[int],
+          cache: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """``(jobs to run, rows already finished)``; the longest runs first (a live teacher, then the rest)."""
+    jobs = [{"name": PRUNED, "seed": None, "row_path": str(root / "pruned-row.json")}]
+    for seed in seeds:
+        for name, path in recipes.items():
+            folder = root / "students" / name / f"seed-{seed}"
+            warmup = configs[name].warmup_steps
+            jobs.append({"name": name, "seed": seed, "recipe": str(path), "row_path": str(folder / "row.json"),
+                         "recipe_sha256": _sha256(path.read_bytes()),
+                         "overrides": run_overrides(plan, seed, folder, int(warmup)),
+                         "teacher_cache": cache.get("folder") if name in cache["recipes"] else None})
+    todo, done = [], []
+    for job in jobs:
+        job.update(plan=asdict(plan), root=str(root))
+        path = Path(job["row_path"])
+        if path.exists():
+            row = json.loads(path.read_text(encoding="utf-8"))
+            if row.get("recipe_sha256") == job.get("recipe_sha256") and row.get("teacher_cache") == job.get(
+                    "teacher_cache"):
+                done.append(row)
+                continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        todo.append(job)
+    todo.sort(key=lambda j: (j["name"] == PRUNED, j.get("teacher_cache") is not None or configs.get(
+        j["name"]) is None or configs[j["name"]].kd_ratio == 0))
+    return todo, done
+
+
+def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence[int] = (1,),
+              cache_dir: str | None = None, workers: int | None = None, prompts_file: str | None = None,
+              fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print,
+              threads: int | None = None) -> dict[str, Any]:
+    """Run the whole study (module docstring) into ``output_dir``; returns what ``results.json`` holds. ``fetch``
+    maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.models.fetch.ensure_smollm2`).
+    ``threads``: torch threads of this process (generation, pruning, caching, runs when there is one worker); on a
+    shared CPU one thread avoids oversubscription (measured: 2 threads on 2 busy cores generated 7x slower)."""
+    import torch
+
+    from ..models.fetch import default_cache_dir, ensure_smollm2
+    from .demo import check_output_dir
+    from .instruction_prompts import write_prompt_set
+    from .statistics import machine_description
+
+    plan.validate()
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds must be distinct training seeds, got {seeds}")
+    check_output_dir(output_dir)
+    recipes = find_recipes(recipe_dir)
+    root = Path(output_dir).resolve()
+    chosen = select_prompts(_prompt_rows(prompts_file), plan)
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen)
+    root.mkdir(parents=True, exist_ok=True)
+    _bind_plan(root, plan, _sha256(lines.encode()))
+    started, timings = time.perf_counter(), _Timings(root / "timings.json")
+    if workers is None:
+        workers = 1 if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+    say(f"eakd-llm study: {len(recipes)} recipes ({', '.join(recipes)}) x {len(seeds)} seed(s), {plan.steps} steps, "
+        f"{plan.num_layers}-layer student, {workers} worker(s) -> {root}")
+
+    with timings.step("fetch"):
+        cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        teacher = Path(fetch(cache_root) if fetch else ensure_smollm2(cache_root)).resolve()
+        _link(teacher, root / "teacher")
+    say(f"  teacher: {teacher} ({timings['fetch']:.0f} s)")
+    if not (root / "prompts.jsonl").exists():
+        write_prompt_set(str(root / "prompts.jsonl"), chosen)
+    with timings.step("generate_data", lambda: data["generated"] == 0):
+        data = _generate(root, plan)
+    say(f"  teacher answers: {data['generated']} generated, {data['reused']} reused ({timings['generate_data']:.0f} "
+        f"s); " + ", ".join(f"{s}: {e['records']} kept, {e['dropped']} truncated left out"
+                            for s, e in data["splits"].items()))
+    pruned_before = (root / "student-pruned" / "prune.json").exists()
+    with timings.step("prune", lambda: pruned_before):
+        pruned = _prune(root, plan)
+    say(f"  student: kept layers {pruned['kept_layers']} of {pruned['source_num_hidden_layers']} "
+        f"({timings['prune']:.0f} s)")
+    reference_before = (root / "reference.json").exists()
+    with timings.step("teacher_reference", lambda: reference_before):
+        _reference(root, plan)
+    configs = {name: recipe_config(path, root, run_overrides(plan, seeds[0], root / "tmp"))
+               for name, path in recipes.items()}
+    cache = plan_cache(configs, plan, len(seeds), data["splits"]["train"]["records"])
+    if cache["use"]:
+        with timings.step("teacher_cache"):
+            first = configs[cache["recipes"][0]]
+            cache["recipes"] = [n for n in cache["recipes"] if _cache_key(configs[n]) == _cache_key(first)]
+            cache = _build_cache(root, plan, first, cache)
+        say(f"  teacher top-{plan.cache_top_k} cache for {', '.join(cache['recipes'])} ({cache['seconds']:.0f} s)")
+    else:
+        say(f"  no teacher cache ({plan.teacher_cache}: {cache['live_teacher_examples']} live teacher examples vs "
+            f"{cache['cache_examples']} to cache)")
+    todo, rows = _jobs(root, plan, recipes, configs, seeds, cache)
+    say(f"  {len(todo)} runs to do, {len(rows)} reused; library output of workers -> {root / 'study.log'}")
+    with timings.step("runs", lambda: not todo):
+        rows += _run_jobs(todo, workers, root / "study.log", say)
+    from .real_study_report import assemble, write_markdown
+
+    results = assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache, dict(timings),
+                       machine_description(), time.perf_counter() - started, workers)
+    (root / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    say(write_markdown(results, root / "results.md"))
+    return results
+
+
+def _teacher_row(root: Path) -> dict[str, Any]:
+    """The teacher against its own answers: its CE measured; top-1 and ROUGE-L 100 by definition."""
+    reference = json.loads((root / "reference.json").read_text(encoding="utf-8"))
+    n = len(reference["ce"])
+    per_prompt = {"ce": reference["ce"], "top1": [100.0] * n, "rougeL": [100.0] * n, "stopped": reference["stopped"]}
+    return {"name": TEACHER, "seed": None, "per_prompt": per_prompt, "by_definition": ["top1", "rougeL"],
+            "means": {k: sum(v) / len(v) for k, v in per_prompt.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eakd-llm study",
+        description="The real-model study: fetch SmolLM2-135M-Instruct, generate its answers to the project's "
+        "instruction prompts, prune it by block influence into a student, train every recipe of RECIPE_DIR on the "
+        "answers, and score each student's fidelity to the teacher on unseen test prompts (CE, top-1 agreement, "
+        "ROUGE-L, stopped share) with paired 95% intervals. Writes results.json and results.md.",
+    )
+    parser.add_argument("recipe_dir", help="folder of recipes (e.g. recipes/smollm2-135m_pruned)")
+    parser.add_argument("--output-dir", default="runs/smollm2-study", help="study folder (default: "
+                        "runs/smollm2-study); a second run with the same plan resumes it")
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--pilot", action="store_true", help="CPU pilot sizes (~45 min on 2 cores)")
+    presets.add_argument("--smoke", action="store_true", help="toy sizes, a few minutes: every step once")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds (default: 1)")
+    for name, help_text in (("num-train", "training prompts"), ("num-test", "test prompts (>= 2)"),
+                            ("steps", "optimizer steps per run"), ("batch-size", "training batch size"),
+                            ("num-layers", "layers the pruned student keeps"),
+                            ("max-length", "tokens per training example"),
+                            ("max-prompt-length", "tokens per rendered prompt"),
+                            ("max-new-tokens", "answer budget of the teacher and the students"),
+                            ("calibration-samples", "pruning calibration records"),
+                            ("cache-top-k", "k of the teacher cache")):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (default: the preset's)")
+    parser.add_argument("--teacher-cache", choices=TEACHER_CACHE_CHOICES, default=None,
+                        help="cache the teacher once: auto (when it saves teacher forwards), on, off")
+    parser.add_argument("--keep-truncated", action="store_true", default=None,
+                        help="keep teacher answers that ran out of budget (default: left out)")
+    parser.add_argument("--prompts", default=None, help="a prompt file instead of the project's instruction set")
+    parser.add_argument("--cache-dir", default=None, help="where SmolLM2 is fetched to (default: $EAKD_LLM_CACHE "
+                        "or ~/.cache/eakd-llm)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel runs (default: min(2, CPU cores); 1 on "
+                        "a GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the main process (default: "
+                        "torch's; use 1 on a CPU other jobs share)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> StudyPlan:
+    plan = PRESETS["pilot" if args.pilot else "smoke" if args.smoke else "default"]
+    changes = {f.name: getattr(args, f.name) for f in fields(StudyPlan)
+               if getattr(args, f.name, None) is not None}
+    return replace(plan, **changes)
+
+
+def study_main(argv: Sequence[str]) -> int:
+    """0 on success; 2 with one ``eakd-llm: error: ...`` line for a bad input."""
+    from ..models.fetch import FetchError
+
+    args = build_study_parser().parse_args(list(argv))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.workers is not None and args.workers < 1:
+        print(f"eakd-llm: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        run_study(args.recipe_dir, args.output_dir, plan_from_args(args), args.seeds, args.cache_dir, args.workers,
+                  args.prompts, threads=args.threads)
+    except (ConfigError, FetchError) as err:
+        if args.debug:
+            raise
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    return 0

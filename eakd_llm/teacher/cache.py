@@ -1,0 +1,636 @@
+"""The offline teacher: its top-k log-probabilities and exact entropies, cached once, then training without it.
+
+``eakd-llm cache-teacher RECIPE --output DIR --top-k K`` (:func:`build_cache`) runs the recipe's teacher once over the
+training (and evaluation) split and stores, for every response token (every position whose next token is a
+response token):
+
+* the top-k token ids, bit-packed: ``ceil(log2 V)`` bits each, or a ``V``-bit membership bitmap when that is smaller
+  (ids are kept in ascending order either way);
+* their log-probabilities at the recipe's temperature tau, normalised over the full vocabulary, as ``float32``
+  (exact), ``float16`` or ``uint8`` (per-token affine quantisation of the log-probabilities: offset and step in fp32);
+* the log of the remaining (tail) mass at tau, fp32;
+* the teacher's exact entropy at the entropy temperature tau', fp32: one float that keeps EA exact from a cache, since
+  the EA weight needs H_T over the *whole* vocabulary, which a top-k cache loses.
+
+Storage: ``safetensors`` shards of a fixed number of examples each (memory-mapped when read), every shard holding its
+own index (example key -> first token, token count) in its metadata, written to a temporary name and renamed when
+complete. Examples are found by content: the key is a hash of the tokenized example (``input_ids`` and ``labels``),
+never a step or a position. ``manifest.json`` records the teacher, tokenizer, tau, tau', k, vocabulary size, lengths,
+the value format and a fingerprint of each split's tokenized data; a cache that does not match a recipe is refused
+before training (:func:`check_manifest`). A killed build resumes: finished shards are kept, the rest recomputed.
+
+Training reads it (``teacher_cache: DIR``) through :class:`CachedTeacherCollator`, which lays each batch's entries out
+in the order of its loss positions as a :class:`~eakd_llm.loss.distillation.SparseTeacher`: no teacher is loaded, and
+the loss takes the divergence on the top-k tokens plus one tail bucket (see
+:func:`eakd_llm.loss.distillation.sparse_divergence`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config.eakd_config import ConfigError, EAKDConfig
+from ..loss.distillation import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, log_probs
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 2  # 2: the manifest binds the teacher's weights (teacher_fingerprint)
+VALUE_FORMATS = ("float32", "float16", "uint8")
+MANIFEST = "manifest.json"
+TEACHER_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_log_tail", "teacher_entropy")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keys and fingerprints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def example_key(input_ids: Sequence[int], labels: Sequence[int]) -> str:
+    """The content key of a tokenized example (its tokens and its loss mask)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(input_ids, dtype=np.int64).tobytes())
+    digest.update(b"|")
+    digest.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(dataset) -> str:
+    """A hash of a tokenized split: its examples' keys in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for example in dataset:
+        digest.update(example_key(example["input_ids"], example["labels"]).encode())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.blake2b(json.dumps(vocab, ensure_ascii=False).encode(), digest_size=16)
+    digest.update(f"{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}".encode())
+    return digest.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_SAMPLE_BLOCKS, _BLOCK = 64, 1 << 16
+
+
+def resolved_teacher(path: str | None) -> str | None:
+    """A local teacher folder as an absolute, symlink-free path (so ``./t`` and ``/abs/t`` are one teacher); a hub
+    id as it is."""
+    if path and os.path.exists(os.path.expanduser(path)):
+        return os.path.realpath(os.path.expanduser(path))
+    return path
+
+
+def teacher_fingerprint(path: str | None) -> str | None:
+    """A fingerprint of the teacher's weights: its ``config.json`` and, for every weight file, its name, size and a
+    hash of 64 evenly spaced 64 KiB blocks (the safetensors header included). Retraining into the same folder changes
+    essentially every byte, so the sampled blocks change; hashing whole files would read a 70B teacher's 140 GB. A
+    hub id is fingerprinted through its locally cached snapshot (whose folder name is the commit); ``None`` when the
+    weights cannot be found locally."""
+    folder = resolved_teacher(path)
+    if folder and not os.path.isdir(folder):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(folder, local_files_only=True)
+        except Exception:  # not cached, or not a hub id: nothing to bind the cache to
+            return None
+    if not folder:
+        return None
+    digest = hashlib.sha256()
+    names = sorted(n for n in os.listdir(folder) if n == "config.json" or n.endswith(WEIGHT_SUFFIXES))
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
+        return None
+    for name in names:
+        file = os.path.join(folder, name)
+        size = os.path.getsize(file)
+        digest.update(f"{name}:{size}:".encode())
+        with open(file, "rb") as handle:
+            if name == "config.json" or size <= _SAMPLE_BLOCKS * _BLOCK:
+                digest.update(handle.read())
+                continue
+            for i in range(_SAMPLE_BLOCKS):
+                handle.seek(i * (size - _BLOCK) // (_SAMPLE_BLOCKS - 1))
+                digest.update(handle.read(_BLOCK))
+    return digest.hexdigest()[:32]
+
+
+def num_loss_tokens(labels: Sequence[int]) -> int:
+    """Cached entries of an example: positions whose next token carries loss."""
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def id_bits(vocab_size: int) -> int:
+    return max(1, math.ceil(math.log2(vocab_size)))
+
+
+def uses_bitmap(k: int, vocab_size: int) -> bool:
+    """Store the top-k ids as a V-bit membership bitmap when that is smaller than k packed ids."""
+    return vocab_size <= k * id_bits(vocab_size)
+
+
+def bytes_per_token(k: int, vocab_size: int, value_format: str) -> int:
+    """Bytes one cached token takes: ids + values (+ uint8's offset and step) + tail + entropy."""
+    ids = math.ceil(vocab_size / 8) if uses_bitmap(k, vocab_size) else math.ceil(k * id_bits(vocab_size) / 8)
+    values = {"float32": 4 * k, "float16": 2 * k, "uint8": k + 8}[value_format]
+    return ids + values + 8
+
+
+def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[N, k]`` ascending ids -> ``[N, bytes]`` uint8 (bitmap or fixed-width bit packing, MSB first)."""
+    n, k = ids.shape
+    if uses_bitmap(k, vocab_size):
+        bitmap = np.zeros((n, vocab_size), dtype=np.uint8)
+        np.put_along_axis(bitmap, ids.astype(np.int64), 1, axis=1)
+        return np.packbits(bitmap, axis=1)
+    bits = id_bits(vocab_size)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return np.packbits(((ids.astype(np.int64)[..., None] >> shifts) & 1).astype(np.uint8).reshape(n, k * bits), axis=1)
+
+
+def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
+    """Inverse of :func:`encode_ids`: ``[N, k]`` int64 ascending ids."""
+    n = packed.shape[0]
+    if uses_bitmap(k, vocab_size):
+        bitmap = np.unpackbits(packed, axis=1, count=vocab_size)
+        return np.nonzero(bitmap)[1].reshape(n, k).astype(np.int64)
+    bits = id_bits(vocab_size)
+    raw = np.unpackbits(packed, axis=1, count=k * bits).reshape(n, k, bits).astype(np.int64)
+    return (raw << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
+
+
+UINT8_LOG_PROB_RANGE = 50.0
+
+
+def encode_values(values: torch.Tensor, value_format: str) -> dict[str, torch.Tensor]:
+    """``[N, k]`` fp32 log-probabilities -> the stored tensors of ``value_format``."""
+    if value_format == "float32":
+        return {"values": values.float().contiguous()}
+    if value_format == "float16":
+        return {"values": values.half().contiguous()}
+    high = values.max(-1).values
+    # A -inf log-probability (a masked token, kept when k == V) would make the step infinite and decode to NaN: store
+    # at most UINT8_LOG_PROB_RANGE nats below the row's top, a probability e^-50 of it, whose mass is negligible.
+    values = torch.maximum(values, (high - UINT8_LOG_PROB_RANGE).unsqueeze(-1))
+    step = ((high - values.min(-1).values) / 255).clamp(min=1e-12)
+    codes = ((high.unsqueeze(-1) - values) / step.unsqueeze(-1)).round().clamp(0, 255).to(torch.uint8)
+    return {"values": codes.contiguous(), "value_offset": high.float(), "value_step": step.float()}
+
+
+def decode_values(stored: Mapping[str, torch.Tensor], value_format: str) -> torch.Tensor:
+    if value_format != "uint8":
+        return stored["values"].float()
+    return stored["value_offset"].unsqueeze(-1) - stored["values"].float() * stored["value_step"].unsqueeze(-1)
+
+
+@torch.no_grad()
+def teacher_entries(
+    logits: torch.Tensor, k: int, temperature: float, entropy_temperature: float
+) -> dict[str, torch.Tensor]:
+    """Top-k ids (ascending), their log-probabilities at tau, the log tail mass at tau and the entropy at tau' of
+    ``[N, V]`` teacher logits (already cut to the shared vocabulary)."""
+    log_p = log_probs(logits, temperature)
+    top, ids = log_p.topk(k, dim=-1)
+    order = ids.argsort(-1)
+    ids, top = ids.gather(-1, order), top.gather(-1, order)
+    if k < logits.shape[-1]:
+        log_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    else:
+        log_tail = torch.full((logits.shape[0],), float("-inf"))
+    same = entropy_temperature == temperature
+    entropy = entropy_from_log_probs(log_p if same else log_probs(logits, entropy_temperature))
+    return {"ids": ids, "log_probs": top, "log_tail": log_tail.float(), "entropy": entropy.float()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheManifest:
+    """What a cache was built from and how it is stored (``manifest.json``)."""
+
+    version: int
+    teacher: str
+    tokenizer: str
+    temperature: float
+    entropy_temperature: float
+    top_k: int
+    vocab_size: int
+    teacher_vocab_size: int
+    max_length: int
+    max_prompt_length: int
+    value_format: str
+    shard_size: int
+    teacher_dtype: str
+    splits: dict[str, dict[str, Any]]  # split -> {"fingerprint", "examples", "tokens", "shards"}
+    teacher_fingerprint: str | None = None  # teacher_fingerprint() of the weights the cache was built from
+
+    def bytes_per_token(self) -> int:
+        return bytes_per_token(self.top_k, self.vocab_size, self.value_format)
+
+    def write(self, folder: str) -> None:
+        path = os.path.join(folder, MANIFEST)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(asdict(self), handle, indent=2)
+        os.replace(path + ".tmp", path)
+
+    @classmethod
+    def read(cls, folder: str) -> CacheManifest:
+        path = os.path.join(folder, MANIFEST)
+        if not os.path.isfile(path):
+            raise ConfigError(f"teacher_cache: {folder!r} has no {MANIFEST}: not a cache written by eakd-llm "
+                              "cache-teacher (or its build never started)")
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ConfigError(f"teacher_cache: {path} is not a valid cache manifest ({err})") from err
+
+
+def expected_manifest_fields(config: EAKDConfig, tokenizer) -> dict[str, Any]:
+    """The manifest fields a recipe requires of a cache (besides the data fingerprints)."""
+    return {
+        "version": CACHE_VERSION,
+        "teacher": resolved_teacher(config.teacher_model_name_or_path),
+        "teacher_fingerprint": teacher_fingerprint(config.teacher_model_name_or_path),
+        "teacher_dtype": str(config.teacher_dtype or config.model_dtype),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "temperature": float(config.temperature),
+        "entropy_temperature": float(config.entropy_temperature),
+        "max_length": config.max_length,
+        "max_prompt_length": config.max_prompt_length,
+    }
+
+
+def check_manifest(manifest: CacheManifest, config: EAKDConfig, tokenizer, datasets: Mapping[str, Any]) -> None:
+    """Refuse a cache built for another teacher, tokenizer, temperature, entropy temperature, lengths or data, naming
+    every mismatch (:class:`ConfigError`)."""
+    names = {"tokenizer": "tokenizer (its vocabulary or special tokens differ)", "version": "cache version",
+             "teacher": "teacher_model_name_or_path", "teacher_dtype": "teacher_dtype",
+             "teacher_fingerprint": "teacher weights"}
+    problems = []
+    for key, wanted in expected_manifest_fields(config, tokenizer).items():
+        have = getattr(manifest, key)
+        if key.startswith("teacher") and not config.teacher_model_name_or_path:
+            continue  # training from the cache alone: the recipe need not name the teacher
+        if have != wanted:
+            if key == "tokenizer":
+                shown = "built with another tokenizer"
+            elif key == "teacher_fingerprint":
+                shown = (f"the cache was built from other weights than {config.teacher_model_name_or_path!r} holds "
+                         "now (retrained or updated?): rebuild it with eakd-llm cache-teacher")
+            else:
+                shown = f"cache {have!r}, recipe {wanted!r}"
+            problems.append(f"{names.get(key, key)}: {shown}")
+    for split, dataset in datasets.items():
+        entry = manifest.splits.get(split)
+        if entry is None:
+            problems.append(f"split {split!r}: not in the cache (cached: {', '.join(manifest.splits) or 'none'})")
+        elif not entry.get("complete"):
+            problems.append(f"split {split!r}: its build did not finish (run eakd-llm cache-teacher again to resume)")
+        elif entry["fingerprint"] != data_fingerprint(dataset):
+            problems.append(f"split {split!r}: the tokenized data differs from the cached data (dataset, format, "
+                            "columns, max_train_samples or exclude_eval_prompts changed)")
+    if problems:
+        raise ConfigError(f"teacher_cache {config.teacher_cache!r} does not match this recipe: " + "; ".join(problems))
+
+
+def check_cache_vocabulary(manifest: CacheManifest, student, tokenizer) -> None:
+    """The student and the cached teacher must compare the same vocabulary (as :func:`shared_vocab_size` checks for a
+    live teacher)."""
+    from ..models.loading import _config_vocab
+
+    student_vocab = _config_vocab(student)
+    shared = min(student_vocab, manifest.teacher_vocab_size)
+    if shared != manifest.vocab_size or shared < len(tokenizer):
+        raise ConfigError(
+            f"teacher_cache: built for a shared vocabulary of {manifest.vocab_size} (teacher "
+            f"{manifest.teacher_vocab_size}), but this student has {student_vocab} (tokenizer {len(tokenizer)}): "
+            "rebuild the cache for this student"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.safetensors"
+
+
+def write_shard(path: str, keys: list[tuple[str, int, int]], entries: list[dict[str, torch.Tensor]],
+                manifest: CacheManifest) -> None:
+    """One shard: the concatenated entries of its examples and their index, written atomically."""
+    from safetensors.torch import save_file
+
+    cat = {name: torch.cat([e[name] for e in entries]) if entries else torch.zeros(0)
+           for name in ("ids", "log_probs", "log_tail", "entropy")}
+    tensors = {
+        "ids": torch.from_numpy(encode_ids(cat["ids"].numpy(), manifest.vocab_size)),
+        "log_tail": cat["log_tail"].float().contiguous(),
+        "entropy": cat["entropy"].float().contiguous(),
+        **encode_values(cat["log_probs"], manifest.value_format),
+    }
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"keys": json.dumps(keys)})
+    os.replace(tmp, path)
+
+
+def read_shard_index(path: str) -> list[tuple[str, int, int]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return [tuple(entry) for entry in json.loads(handle.metadata()["keys"])]
+    except Exception as err:
+        raise ConfigError(f"teacher_cache: shard {path} is corrupted or unreadable ({type(err).__name__}: {err}); "
+                          "delete it and run eakd-llm cache-teacher again to rebuild it") from err
+
+
+class TeacherCache:
+    """Reads a cache: example key -> :class:`SparseTeacher` rows (shards memory-mapped, opened lazily per process)."""
+
+    def __init__(self, folder: str, manifest: CacheManifest | None = None) -> None:
+        self.folder = folder
+        self.manifest = manifest or CacheManifest.read(folder)
+        self.index: dict[str, tuple[str, int, int]] = {}
+        for split, entry in self.manifest.splits.items():
+            for shard in entry.get("shards", []):
+                path = os.path.join(folder, shard)
+                if not os.path.isfile(path):
+                    raise ConfigError(f"teacher_cache: shard {shard} of split {split!r} is missing from {folder}; "
+                                      "run eakd-llm cache-teacher again to rebuild it")
+                for key, offset, count in read_shard_index(path):
+                    self.index[key] = (path, offset, count)
+        self._handles: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # dataloader workers reopen the shards themselves
+        return {**self.__dict__, "_handles": {}}
+
+    def _handle(self, path: str):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = safe_open(path, framework="pt")
+        return self._handles[path]
+
+    def entries(self, input_ids: Sequence[int], labels: Sequence[int]) -> SparseTeacher:
+        key = example_key(input_ids, labels)
+        if key not in self.index:
+            raise KeyError(f"example {key} is not in teacher cache {self.folder} (the data changed after the build)")
+        path, offset, count = self.index[key]
+        handle = self._handle(path)
+        names = ("values", "value_offset", "value_step") if self.manifest.value_format == "uint8" else ("values",)
+        stored = {name: handle.get_slice(name)[offset:offset + count] for name in names}
+        k, vocab = self.manifest.top_k, self.manifest.vocab_size
+        ids = torch.from_numpy(decode_ids(handle.get_slice("ids")[offset:offset + count].numpy(), k, vocab))
+        return SparseTeacher(
+            ids=ids,
+            log_probs=decode_values(stored, self.manifest.value_format),
+            log_tail=handle.get_slice("log_tail")[offset:offset + count].float(),
+            entropy=handle.get_slice("entropy")[offset:offset + count].float(),
+        )
+
+
+@dataclass
+class CachedTeacherCollator:
+    """The run's collator plus each batch's cached teacher entries, in the order of its loss positions
+    (``labels[:, 1:] != -100``, row-major; a packed batch's documents in their packed order)."""
+
+    collator: Callable
+    cache: TeacherCache
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        order = batch.pop("example_order").tolist() if "example_order" in batch else range(len(features))
+        parts = [self.cache.entries(features[i]["input_ids"], features[i]["labels"]) for i in order]
+        for name, key in zip(("ids", "log_probs", "log_tail", "entropy"), TEACHER_KEYS):
+            batch[key] = torch.cat([getattr(part, name) for part in parts])
+        return batch
+
+
+def sparse_teacher_of(batch: Mapping[str, torch.Tensor]) -> SparseTeacher | None:
+    """The :class:`SparseTeacher` a :class:`CachedTeacherCollator` put in a batch (``None`` if it has none)."""
+    if TEACHER_KEYS[0] not in batch:
+        return None
+    return SparseTeacher(*(batch[key] for key in TEACHER_KEYS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _shard_ranges(num_examples: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + shard_size, num_examples)) for start in range(0, num_examples, shard_size)]
+
+
+def _batches(dataset, start: int, end: int, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    for first in range(start, end, batch_size):
+        yield [dataset[i] for i in range(first, min(first + batch_size, end))]
+
+
+@torch.no_grad()
+def shard_entries(
+    teacher, examples: list[dict[str, Any]], collator, manifest: CacheManifest, device: torch.device,
+    chunk_size: int = 1024,
+) -> list[dict[str, torch.Tensor]]:
+    """Entries of a batch of examples, one dict per example (CPU tensors). The teacher's final hidden states are
+    projected through its head ``chunk_size`` tokens at a time (a sharded head gathered once for the batch, after the
+    forward, as the fused loss does), so full ``[N, V]`` logits of the batch are never held."""
+    from ..models.loading import final_hidden_states, logit_transform, model_inputs
+    from ..models.sharding import full_head, unwrap_causal_lm
+
+    batch = collator(examples)
+    inputs = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
+    hidden = final_hidden_states(teacher, **model_inputs(inputs))[:, :-1]
+    hidden = hidden[inputs["labels"][:, 1:] != IGNORE_INDEX]
+    causal_lm = unwrap_causal_lm(teacher)
+    scale, softcap = logit_transform(causal_lm)
+    parts = []
+    with full_head(causal_lm.get_output_embeddings()) as (weight, bias):
+        for start in range(0, hidden.shape[0], chunk_size):
+            logits = hidden[start:start + chunk_size] @ weight[: manifest.vocab_size].t()
+            if bias is not None:
+                logits = logits + bias[: manifest.vocab_size]
+            logits = logits.float() * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            parts.append({name: value.cpu() for name, value in teacher_entries(
+                logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature).items()})
+    merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else None
+    if merged is None:  # no example of the batch has a loss token
+        merged = {"ids": torch.zeros(0, manifest.top_k, dtype=torch.long), "log_probs": torch.zeros(0, manifest.top_k),
+                  "log_tail": torch.zeros(0), "entropy": torch.zeros(0)}
+    out, offset = [], 0
+    for example in examples:
+        count = num_loss_tokens(example["labels"])
+        out.append({name: value[offset:offset + count] for name, value in merged.items()})
+        offset += count
+    return out
+
+
+def build_cache(
+    config: EAKDConfig,
+    output_dir: str,
+    top_k: int,
+    value_format: str = "float16",
+    shard_size: int = 256,
+    batch_size: int | None = None,
+    show_progress: bool = True,
+) -> CacheManifest:
+    """Run the recipe's teacher once over its training (and evaluation) split and write the cache to ``output_dir``.
+
+    Every process of an ``accelerate launch`` takes its share of the shards (round robin); with a sharded teacher
+    (ZeRO-3, FSDP) the processes run their forwards in lockstep, filling with repeats where they have fewer. A folder
+    already holding a cache for other settings is refused (nothing is overwritten); one holding the same settings is
+    resumed: finished shards are kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig
+
+    from ..data.dataset import DistillationCollator, build_dataset, load_split
+    from ..models.loading import load_causal_lm, load_tokenizer
+    from ..models.sharding import place_teacher
+
+    if value_format not in VALUE_FORMATS:
+        raise ConfigError(f"--value-format {value_format!r} is not allowed; choose one of: {', '.join(VALUE_FORMATS)}")
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    if not config.teacher_model_name_or_path:
+        raise ConfigError("cache-teacher needs teacher_model_name_or_path in the recipe")
+    if config.teacher_cache:
+        raise ConfigError("cache-teacher builds a cache: drop teacher_cache from the recipe for this command")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"--output {output_dir!r} exists and is not a folder")
+    tokenizer = load_tokenizer(config.tokenizer_name_or_path or config.model_name_or_path, config.trust_remote_code,
+                               key="tokenizer_name_or_path" if config.tokenizer_name_or_path else "model_name_or_path")
+    teacher_vocab = AutoConfig.from_pretrained(config.teacher_model_name_or_path,
+                                               trust_remote_code=config.trust_remote_code).get_text_config().vocab_size
+    student_vocab = AutoConfig.from_pretrained(config.model_name_or_path,
+                                               trust_remote_code=config.trust_remote_code).get_text_config().vocab_size
+    vocab = min(teacher_vocab, student_vocab)
+    if not 1 <= top_k <= vocab:
+        raise ConfigError(f"--top-k must be in [1, V] = [1, {vocab}] (the shared vocabulary), got {top_k}")
+
+    splits = {config.dataset_train_split: config.max_train_samples}
+    if config.dataset_eval_split:
+        splits[config.dataset_eval_split] = config.max_eval_samples
+    datasets = {split: build_dataset(load_split(config.dataset_name, split, config.dataset_config), config, tokenizer,
+                                     split=split, max_samples=limit) for split, limit in splits.items()}
+    manifest = CacheManifest(
+        **expected_manifest_fields(config, tokenizer), top_k=top_k, vocab_size=vocab, teacher_vocab_size=teacher_vocab,
+        value_format=value_format, shard_size=shard_size,
+        splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
+                        "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
+                        "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],
+                        "complete": False} for split, ds in datasets.items()},
+    )
+    if os.path.isfile(os.path.join(output_dir, MANIFEST)):
+        existing = CacheManifest.read(output_dir)
+        mine = {**asdict(manifest), "splits": None}
+        theirs = {**asdict(existing), "splits": None}
+        differ = [key for key in mine if mine[key] != theirs[key]]
+        differ += [f"split {s}" for s in manifest.splits
+                   if existing.splits.get(s, {}).get("fingerprint") != manifest.splits[s]["fingerprint"]]
+        if differ:
+            raise ConfigError(f"--output {output_dir!r} already holds a teacher cache built with other settings "
+                              f"({', '.join(differ)}); nothing was overwritten: choose another --output folder")
+        for split, entry in existing.splits.items():
+            if split not in manifest.splits:
+                manifest.splits[split] = entry
+
+    accelerator = Accelerator()
+    main = accelerator.is_main_process
+    total_tokens = sum(manifest.splits[s]["tokens"] for s in datasets)
+    if main:
+        os.makedirs(output_dir, exist_ok=True)
+        size = total_tokens * manifest.bytes_per_token()
+        print(f"teacher cache: {sum(len(d) for d in datasets.values())} examples, {total_tokens} response tokens, "
+              f"k={top_k}, {value_format}: {manifest.bytes_per_token()} B/token, about {size / 2**20:.1f} MiB "
+              f"-> {output_dir}", flush=True)
+        manifest.write(output_dir)
+    accelerator.wait_for_everyone()
+
+    teacher = load_causal_lm(config.teacher_model_name_or_path, config.teacher_dtype or config.model_dtype,
+                             config.trust_remote_code, config.attn_implementation, key="teacher_model_name_or_path")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    teacher, placement = place_teacher(teacher, accelerator, config, deepspeed, fsdp)
+    lockstep = deepspeed or fsdp  # sharded parameters: every process must take part in every forward
+    collator = DistillationCollator(tokenizer.pad_token_id)
+    batch_size = batch_size or config.per_device_eval_batch_size
+    world, rank = accelerator.num_processes, accelerator.process_index
+    logger.info("cache-teacher: teacher %s on %s, %d process(es)", placement, accelerator.device, world)
+
+    plan = []  # per round, for this process: (split, its shard's example span or None, path, work to do, steps)
+    for split, dataset in datasets.items():
+        ranges = _shard_ranges(len(dataset), shard_size)
+        for first in range(0, len(ranges), world):
+            span = ranges[first + rank] if first + rank < len(ranges) else None
+            path = os.path.join(output_dir, shard_name(split, first + rank)) if span else None
+            todo = span is not None and not _shard_complete(path, dataset, span)
+            steps = max(math.ceil((end - start) / batch_size) for start, end in ranges[first:first + world])
+            plan.append((split, span, path, todo, steps))
+    work = sum(span[1] - span[0] for _, span, _, todo, _ in plan if todo)
+    progress = tqdm(total=work, desc="Caching teacher", unit="ex", disable=not (main and show_progress))
+    for split, span, path, todo, steps in plan:
+        dataset = datasets[split]
+        batches = list(_batches(dataset, *span, batch_size)) if todo else []
+        keys, entries, done = [], [], 0
+        for step in range(steps if lockstep else len(batches)):
+            examples = batches[step] if step < len(batches) else [dataset[0]]  # lockstep filler, discarded
+            result = shard_entries(teacher, examples, collator, manifest, accelerator.device)
+            if step >= len(batches):
+                continue
+            for example, entry in zip(examples, result):
+                count = entry["entropy"].shape[0]
+                keys.append((example_key(example["input_ids"], example["labels"]), done, count))
+                entries.append(entry)
+                done += count
+            progress.update(len(examples))
+        if todo:
+            write_shard(path, keys, entries, manifest)
+    progress.close()
+    accelerator.wait_for_everyone()
+    if main:
+        for split, dataset in datasets.items():
+            ranges = _shard_ranges(len(dataset), shard_size)
+            paths = [os.path.join(output_dir, shard_name(split, i)) for i in range(len(ranges))]
+            manifest.splits[split]["complete"] = all(_shard_complete(p, dataset, r) for p, r in zip(paths, ranges))
+        manifest.write(output_dir)
+    accelerator.wait_for_everyone()
+    return CacheManifest.read(output_dir)  # what the main process recorded, on every process
+
+
+def _shard_complete(path: str, dataset, span: tuple[int, int]) -> bool:
+    """A finished shard holds exactly the keys of its examples (a partial or foreign one is rebuilt)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        keys = [key for key, _, _ in read_shard_index(path)]
+    except ConfigError:
+        return False
+    wanted = [example_key(dataset[i]["input_ids"], dataset[i]["labels"]) for i in range(*span)]
+    return keys == wanted
