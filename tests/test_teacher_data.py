@@ -203,3 +203,38 @@ def test_records_train_and_evaluate(tiny_stack, prompts, tmp_path):
     rows = _read(out / "test.jsonl")
     assert [r.references for r in records] == [[row["messages"][-1]["content"]] for row in rows]
     assert [r.messages for r in records] == [row["messages"][:-1] for row in rows]
+
+
+def test_resume_reads_records_holding_unicode_line_separators(tiny_stack, tmp_path, capsys):
+    """U+2028, U+2029 and U+0085 are written raw (ensure_ascii=False); records end at "\\n" alone, so a resume reads
+    them back instead of calling the folder damaged."""
+    path = tmp_path / "prompts.jsonl"
+    texts = ["Split\u2028here.", "Para\u2029graph.", "Next\u0085line."]
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "data"
+    args = ["generate-data", tiny_stack["teacher"], "--prompts", str(path), "--output", str(out),
+            "--max-new-tokens", "3", "--no-progress"]
+    assert main(args) == 0
+    raw = (out / "generations.jsonl").read_text(encoding="utf-8")
+    assert "\u2028" in raw and "\u2029" in raw and "\u0085" in raw  # the characters really are in the file
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 answers generated, 3 reused" in capsys.readouterr().out
+
+
+def test_a_record_torn_before_its_newline_is_generated_again_not_glued(tiny_stack, prompts, tmp_path, capsys):
+    """An append interrupted just before its newline leaves a line that parses; without the newline the next append
+    would be glued to it. It is cut and generated again, and every line of the log is one record."""
+    path, chosen = prompts
+    out = tmp_path / "data"
+    args = ["generate-data", tiny_stack["teacher"], "--prompts", str(path), "--output", str(out),
+            "--max-new-tokens", "3", "--no-progress"]
+    assert main(args) == 0
+    log = out / "generations.jsonl"
+    lines = log.read_text(encoding="utf-8").split("\n")[:3]
+    log.write_text("\n".join(lines), encoding="utf-8")  # two records whole, the third without its newline
+    capsys.readouterr()
+    assert main(args) == 0
+    assert f"{len(chosen) - 2} answers generated, 2 reused" in capsys.readouterr().out
+    records = [json.loads(line) for line in log.read_text(encoding="utf-8").split("\n") if line]
+    assert sorted(r["id"] for r in records) == sorted(r["id"] for r in chosen)

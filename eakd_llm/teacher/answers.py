@@ -206,23 +206,25 @@ def answer_record(record: PromptRecord, ids: Sequence[int], end_ids: Sequence[in
 
 
 def _read_generations(path: str, wanted: Mapping[str, PromptRecord]) -> dict[str, dict[str, Any]]:
-    """Finished records of an earlier run: those of the prompt file's ids. A torn last line (an interrupted append)
-    is cut from the file, so the next append starts on a line of its own; that batch is generated again."""
+    """Finished records of an earlier run: those of the prompt file's ids. Records end at ``\n`` alone (a prompt or
+    answer may hold U+2028, U+2029 or U+0085, which ``str.splitlines`` would split on). Bytes after the last ``\n``
+    are a torn append (even when they parse: the newline never made it) and are cut from the file, so the next
+    append starts on a line of its own; those records are generated again."""
     done: dict[str, dict[str, Any]] = {}
     if not os.path.isfile(path):
         return done
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
+    with open(path, "rb") as handle:
+        data = handle.read()
+    complete, newline, torn = data.rpartition(b"\n")
+    if torn:
+        os.truncate(path, len(complete) + len(newline))
+    lines = complete.split(b"\n") if newline else []
     for number, line in enumerate(lines, start=1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise ConfigError(f"{path}:{number}: not valid JSON ({err}); the folder is damaged: use another "
-                                  "--output") from err
-            with open(path, "w", encoding="utf-8") as handle:
-                handle.write("".join(kept + "\n" for kept in lines[:-1]))
-            break
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}:{number}: not a valid JSON record ({err}); the folder is damaged: use another "
+                              "--output") from err
         if row.get("id") in wanted:
             done[row["id"]] = row
     return done
