@@ -359,3 +359,54 @@ def test_exclude_eval_prompts_errors(tokenizer, tmp_path):
                          exclude_eval_prompts=[str(tmp_path / "eval.jsonl")])
     with pytest.raises(ConfigError, match="removed every train record"):
         build_dataset(raw, everything, tokenizer)
+
+
+# Chat templates of four families, written for tokenizers built here: each family's end-of-turn token, and what its
+# template writes after the last answer when no generation prompt is asked for.
+CHAT_FAMILIES = {
+    "phi3": ("<|end|>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"],
+             "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"),
+    "llama3": ("<|eot_id|>", "<|eot_id|>", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                             "<|eot_id|>"],
+               "{{ '<|begin_of_text|>' }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+               "'<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
+    "gemma": ("<end_of_turn>", "<eos>", ["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"],
+              "{{ '<bos>' }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else "
+              "m['role']) + '\\n' + m['content'] + '<end_of_turn>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+              "{{ '<start_of_turn>model\\n' }}{% endif %}"),
+    "chatml": ("<|im_end|>", "<|im_end|>", [], None),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CHAT_FAMILIES))
+def test_chat_targets_end_at_the_templates_end_of_turn_token(tmp_path, chatml_tokenizers, family):
+    """The last target is the template's end-of-turn token, whatever the template writes after it: Phi-3 writes
+    "<|end|>\\n<|endoftext|>" after the last answer, and generation stops at <|end|>, so neither the newline nor
+    <|endoftext|> may be targets. The same token is the one generation stops at (chat_end_token_id)."""
+    import copy
+
+    import datasets
+    from tokenizers import AddedToken
+
+    from eakd_llm.data.prompts import chat_end_token_id, render_chat
+    from eakd_llm.models.generation import end_token_ids
+
+    end_of_turn, eos, markers, template = CHAT_FAMILIES[family]
+    tok = copy.deepcopy(chatml_tokenizers["no_bos"])
+    if template is not None:
+        tok.add_tokens([AddedToken(m, special=True, normalized=False) for m in markers], special_tokens=True)
+        tok.eos_token, tok.chat_template = eos, template
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "apple pie"}]
+    full = tok.apply_chat_template(messages, tokenize=False)
+    assert "apple pie" + end_of_turn in full
+    _, response = render_chat(messages, tok)
+    assert response == "apple pie" + end_of_turn
+    example = build_dataset(datasets.Dataset.from_list([{"messages": messages}]), _config(tmp_path), tok)[0]
+    eot_id = tok.convert_tokens_to_ids(end_of_turn)
+    targets = [label for label in example["labels"] if label != IGNORE_INDEX]
+    assert targets == tok("apple pie", add_special_tokens=False)["input_ids"] + [eot_id]
+    assert example["input_ids"][-1] == eot_id
+    assert chat_end_token_id(tok) == eot_id
+    assert eot_id in end_token_ids(tok)

@@ -133,16 +133,28 @@ def chat_prompt(messages: Sequence[Mapping[str, Any]], tokenizer) -> str:
 def cut_after_end_of_turn(response: str, tokenizer) -> tuple[str, bool]:
     """``(response, ends_turn)``: a rendered assistant turn cut after its end-of-turn token.
 
-    When the turn, trailing whitespace aside, ends with a special token (ChatML ``<|im_end|>``, Llama-3
-    ``<|eot_id|>``, Gemma ``<end_of_turn>``), that token is the end of the turn and the whitespace after it is cut:
-    generation stops at that token, so nothing after it is ever generated. Otherwise the response is returned as is
-    (``ends_turn`` False: an EOS is appended as for any plain response).
+    When the turn, trailing whitespace aside, ends with special tokens, the first of that trailing run is the end of
+    the turn (ChatML ``<|im_end|>``, Llama-3 ``<|eot_id|>``, Gemma ``<end_of_turn>``; Phi-3 writes
+    ``<|end|>\n<|endoftext|>`` after the last answer and generation stops at ``<|end|>``), and everything after it
+    is cut: generation stops at that token, so nothing after it is ever generated. Otherwise the response is returned
+    as is (``ends_turn`` False: an EOS is appended as for any plain response).
     """
     stripped = response.rstrip()
+    special = special_token_ids(tokenizer)
     ids = tokenizer(stripped, add_special_tokens=False)["input_ids"]
-    if ids and ids[-1] in special_token_ids(tokenizer):
-        return stripped, True
-    return response, False
+    if not ids or ids[-1] not in special:
+        return response, False
+    markers = sorted({tokenizer.convert_ids_to_tokens(i) for i in special} - {None, ""}, key=len, reverse=True)
+    end = len(stripped)
+    rest = stripped
+    while True:  # peel special tokens and whitespace off the end; the last one peeled ends the turn
+        marker = next((m for m in markers if rest.endswith(m)), None)
+        if marker is None:
+            break
+        rest = rest[:-len(marker)]
+        end = len(rest) + len(marker)
+        rest = rest.rstrip()
+    return stripped[:end], True
 
 
 def render_chat(messages: Sequence[Mapping[str, Any]], tokenizer, column: str = "messages") -> tuple[str, str]:
