@@ -13,8 +13,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "eakd_llm"
 # The subpackages bottom to top (docs/layout.md): a module may import from its own subpackage and those before it.
-# ``_version`` is a leaf every layer may read; the package root and the command line (``cli``) sit on top.
-LAYERS = ("_version", "loss", "config", "data", "models", "teacher", "training", "evaluation", "studies", "cli", "")
+# ``_version`` and ``_atomic`` are leaves every layer may use; the package root and the command line (``cli``) sit on
+# top.
+LAYERS = ("_version", "_atomic", "loss", "config", "data", "models", "teacher", "training", "evaluation", "studies",
+          "cli", "")
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -131,7 +133,7 @@ def test_every_module_sits_in_a_known_layer():
     unknown = sorted(m for m in graph if layer_of(m) not in LAYERS)
     assert unknown == [], f"modules outside the layers of docs/layout.md (add the subpackage to LAYERS): {unknown}"
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert folders == set(LAYERS) - {"_version", "cli", ""}
+    assert folders == set(LAYERS) - {"_version", "_atomic", "cli", ""}
 
 
 def test_imports_run_down_the_layers():

@@ -21,6 +21,7 @@ from loss_helpers import fused_loss_kw as fused_distillation_loss
 import eakd_llm.teacher.cache as cache_module
 from eakd_llm.config.eakd_config import ConfigError, EAKDConfig
 from eakd_llm.loss.distillation import SparseTeacher, ea_weights, sparse_divergence
+from eakd_llm.models.fingerprint import fingerprint_weights
 from eakd_llm.teacher.cache import (
     CacheManifest,
     TeacherCache,
@@ -315,8 +316,8 @@ def test_mismatched_missing_or_corrupted_caches_are_refused(tiny_stack, tmp_path
         run(temperature=1.0)
     with pytest.raises(ConfigError, match="tokenized data differs"):
         run(max_train_samples=100)
-    with pytest.raises(ConfigError, match="teacher_model_name_or_path: cache"):
-        run(teacher_model_name_or_path=tiny_stack["student"])
+    with pytest.raises(ConfigError, match="teacher weights: the cache was built from other weights than"):
+        run(teacher_model_name_or_path=tiny_stack["student"])  # another teacher: bound by its weights, not its path
     with pytest.raises(ConfigError, match="has no manifest.json"):
         prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(tmp_path)))
     other_tokenizer = tmp_path / "other-tokenizer"
@@ -346,7 +347,13 @@ def test_the_cache_is_bound_to_the_teacher_weights_not_its_path(tiny_stack, tmp_
     config = _config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16)
     cache = str(tmp_path / "cache")
     build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
-    assert CacheManifest.read(cache).teacher_fingerprint == cache_module.teacher_fingerprint(str(teacher))
+    assert CacheManifest.read(cache).teacher_fingerprint == fingerprint_weights(str(teacher)).digest
+
+    moved = tmp_path / "moved" / "teacher"  # the same weights elsewhere (other path, other mtimes): accepted
+    moved.parent.mkdir()
+    shutil.copytree(teacher, moved)
+    prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(moved), max_train_samples=16,
+                        teacher_cache=cache))
 
     monkeypatch.chdir(tmp_path)  # the same folder spelled relative: accepted
     prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path="./teacher", max_train_samples=16,
@@ -365,6 +372,95 @@ def test_the_cache_is_bound_to_the_teacher_weights_not_its_path(tiny_stack, tmp_
                             teacher_cache=cache))
     with pytest.raises(ConfigError, match="built with other settings \\(teacher_fingerprint\\)"):
         build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
+
+
+def _norm_value_offsets(path: Path) -> list[int]:
+    """Byte offsets of every float32 value of the norm weights in a safetensors file (8-byte header length, JSON
+    header, data)."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    spans = [entry["data_offsets"] for name, entry in header.items() if name.endswith("norm.weight")]
+    return [8 + length + o for start, end in sorted(spans) for o in range(start, end, 4)]
+
+
+def test_one_changed_weight_anywhere_refuses_the_cache(tiny_stack, tmp_path):
+    """One value of a norm weight edited in place (as bias- or norm-only tuning saved into the same folder would):
+    same size, same header, a few changed bytes in a file larger than the 64 blocks of 64 KiB a sampled hash reads,
+    at an offset between those blocks. Every byte is hashed, so the cache is refused, naming the changed file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    teacher = tmp_path / "teacher"
+    config = AutoConfig.from_pretrained(tiny_stack["teacher"])
+    config.hidden_size, config.intermediate_size = 2 * config.hidden_size, 2 * config.intermediate_size
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(teacher))  # a wider teacher: a bigger file
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(tiny_stack["teacher"], name)):
+            shutil.copy(os.path.join(tiny_stack["teacher"], name), teacher / name)
+    weights = teacher / "model.safetensors"
+    size = weights.stat().st_size
+    assert size > 64 * 65536
+    sampled = [(i * (size - 65536) // 63, i * (size - 65536) // 63 + 65536) for i in range(64)]
+    offset = next(o for o in _norm_value_offsets(weights)
+                  if not any(a - 4 < o < b for a, b in sampled))  # the first norm value no sampled block reads
+    run = _config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16)
+    cache = str(tmp_path / "cache")
+    build_cache(run, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
+    prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16,
+                        teacher_cache=cache))
+    with open(weights, "r+b") as handle:
+        handle.seek(offset)
+        value = np.frombuffer(handle.read(4), dtype=np.float32)[0]
+        handle.seek(offset)
+        handle.write(np.float32(value + 0.5).tobytes())
+    assert weights.stat().st_size == size
+    with pytest.raises(ConfigError, match="other weights than .*changed: model.safetensors"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=str(teacher), max_train_samples=16,
+                            teacher_cache=cache))
+
+
+def _fake_hub_snapshot(tiny_stack, hub: Path, repo: str) -> Path:
+    """A hub cache entry for ``repo`` as huggingface_hub lays it out, holding every file but the weights (what a
+    first run finds before it downloads them)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    entry = hub / f"models--{repo.replace('/', '--')}"
+    snapshot = entry / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(commit)
+    for name in os.listdir(tiny_stack["teacher"]):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(tiny_stack["teacher"], name), snapshot / name)
+    return snapshot
+
+
+def test_a_hub_teachers_first_cache_records_its_weights(tiny_stack, tmp_path, monkeypatch):
+    """A hub id whose weights are not downloaded yet: the build fingerprints them after loading (downloading) the
+    teacher, so training from that cache is accepted (it used to record no fingerprint, and every later run refused
+    the cache as built from other weights)."""
+    import huggingface_hub
+
+    import eakd_llm.models.loading as loading
+
+    repo = "local/tiny-teacher"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    snapshot = _fake_hub_snapshot(tiny_stack, tmp_path / "hub", repo)
+    real = loading.load_causal_lm
+
+    def downloading(path, *args, **kwargs):  # the download from_pretrained would do, then the real load
+        if path == repo:
+            shutil.copy(os.path.join(tiny_stack["teacher"], "model.safetensors"), snapshot / "model.safetensors")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_causal_lm", downloading)
+    config = _config(tiny_stack, tmp_path, teacher_model_name_or_path=repo, max_train_samples=16)
+    cache = str(tmp_path / "cache")
+    manifest = build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)
+    assert manifest.teacher_fingerprint == fingerprint_weights(tiny_stack["teacher"]).digest
+    prepare_run(_config(tiny_stack, tmp_path, teacher_model_name_or_path=repo, max_train_samples=16,
+                        teacher_cache=cache))
 
 
 def test_bad_k_and_a_folder_holding_another_cache(tiny_stack, tmp_path, full_cache):

@@ -238,3 +238,79 @@ def test_a_record_torn_before_its_newline_is_generated_again_not_glued(tiny_stac
     assert f"{len(chosen) - 2} answers generated, 2 reused" in capsys.readouterr().out
     records = [json.loads(line) for line in log.read_text(encoding="utf-8").split("\n") if line]
     assert sorted(r["id"] for r in records) == sorted(r["id"] for r in chosen)
+
+
+def test_resume_refuses_a_dtype_device_or_tokenizer_that_changes_the_answers(tiny_stack, prompts, tmp_path, capsys):
+    """settings.json binds what changes the answers besides the weights: the dtype, the device type, the tokenizer's
+    chat template and the end ids of generation_config.json; each change is refused in one line naming it."""
+    import shutil
+
+    path, _ = prompts
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_stack["teacher"], teacher)
+    out = tmp_path / "data"
+    args = ["generate-data", str(teacher), "--prompts", str(path), "--output", str(out), "--max-new-tokens", "3",
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    capsys.readouterr()
+
+    def refused(extra: list[str], key: str) -> None:
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"other settings ({key} differ)" in err
+
+    refused(["--dtype", "bfloat16"], "dtype")
+    refused(["--device", "meta"], "device")
+    config = json.loads((teacher / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], 7] if isinstance(config["eos_token_id"], int) else [7]
+    (teacher / "generation_config.json").write_text(json.dumps(config))
+    refused([], "tokenizer.end_ids")
+    shutil.copy(Path(tiny_stack["teacher"]) / "generation_config.json", teacher / "generation_config.json")
+    template = teacher / "chat_template.jinja"
+    template.write_text(template.read_text().replace("\n", " \n", 1))
+    refused([], "tokenizer.chat_template_sha256")
+
+
+def test_a_moved_teacher_resumes_and_a_changed_one_is_refused(tiny_stack, prompts, tmp_path, capsys):
+    """The folder is bound to the teacher's weights, not its path: the same weights moved elsewhere resume; the
+    weights changed in place are refused."""
+    import shutil
+
+    path, chosen = prompts
+    teacher = tmp_path / "a" / "teacher"
+    shutil.copytree(tiny_stack["teacher"], teacher)
+    out = tmp_path / "data"
+    args = ["--prompts", str(path), "--output", str(out), "--max-new-tokens", "3", "--no-progress"]
+    assert main(["generate-data", str(teacher), *args]) == 0
+    moved = tmp_path / "b" / "teacher"
+    shutil.move(str(teacher.parent), str(moved.parent))
+    capsys.readouterr()
+    assert main(["generate-data", str(moved), *args]) == 0
+    assert f"0 answers generated, {len(chosen)} reused" in capsys.readouterr().out
+    weights = moved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert main(["generate-data", str(moved), *args]) == 2
+    assert "other settings (teacher_fingerprint differ)" in capsys.readouterr().err
+
+
+def test_sampled_answers_do_not_depend_on_the_batch_or_an_interruption(tiny_stack, prompts, tmp_path, capsys):
+    """Sampling is seeded per prompt: batch sizes 1 and 4, and a run interrupted after its first batch and resumed,
+    give every prompt the same answer; another seed gives other answers."""
+    path, chosen = prompts
+
+    def answers(folder: str, *extra: str) -> dict[str, str]:
+        out = tmp_path / folder
+        assert main(["generate-data", tiny_stack["teacher"], "--prompts", str(path), "--output", str(out),
+                     "--max-new-tokens", "8", "--temperature", "1.0", "--no-progress", *extra]) == 0
+        return {r["id"]: r["messages"][-1]["content"] for r in _read(out / "generations.jsonl")}
+
+    one = answers("one", "--batch-size", "1")
+    four = answers("four", "--batch-size", "4")
+    assert one == four and len(one) == len(chosen)
+    log = tmp_path / "four" / "generations.jsonl"
+    log.write_text("".join(line + "\n" for line in log.read_text().split("\n")[:3]))  # killed after 3 answers
+    assert answers("four", "--batch-size", "4") == one
+    other = answers("other", "--batch-size", "4", "--seed", "1")
+    assert sum(other[k] != one[k] for k in one) >= len(one) // 2

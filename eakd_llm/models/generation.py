@@ -161,6 +161,21 @@ class _RowBudget(transformers.StoppingCriteria):
         return self.budgets.to(input_ids.device) <= generated
 
 
+class _RowSampler(transformers.LogitsProcessor):
+    """Draws each row's next token with that row's own generator, after every other processor and warper, and leaves
+    only that token possible: ``generate``'s own draw then has one choice. A row's answer so depends on its seed, not
+    on the other rows of its batch or on how many batches came before it."""
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = scores.float().softmax(-1).cpu()
+        chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter_(1, chosen.to(scores.device), 0.0)
+
+
 def generate_token_ids(
     model,
     prompts: Sequence[Sequence[int]],
@@ -168,11 +183,14 @@ def generate_token_ids(
     eos_ids: Sequence[int],
     pad_id: int,
     keep_eos: bool = False,
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """New token ids for each token-id prompt: left-padded batches of ``settings.batch_size`` through ``generate``.
 
     Each row may generate ``settings.new_token_budget(len(prompt))`` tokens and is cut at its first id in ``eos_ids``
-    (kept when ``keep_eos``: on-policy training learns to stop too). The caller seeds the RNG. The model's own
+    (kept when ``keep_eos``: on-policy training learns to stop too). The caller seeds the RNG, or, when sampling,
+    gives one seed per prompt (``row_seeds``): each prompt is then sampled with its own generator, whatever batch it
+    shares (up to the rounding of differently padded batches). The model's own
     ``generation_config`` (a hub checkpoint's default temperature or repetition penalty) is set aside during the call
     so every model is decoded by ``settings`` alone; the model runs in eval mode, no gradients, and its training flag
     and generation config are restored afterwards.
@@ -180,6 +198,8 @@ def generate_token_ids(
     settings.validate()
     if not prompts:
         return []
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     device = model_device(model)
     eos = set(int(i) for i in eos_ids)
     was_training = model.training
@@ -198,11 +218,16 @@ def generate_token_ids(
                 input_ids, attention_mask = left_pad(batch, pad_id)
                 width = input_ids.shape[1]
                 budgets = [settings.new_token_budget(len(ids)) for ids in batch]
+                processors = transformers.LogitsProcessorList()
+                if row_seeds is not None and settings.do_sample:
+                    seeds = row_seeds[start:start + settings.batch_size]
+                    processors.append(_RowSampler([torch.Generator().manual_seed(int(s)) for s in seeds]))
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
                     generation_config=_generation_config(settings, list(eos_ids), pad_id, max(budgets)),
                     stopping_criteria=transformers.StoppingCriteriaList([_RowBudget(width, budgets)]),
+                    logits_processor=processors,
                 )
                 sequences = (output.sequences if hasattr(output, "sequences") else output).cpu()
                 for row, budget in enumerate(budgets):

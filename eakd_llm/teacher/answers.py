@@ -12,10 +12,13 @@ new-token budget. Records are the project's messages format plus metadata::
 ``stopped``: the answer ended at an end token (false: the budget ran out, the answer is truncated); ``new_tokens``:
 tokens generated, the end token included.
 
-The output folder holds ``settings.json`` (the teacher, its weights' fingerprint, the generation settings, the system
-turn and the prompt file's sha256), ``generations.jsonl`` (every answered prompt, appended batch by batch: an
-interrupted run resumes from it) and one ``<split>.jsonl`` per split of the prompt file. A folder made with other
-settings is refused, never mixed.
+The output folder holds ``settings.json``, ``generations.jsonl`` (every answered prompt, appended batch by batch: an
+interrupted run resumes from it) and one ``<split>.jsonl`` per split of the prompt file. ``settings.json`` binds the
+folder to what changes the answers: every byte of the teacher's weights (:mod:`eakd_llm.models.fingerprint`; not its
+path, so a moved teacher resumes), the tokenizer (vocabulary, chat template, end ids), dtype and device type, the
+generation settings and the prompt file's sha256. A run with other settings is refused, naming them, never mixed.
+Sampled answers are seeded per prompt (:func:`row_seed`), so a resume or another ``--batch-size`` samples the same
+answer for a prompt (up to the rounding of differently padded batches).
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._atomic import write_text_atomic
 from ..config.eakd_config import ConfigError
 from ..data.prompts import chat_prompt
+from ..models.fingerprint import file_sha256, fingerprint_weights
 from ..models.generation import GenerationSettings, encode_prompt, end_token_ids, generate_token_ids
 
 logger = logging.getLogger(__name__)
@@ -51,7 +56,10 @@ __all__ = [
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SETTINGS_FILE = "settings.json"
 GENERATIONS_FILE = "generations.jsonl"
-SETTINGS_FORMAT = 1
+SETTINGS_FORMAT = 2  # 2: binds every byte of the weights, dtype, device, tokenizer and end ids
+# Recorded in settings.json but not compared: where the teacher was (a moved teacher is the same teacher) and the
+# per-file record that spares re-hashing unchanged weight files.
+UNBOUND_KEYS = ("teacher", "teacher_files")
 
 
 @dataclass(frozen=True)
@@ -112,14 +120,6 @@ class DataSettings:
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt files
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _prompt_record(row: Any, where: str) -> PromptRecord:
@@ -242,26 +242,53 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> 
     return keys
 
 
-def _bind_folder(output: str, expected: dict[str, Any]) -> None:
-    """Write ``settings.json``, or check that the folder's is the same (else a one-line refusal naming the keys)."""
+def _read_settings(output: str) -> dict[str, Any] | None:
     path = os.path.join(output, SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as handle:
-            try:
-                existing = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path} is not valid JSON; use another --output") from err
-        if existing != expected:
-            keys = _differing(expected, existing)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON; use another --output") from err
+
+
+def _bind_folder(output: str, bound: dict[str, Any], recorded: dict[str, Any]) -> None:
+    """Write ``settings.json`` (``bound`` plus ``recorded``), or check that the folder's ``bound`` values are the same
+    (else a one-line refusal naming the keys) and refresh its ``recorded`` ones."""
+    existing = _read_settings(output)
+    if existing is not None:
+        have = {k: v for k, v in existing.items() if k not in UNBOUND_KEYS}
+        if have != bound:
+            keys = _differing(bound, have)
             raise ConfigError(f"--output {output!r} holds answers generated with other settings ({', '.join(keys)} "
                               "differ); nothing was changed: use another --output folder")
-        return
-    if os.path.isdir(output) and os.listdir(output):
+    elif os.path.isdir(output) and os.listdir(output):
         raise ConfigError(f"--output {output!r} is not empty and holds no {SETTINGS_FILE}; use an empty or new folder")
     os.makedirs(output, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(expected, handle, indent=2)
-        handle.write("\n")
+    write_text_atomic(os.path.join(output, SETTINGS_FILE), json.dumps({**bound, **recorded}, indent=2) + "\n")
+
+
+def _end_ids(teacher: str, tokenizer, trust_remote_code: bool) -> list[int]:
+    """The ids generation stops at, read without loading the weights: the model's generation config is its
+    ``generation_config.json``, else the one its config implies (as ``from_pretrained`` does)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        config = GenerationConfig.from_pretrained(teacher)
+    except OSError:
+        config = GenerationConfig.from_model_config(AutoConfig.from_pretrained(teacher,
+                                                                               trust_remote_code=trust_remote_code))
+    return end_token_ids(tokenizer, SimpleNamespace(generation_config=config))
+
+
+def row_seed(seed: int, record_id: str) -> int:
+    """The sampling seed of one prompt: a hash of the run's seed and the prompt's id, so a prompt's answer depends
+    on neither its batch nor its position, and seeds ``s`` and ``s + 1`` share no draws."""
+    digest = hashlib.sha256(f"{seed}\0{record_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _write_splits(output: str, records: Sequence[PromptRecord], done: Mapping[str, dict[str, Any]],
@@ -275,9 +302,8 @@ def _write_splits(output: str, records: Sequence[PromptRecord], done: Mapping[st
             continue
         kept = [row for row in rows if row["stopped"] or not drop_truncated]
         path = os.path.join(output, f"{split}.jsonl")
-        with open(path, "w", encoding="utf-8") as handle:
-            for row in kept:
-                handle.write(json.dumps({k: v for k, v in row.items() if k != "split"}, ensure_ascii=False) + "\n")
+        write_text_atomic(path, "".join(json.dumps({k: v for k, v in row.items() if k != "split"},
+                                                   ensure_ascii=False) + "\n" for row in kept))
         truncated = sum(not row["stopped"] for row in rows)
         summary[split] = {"file": path, "records": len(kept), "truncated": truncated,
                           "dropped": len(rows) - len(kept), "stopped_share": 1 - truncated / len(rows)}
@@ -305,11 +331,10 @@ def generate_teacher_data(
     import time
 
     import torch
-    import transformers
     from tqdm.auto import tqdm
 
     from ..models.loading import load_causal_lm, load_tokenizer
-    from .cache import resolved_teacher, teacher_fingerprint
+    from .cache import resolved_teacher, tokenizer_fingerprint
 
     settings = settings or DataSettings()
     settings.validate()
@@ -321,31 +346,36 @@ def generate_teacher_data(
         raise ConfigError(f"TEACHER {teacher!r}: its tokenizer has no chat_template, so prompts cannot be written as "
                           "chat turns")
     encoded = dict(zip((r.id for r in records), encode_prompts(records, tokenizer, settings)))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ends = _end_ids(teacher, tokenizer, trust_remote_code)
+    model = None
+    weights = fingerprint_weights(teacher, (_read_settings(output) or {}).get("teacher_files"))
+    if weights is None:  # a hub id not downloaded yet: load (download) it first, then fingerprint what arrived
+        model = load_causal_lm(teacher, dtype, trust_remote_code, key="TEACHER")
+        weights = fingerprint_weights(teacher)
     _bind_folder(output, {
-        "format": SETTINGS_FORMAT, "teacher": resolved_teacher(teacher), "teacher_fingerprint":
-        teacher_fingerprint(teacher), "prompts_sha256": file_sha256(prompts_file), "generation": settings.identity(),
-    })
+        "format": SETTINGS_FORMAT, "teacher_fingerprint": weights.digest if weights else None,
+        "prompts_sha256": file_sha256(prompts_file), "generation": settings.identity(), "dtype": dtype,
+        "device": torch.device(device).type,
+        "tokenizer": {"vocabulary": tokenizer_fingerprint(tokenizer), "end_ids": ends,
+                      "chat_template_sha256": hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()},
+    }, {"teacher": resolved_teacher(teacher), "teacher_files": weights.files if weights else None})
     log_path = os.path.join(output, GENERATIONS_FILE)
     wanted = {r.id: r for r in records}
     done = _read_generations(log_path, wanted)
     pending = [r for r in records if r.id not in done]
     started = time.perf_counter()
     if pending:
-        model = load_causal_lm(teacher, dtype, trust_remote_code, key="TEACHER")
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ends = end_token_ids(tokenizer, model)
+        model = model or load_causal_lm(teacher, dtype, trust_remote_code, key="TEACHER")
+        model.to(device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
         generation = settings.generation()
         progress = tqdm(total=len(pending), desc="Teacher answers", unit="prompt", disable=not show_progress)
-        positions = {r.id: i for i, r in enumerate(records)}
         with open(log_path, "a", encoding="utf-8") as log:
             for start in range(0, len(pending), settings.batch_size):
                 batch = pending[start:start + settings.batch_size]
-                # Seeded by the batch's first prompt: a resumed run samples what an uninterrupted one would have.
-                torch.manual_seed(settings.seed + positions[batch[0].id])
-                transformers.set_seed(settings.seed + positions[batch[0].id])
                 answers = generate_token_ids(model, [encoded[r.id] for r in batch], generation, ends, pad,
-                                             keep_eos=True)
+                                             keep_eos=True, row_seeds=[row_seed(settings.seed, r.id) for r in batch])
                 rows = [answer_record(r, ids, ends, tokenizer, settings.system) for r, ids in zip(batch, answers)]
                 log.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
                 log.flush()
@@ -355,9 +385,7 @@ def generate_teacher_data(
     summary = {"splits": _write_splits(output, records, done, drop_truncated), "generated": len(pending),
                "reused": len(records) - len(pending), "seconds": time.perf_counter() - started,
                "drop_truncated": drop_truncated}
-    with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-        handle.write("\n")
+    write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -41,10 +41,11 @@ import torch
 
 from ..config.eakd_config import ConfigError, EAKDConfig
 from ..loss.distillation import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, log_probs
+from ..models.fingerprint import WeightsFingerprint, fingerprint_weights
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: the manifest binds the teacher's weights (teacher_fingerprint)
+CACHE_VERSION = 3  # 2: the manifest binds the teacher's weights; 3: every byte of them (sha256 of each file)
 VALUE_FORMATS = ("float32", "float16", "uint8")
 MANIFEST = "manifest.json"
 TEACHER_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_log_tail", "teacher_entropy")
@@ -79,50 +80,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_SAMPLE_BLOCKS, _BLOCK = 64, 1 << 16
-
-
 def resolved_teacher(path: str | None) -> str | None:
-    """A local teacher folder as an absolute, symlink-free path (so ``./t`` and ``/abs/t`` are one teacher); a hub
-    id as it is."""
+    """A local teacher folder as an absolute, symlink-free path; a hub id as it is. Recorded to say where a cache
+    came from; what binds a cache to its teacher is the weights' fingerprint (a moved teacher is the same teacher)."""
     if path and os.path.exists(os.path.expanduser(path)):
         return os.path.realpath(os.path.expanduser(path))
     return path
-
-
-def teacher_fingerprint(path: str | None) -> str | None:
-    """A fingerprint of the teacher's weights: its ``config.json`` and, for every weight file, its name, size and a
-    hash of 64 evenly spaced 64 KiB blocks (the safetensors header included). Retraining into the same folder changes
-    essentially every byte, so the sampled blocks change; hashing whole files would read a 70B teacher's 140 GB. A
-    hub id is fingerprinted through its locally cached snapshot (whose folder name is the commit); ``None`` when the
-    weights cannot be found locally."""
-    folder = resolved_teacher(path)
-    if folder and not os.path.isdir(folder):
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(folder, local_files_only=True)
-        except Exception:  # not cached, or not a hub id: nothing to bind the cache to
-            return None
-    if not folder:
-        return None
-    digest = hashlib.sha256()
-    names = sorted(n for n in os.listdir(folder) if n == "config.json" or n.endswith(WEIGHT_SUFFIXES))
-    if not any(n.endswith(WEIGHT_SUFFIXES) for n in names):
-        return None
-    for name in names:
-        file = os.path.join(folder, name)
-        size = os.path.getsize(file)
-        digest.update(f"{name}:{size}:".encode())
-        with open(file, "rb") as handle:
-            if name == "config.json" or size <= _SAMPLE_BLOCKS * _BLOCK:
-                digest.update(handle.read())
-                continue
-            for i in range(_SAMPLE_BLOCKS):
-                handle.seek(i * (size - _BLOCK) // (_SAMPLE_BLOCKS - 1))
-                digest.update(handle.read(_BLOCK))
-    return digest.hexdigest()[:32]
 
 
 def num_loss_tokens(labels: Sequence[int]) -> int:
@@ -240,7 +203,8 @@ class CacheManifest:
     shard_size: int
     teacher_dtype: str
     splits: dict[str, dict[str, Any]]  # split -> {"fingerprint", "examples", "tokens", "shards"}
-    teacher_fingerprint: str | None = None  # teacher_fingerprint() of the weights the cache was built from
+    teacher_fingerprint: str | None = None  # fingerprint_weights() digest of the weights the cache was built from
+    teacher_files: list[dict[str, Any]] | None = None  # its per-file record: later checks re-hash changed files only
 
     def bytes_per_token(self) -> int:
         return bytes_per_token(self.top_k, self.vocab_size, self.value_format)
@@ -265,12 +229,25 @@ class CacheManifest:
             raise ConfigError(f"teacher_cache: {path} is not a valid cache manifest ({err})") from err
 
 
-def expected_manifest_fields(config: EAKDConfig, tokenizer) -> dict[str, Any]:
-    """The manifest fields a recipe requires of a cache (besides the data fingerprints)."""
+# Recorded in the manifest but not compared: where the teacher was (a moved teacher is the same teacher) and the
+# per-file record that spares re-hashing unchanged files.
+UNBOUND_FIELDS = ("teacher", "teacher_files")
+
+
+def teacher_weights(config: EAKDConfig,
+                    recorded: Sequence[Mapping[str, Any]] | None = None) -> WeightsFingerprint | None:
+    """The fingerprint of the recipe's teacher weights (``None``: none on this machine)."""
+    return fingerprint_weights(config.teacher_model_name_or_path, recorded)
+
+
+def expected_manifest_fields(config: EAKDConfig, tokenizer, weights: WeightsFingerprint | None) -> dict[str, Any]:
+    """The manifest fields a recipe requires of a cache (besides the data fingerprints), for the teacher
+    ``weights``."""
     return {
         "version": CACHE_VERSION,
         "teacher": resolved_teacher(config.teacher_model_name_or_path),
-        "teacher_fingerprint": teacher_fingerprint(config.teacher_model_name_or_path),
+        "teacher_fingerprint": weights.digest if weights else None,
+        "teacher_files": weights.files if weights else None,
         "teacher_dtype": str(config.teacher_dtype or config.model_dtype),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "temperature": float(config.temperature),
@@ -281,22 +258,28 @@ def expected_manifest_fields(config: EAKDConfig, tokenizer) -> dict[str, Any]:
 
 
 def check_manifest(manifest: CacheManifest, config: EAKDConfig, tokenizer, datasets: Mapping[str, Any]) -> None:
-    """Refuse a cache built for another teacher, tokenizer, temperature, entropy temperature, lengths or data, naming
-    every mismatch (:class:`ConfigError`)."""
+    """Refuse a cache built for another teacher's weights, tokenizer, temperature, entropy temperature, lengths or
+    data, naming every mismatch (:class:`ConfigError`). The teacher's files are re-hashed when their size or mtime
+    differ from the manifest's record."""
     names = {"tokenizer": "tokenizer (its vocabulary or special tokens differ)", "version": "cache version",
-             "teacher": "teacher_model_name_or_path", "teacher_dtype": "teacher_dtype",
-             "teacher_fingerprint": "teacher weights"}
+             "teacher_dtype": "teacher_dtype", "teacher_fingerprint": "teacher weights"}
     problems = []
-    for key, wanted in expected_manifest_fields(config, tokenizer).items():
+    teacher = config.teacher_model_name_or_path
+    weights = teacher_weights(config, manifest.teacher_files) if teacher else None
+    for key, wanted in expected_manifest_fields(config, tokenizer, weights).items():
         have = getattr(manifest, key)
-        if key.startswith("teacher") and not config.teacher_model_name_or_path:
+        if key in UNBOUND_FIELDS or (key.startswith("teacher") and not teacher):
             continue  # training from the cache alone: the recipe need not name the teacher
         if have != wanted:
             if key == "tokenizer":
                 shown = "built with another tokenizer"
+            elif key == "teacher_fingerprint" and weights is None:
+                shown = (f"{teacher!r} has no weights on this machine to check the cache against: fetch them, or "
+                         "drop teacher_model_name_or_path to train from the cache alone")
             elif key == "teacher_fingerprint":
-                shown = (f"the cache was built from other weights than {config.teacher_model_name_or_path!r} holds "
-                         "now (retrained or updated?): rebuild it with eakd-llm cache-teacher")
+                shown = (f"the cache was built from other weights than {teacher!r} holds now (retrained or "
+                         f"updated? changed: {', '.join(weights.rehashed) or 'the file list'}): rebuild it with "
+                         "eakd-llm cache-teacher")
             else:
                 shown = f"cache {have!r}, recipe {wanted!r}"
             problems.append(f"{names.get(key, key)}: {shown}")
@@ -511,7 +494,7 @@ def build_cache(
     from transformers import AutoConfig
 
     from ..data.dataset import DistillationCollator, build_dataset, load_split
-    from ..models.loading import load_causal_lm, load_tokenizer
+    from ..models.loading import load_tokenizer
     from ..models.sharding import place_teacher
 
     if value_format not in VALUE_FORMATS:
@@ -539,18 +522,25 @@ def build_cache(
         splits[config.dataset_eval_split] = config.max_eval_samples
     datasets = {split: build_dataset(load_split(config.dataset_name, split, config.dataset_config), config, tokenizer,
                                      split=split, max_samples=limit) for split, limit in splits.items()}
+    existing = CacheManifest.read(output_dir) if os.path.isfile(os.path.join(output_dir, MANIFEST)) else None
+    teacher = None
+    weights = teacher_weights(config, existing.teacher_files if existing else None)
+    if weights is None:  # a hub id not downloaded yet: load (download) it first, then fingerprint what arrived
+        teacher = _load_teacher(config)
+        weights = teacher_weights(config)
     manifest = CacheManifest(
-        **expected_manifest_fields(config, tokenizer), top_k=top_k, vocab_size=vocab, teacher_vocab_size=teacher_vocab,
+        **expected_manifest_fields(config, tokenizer, weights), top_k=top_k, vocab_size=vocab,
+        teacher_vocab_size=teacher_vocab,
         value_format=value_format, shard_size=shard_size,
         splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
                         "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
                         "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],
                         "complete": False} for split, ds in datasets.items()},
     )
-    if os.path.isfile(os.path.join(output_dir, MANIFEST)):
-        existing = CacheManifest.read(output_dir)
-        mine = {**asdict(manifest), "splits": None}
-        theirs = {**asdict(existing), "splits": None}
+    if existing is not None:
+        unbound = dict.fromkeys((*UNBOUND_FIELDS, "splits"))
+        mine = {**asdict(manifest), **unbound}
+        theirs = {**asdict(existing), **unbound}
         differ = [key for key in mine if mine[key] != theirs[key]]
         differ += [f"split {s}" for s in manifest.splits
                    if existing.splits.get(s, {}).get("fingerprint") != manifest.splits[s]["fingerprint"]]
@@ -573,8 +563,7 @@ def build_cache(
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
 
-    teacher = load_causal_lm(config.teacher_model_name_or_path, config.teacher_dtype or config.model_dtype,
-                             config.trust_remote_code, config.attn_implementation, key="teacher_model_name_or_path")
+    teacher = teacher or _load_teacher(config)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     teacher, placement = place_teacher(teacher, accelerator, config, deepspeed, fsdp)
@@ -622,6 +611,13 @@ def build_cache(
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
     return CacheManifest.read(output_dir)  # what the main process recorded, on every process
+
+
+def _load_teacher(config: EAKDConfig):
+    from ..models.loading import load_causal_lm
+
+    return load_causal_lm(config.teacher_model_name_or_path, config.teacher_dtype or config.model_dtype,
+                          config.trust_remote_code, config.attn_implementation, key="teacher_model_name_or_path")
 
 
 def _shard_complete(path: str, dataset, span: tuple[int, int]) -> bool:
