@@ -504,3 +504,17 @@ def test_cache_teacher_command_then_training_from_the_cache(tiny_stack, tmp_path
         env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.startswith("eakd-llm: error: --top-k must be in [1, V]")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/train-00000.safetensors", ".."])
+def test_a_manifest_naming_a_shard_outside_the_cache_is_refused(tiny_stack, tmp_path, full_cache, name):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full_cache, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0] = name
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "outside.safetensors").write_bytes((Path(full_cache) / "train-00000.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match="not a file name inside the cache folder"):
+        TeacherCache(str(damaged))
+    with pytest.raises(ConfigError, match="not a file name inside the cache folder"):
+        prepare_run(_config(tiny_stack, tmp_path, teacher_cache=str(damaged)))

@@ -224,9 +224,18 @@ class CacheManifest:
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
-            return cls(**data)
+            manifest = cls(**data)
         except (json.JSONDecodeError, TypeError) as err:
             raise ConfigError(f"teacher_cache: {path} is not a valid cache manifest ({err})") from err
+        for split, entry in manifest.splits.items():
+            for shard in entry.get("shards", []):
+                # Shards are files of the cache folder itself: a name with a folder in it ("../x", "/abs/x") would
+                # read outside the cache.
+                if not isinstance(shard, str) or shard in ("", ".", "..") or os.path.basename(shard) != shard or (
+                        os.sep != "/" and "/" in shard):
+                    raise ConfigError(f"teacher_cache: {path} names shard {shard!r} of split {split!r}, which is not "
+                                      "a file name inside the cache folder; the manifest is damaged or not a cache's")
+        return manifest
 
 
 # Recorded in the manifest but not compared: where the teacher was (a moved teacher is the same teacher) and the
