@@ -64,8 +64,29 @@ def test_teacher_forced_scores_match_a_hand_computation(tiny_stack):
                                                      reference=reference)] == [100.0, 100.0]
 
 
-def _row(name, seed, ce, top1):
-    return {"name": name, "seed": seed, "per_prompt": {"ce": ce, "top1": top1, "rougeL": top1, "stopped": [1.0]}}
+def _row(name, seed, ce, top1, tokens=None):
+    return {"name": name, "seed": seed, "per_prompt": {"ce": ce, "top1": top1, "rougeL": top1, "stopped": [1.0],
+                                                       "tokens": tokens or [10] * len(ce)}}
+
+
+def test_ce_and_top1_are_token_weighted_ratios_of_sums():
+    """A 3-token answer weighs less than a 60-token one: the table's CE is sum(ce_p * n_p) / sum(n_p), and the
+    paired difference is the difference of those ratios."""
+    from eakd_llm.evaluation.fidelity import token_weighted
+    from eakd_llm.studies.real_study_report import summarise
+
+    tokens = [3, 60, 17]
+    a = _row("a", 1, [4.0, 1.0, 2.0], [10.0, 90.0, 50.0], tokens)
+    b = _row("b", 1, [1.0, 1.5, 2.5], [80.0, 60.0, 40.0], tokens)
+    ratio = lambda v: sum(x * n for x, n in zip(v, tokens)) / sum(tokens)  # noqa: E731
+    assert np.mean(token_weighted([4.0, 1.0, 2.0], tokens)) == pytest.approx(ratio([4.0, 1.0, 2.0]))
+    assert summarise("a", [a])["ce"]["mean"] == pytest.approx(ratio([4.0, 1.0, 2.0]))  # 1.5, not 2.33
+    assert summarise("a", [a])["top1"]["mean"] == pytest.approx(ratio([10.0, 90.0, 50.0]))
+    assert summarise("a", [a])["rougeL"]["mean"] == pytest.approx(50.0)  # per prompt: a ROUGE-L per answer
+    ce = compare("a", [a], "b", [b], "ce")
+    assert ce["mean_diff"] == pytest.approx(ratio([4.0, 1.0, 2.0]) - ratio([1.0, 1.5, 2.5]))
+    with pytest.raises(ValueError, match="3 values for 2 token counts"):
+        token_weighted([1.0, 2.0, 3.0], [1, 2])
 
 
 def test_verdicts_know_that_lower_ce_is_better():
@@ -127,16 +148,25 @@ TINY_PLAN = StudyPlan(num_train=8, num_test=4, steps=2, batch_size=2, num_layers
 
 
 def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
+    import shutil
+
     root = tmp_path / "study"
     fetched = []
+    teacher_copy = tmp_path / "cache" / "teacher"
+    shutil.copytree(tiny_stack["teacher"], teacher_copy)
 
     def fetch(cache: Path) -> Path:
         fetched.append(cache)
-        return Path(tiny_stack["teacher"])
+        return teacher_copy if cache == tmp_path / "cache" else cache / "teacher"
 
-    results = run_study(str(RECIPES), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(tmp_path / "cache"), workers=1,
-                        fetch=fetch)
-    assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == Path(tiny_stack["teacher"]).resolve()
+    recipes = tmp_path / "recipes"  # the study's recipes plus one at another tau': a cache of its own
+    shutil.copytree(RECIPES, recipes)
+    text = (recipes / "eakd_token_normalized.yaml").read_text()
+    (recipes / "eakd_token_normalized_t1.yaml").write_text(text.replace("entropy_temperature: 2.0",
+                                                                        "entropy_temperature: 1.0"))
+    results = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(tmp_path / "cache"),
+                        workers=1, fetch=fetch)
+    assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == teacher_copy.resolve()
     # the data: the teacher's answers to the first prompts of each split, chat records
     train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (root / "data" / "test.jsonl").read_text().splitlines()]
@@ -148,13 +178,26 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert calibration["data"] == str(root / "data" / "train.jsonl") and calibration["sequences"] == 4
     # every model has a row; the KD recipes trained from the teacher cache, SFT without
     table = {row["name"]: row for row in results["table"]}
-    assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "kd", "sft"]
-    assert table[TEACHER]["top1"]["mean"] == 100.0 and table[TEACHER]["by_definition"] == ["top1", "rougeL"]
-    assert table["kd"]["teacher_cache"] and not table["sft"]["teacher_cache"]
+    assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t1", "kd",
+                           "sft"]
+    assert table[TEACHER]["top1"]["mean"] == pytest.approx(100.0)
+    assert table[TEACHER]["by_definition"] == ["top1", "rougeL"]
+    # every KD row read a cache built with its own tau': two caches, none of the KD rows live
+    caches = {c["entropy_temperature"]: c for c in results["teacher_cache"]["caches"]}
+    assert sorted(caches) == [1.0, 2.0] and caches[1.0]["recipes"] == ["eakd_token_normalized_t1"]
+    for name in ("kd", "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t1"):
+        folder = table[name]["teacher_cache"]
+        assert folder and json.loads((root / folder / "manifest.json").read_text())["entropy_temperature"] == (
+            1.0 if name.endswith("_t1") else 2.0)
+    assert not table["sft"]["teacher_cache"]
+    assert "teacher source of eakd_token_normalized_t1: cache teacher-cache-k16-t1-e1-float32" in (
+        capsys.readouterr().out)
+    assert str(root) not in (root / "results.json").read_text()  # paths relative to the study folder
     assert all(table[n]["seconds_per_step"] > 0 for n in ("kd", "sft"))
     rows = {(r["name"], r["seed"]): r for r in results["rows"]}
     assert all(len(r["per_prompt"]["ce"]) == 4 for r in rows.values())
     assert len(results["comparisons"]) == 4 * 3 and all(c["verdict"] for c in results["comparisons"])
+    assert (root / "students" / "kd" / "seed-1" / "row.json").exists()
     assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
     text = (root / "results.md").read_text()
     assert "one training seed" in text and "| kd (teacher cache) |" in text
@@ -168,17 +211,40 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     by_hand = []
     for example in chat_examples(records, tokenizer, 128, 96):
         s_ce, s_argmax = _by_hand(student, example)
-        by_hand.append((s_ce, 100.0 * np.mean([a == b for a, b in zip(s_argmax, _by_hand(teacher, example)[1])])))
-    assert rows[(PRUNED, None)]["per_prompt"]["top1"] == pytest.approx([t for _, t in by_hand])
-    assert rows[(PRUNED, None)]["per_prompt"]["ce"] == pytest.approx([c for c, _ in by_hand], abs=1e-4)
+        agree = [a == b for a, b in zip(s_argmax, _by_hand(teacher, example)[1])]
+        by_hand.append((s_ce, 100.0 * np.mean(agree), len(agree)))
+    assert rows[(PRUNED, None)]["per_prompt"]["top1"] == pytest.approx([t for _, t, _ in by_hand])
+    assert rows[(PRUNED, None)]["per_prompt"]["ce"] == pytest.approx([c for c, _, _ in by_hand], abs=1e-4)
+    assert rows[(PRUNED, None)]["per_prompt"]["tokens"] == [n for _, _, n in by_hand]
+    total = sum(n for _, _, n in by_hand)  # the table: token-weighted, a ratio of sums over the answers
+    assert table[PRUNED]["ce"]["mean"] == pytest.approx(sum(c * n for c, _, n in by_hand) / total, abs=1e-4)
+    assert table[PRUNED]["top1"]["mean"] == pytest.approx(sum(t * n for _, t, n in by_hand) / total)
 
-    # a second run reuses everything; another plan is refused in one line
+    # a second run reuses everything, also with the teacher's cache folder moved (the same weights elsewhere)
     capsys.readouterr()
-    again = run_study(str(RECIPES), str(root), TINY_PLAN, seeds=(1,), workers=1, fetch=fetch)
-    assert "0 runs to do, 5 reused" in capsys.readouterr().out
+    moved = tmp_path / "moved-cache"
+    shutil.move(str(tmp_path / "cache"), str(moved))
+    again = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
+    assert "0 runs to do, 6 reused" in capsys.readouterr().out
+    assert (root / "teacher").resolve() == (moved / "teacher").resolve()
     assert again["table"] == results["table"] and again["timings"]["runs"] == results["timings"]["runs"]
+    # resume files damaged anyway (a kill mid-write of an older version, a full disk): recomputed, or named
+    row = root / "students" / "kd" / "seed-1" / "row.json"
+    row.write_text(row.read_text()[:40])
+    (root / "reference.json").write_text("{\"ids\": [")
+    (root / "timings.json").write_text("{")
+    capsys.readouterr()
+    damaged = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1,
+                        fetch=fetch)
+    assert "1 runs to do, 5 reused" in capsys.readouterr().out
+    assert json.loads(row.read_text())["name"] == "kd" and damaged["table"][0] == results["table"][0]
+    (root / "plan.json").write_text("{")
+    with pytest.raises(ConfigError, match="plan.json is damaged"):
+        run_study(str(recipes), str(root), TINY_PLAN, fetch=fetch)
+    (root / "plan.json").unlink()
+    run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
     with pytest.raises(ConfigError, match="another plan \\(steps differ\\)"):
-        run_study(str(RECIPES), str(root), StudyPlan(**{**TINY_PLAN.__dict__, "steps": 3}), fetch=fetch)
+        run_study(str(recipes), str(root), StudyPlan(**{**TINY_PLAN.__dict__, "steps": 3}), fetch=fetch)
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
@@ -190,3 +256,37 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert study_main([str(RECIPES), "--output-dir", str(tmp_path / "file")]) == 2
     assert "is an existing file" in capsys.readouterr().err
+
+
+def test_top1_compares_both_models_over_the_tokenizers_tokens(tiny_stack, tmp_path):
+    """A teacher whose output matrix has padding rows beyond its tokenizer (scaled copies of real rows, so they win
+    the argmax at some positions) against a student without them: both argmaxes are taken over the tokenizer's
+    tokens, so the original teacher, whose first rows are the padded one's, agrees with it everywhere."""
+    import shutil
+
+    from eakd_llm.studies.real_study import _reference, evaluate_folder
+
+    root = tmp_path / "study"
+    (root / "data").mkdir(parents=True)
+    tokenizer = load_tokenizer(tiny_stack["teacher"])
+    padded = AutoModelForCausalLM.from_pretrained(tiny_stack["teacher"])
+    vocab = len(tokenizer)
+    padded.resize_token_embeddings(vocab + 8, mean_resizing=False)
+    head = padded.get_output_embeddings().weight
+    with torch.no_grad():
+        head[vocab:] = 3.0 * head[:8]
+    padded.save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    records = [{"messages": [{"role": "user", "content": f"Name a fruit number {i}."},
+                             {"role": "assistant", "content": "apple banana cherry pear plum"}], "stopped": True}
+               for i in range(3)]
+    (root / "data" / "test.jsonl").write_text("".join(json.dumps({"id": str(i), **r}) + "\n"
+                                                      for i, r in enumerate(records)))
+    plan = StudyPlan(num_test=3, max_length=128, max_prompt_length=96, max_new_tokens=4, eval_batch_size=2,
+                     system=None)
+    reference = _reference(root, plan)
+    assert reference["vocab_size"] == vocab and max(max(a) for a in reference["argmax"]) < vocab
+    student = tmp_path / "original"
+    shutil.copytree(tiny_stack["teacher"], student)
+    scores = evaluate_folder(str(student), str(root), plan)
+    assert scores["per_prompt"]["top1"] == [100.0] * 3

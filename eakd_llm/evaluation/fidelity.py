@@ -5,8 +5,11 @@ The references are the teacher's own answers (chat records from :mod:`eakd_llm.t
 * ``ce``: the student's cross-entropy per answer token on the teacher's answer (teacher forcing; the answer's targets
   end at the template's end-of-turn token, exactly as training tokenizes chat records);
 * ``top1``: top-1 agreement, the share (x100) of those answer positions where the student's most likely next token
-  is the teacher's most likely next token (both argmaxes on the same teacher-forced inputs, over the shared
-  vocabulary);
+  is the teacher's most likely next token (both argmaxes on the same teacher-forced inputs, over the same
+  vocabulary: the tokenizer's tokens, never a model's padding rows);
+* ``tokens``: the answer positions the two are taken over. A study reports ``ce`` and ``top1`` token-weighted (a
+  ratio of sums over prompts, :func:`token_weighted`), as training's ``eval_ce_loss`` is, so a 3-token answer weighs
+  less than a 60-token one;
 * ``rougeL``: ROUGE-L (x100) of the student's greedy answer against the teacher's answer;
 * ``stopped``: 1 when the student's answer ended at an end token within the budget, else 0.
 """
@@ -24,10 +27,26 @@ from ..loss.distillation import IGNORE_INDEX
 from ..models.generation import GenerationSettings, model_device
 from .protocol import encode_record_prompt, generate_predictions, score_examples
 
-__all__ = ["METRICS", "chat_examples", "generation_scores", "teacher_forced_scores", "top1_agreement"]
+__all__ = ["METRICS", "TOKEN_WEIGHTED", "chat_examples", "generation_scores", "teacher_forced_scores",
+           "token_weighted", "top1_agreement"]
 
 # metric -> True when higher is better
 METRICS: dict[str, bool] = {"ce": False, "top1": True, "rougeL": True}
+# metrics taken over answer tokens: averaged per token (ratio of sums), not per prompt
+TOKEN_WEIGHTED: tuple[str, ...] = ("ce", "top1")
+
+
+def token_weighted(values: Sequence[float], tokens: Sequence[int]) -> list[float]:
+    """Per-prompt contributions whose plain mean is the token-weighted mean ``sum(v_p * n_p) / sum(n_p)`` of the
+    per-prompt means ``values`` over ``tokens`` answer positions: ``v_p * n_p * P / N``. Every student is scored on the
+    same teacher answers (the same ``n_p``), so paired differences of these contributions, prompt by prompt, are
+    differences of token-weighted means and the crossed-design intervals apply to them unchanged."""
+    if len(values) != len(tokens) or not values:
+        raise ValueError(f"{len(values)} values for {len(tokens)} token counts")
+    total = sum(tokens)
+    if total <= 0:
+        raise ValueError("no answer tokens to weigh by")
+    return [float(v) * n * len(values) / total for v, n in zip(values, tokens)]
 
 
 def chat_examples(records: Sequence[EvalRecord], tokenizer, max_length: int,
@@ -56,8 +75,9 @@ def top1_agreement(student: Sequence[int], teacher: Sequence[int]) -> float:
 def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int, batch_size: int = 8,
                           reference: Sequence[Sequence[int]] | None = None,
                           vocab_size: int | None = None) -> list[dict[str, Any]]:
-    """Per example: ``ce`` (nats per answer token), ``argmax`` (the model's most likely next token at each answer
-    position, over the first ``vocab_size`` ids) and, given the ``reference`` argmaxes, ``top1``."""
+    """Per example: ``ce`` (nats per answer token), ``tokens`` (answer positions), ``argmax`` (the model's most likely
+    next token at each answer position, over the first ``vocab_size`` ids) and, given the ``reference`` argmaxes
+    (taken over the same ids), ``top1``."""
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -81,7 +101,7 @@ def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]]
                 keep = targets[row] != IGNORE_INDEX
                 row_logits, row_targets = logits[row][keep], targets[row][keep]
                 ce = torch.nn.functional.cross_entropy(row_logits, row_targets).item()
-                out.append({"ce": ce, "argmax": row_logits.argmax(-1).tolist()})
+                out.append({"ce": ce, "tokens": int(keep.sum()), "argmax": row_logits.argmax(-1).tolist()})
     finally:
         model.train(was_training)
     if reference is not None:

@@ -11,12 +11,17 @@ One command, every step resumable (a second run with the same plan reuses what i
 4. the student: the teacher pruned by block influence to ``num_layers`` layers (:mod:`eakd_llm.models.prune`),
    calibrated on the training conversations, in ``DIR/student-pruned``;
 5. the teacher's top-k cache (:func:`eakd_llm.teacher.cache.build_cache`) when it costs fewer teacher forwards than
-   the KD runs would make live (``--teacher-cache auto``);
+   the KD runs would make live (``--teacher-cache auto``): one cache per distinct (tau, tau', teacher dtype) of the
+   KD recipes, so every KD row reads a cache built for its own settings; each row records its teacher source;
 6. every recipe of ``RECIPE_DIR`` trained once per training seed (paths in the recipes are relative to ``DIR``);
 7. every model scored on the test prompts against the teacher's answers (:mod:`eakd_llm.evaluation.fidelity`: CE, top-1
    agreement, ROUGE-L of greedy answers, stopped share), with rows for the teacher and the untrained pruned student,
    paired differences with 95% intervals and verdicts (:mod:`eakd_llm.studies.statistics`), the time of every step;
-   ``results.json`` and ``results.md``.
+   ``results.json`` and ``results.md`` (paths in them relative to ``DIR``).
+
+Every file a resume reads (``plan.json``, ``reference.json``, each run's ``row.json``, ``timings.json``) is written
+whole or not at all (a temporary file and a rename); a damaged one found anyway is recomputed, or, for the plan,
+named.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_text_atomic
 from ..config.eakd_config import ConfigError
 from .real_study_plan import PRESETS, PRUNED, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
 
@@ -64,19 +70,51 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _write_json(path: Path, value: Any) -> None:
+    write_text_atomic(path, json.dumps(value, indent=2, default=str) + "\n")
+
+
+def _read_json(path: Path) -> Any | None:
+    """A resume file's content; ``None`` when it is missing or damaged (then it is computed again, said in the log)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        logger.warning("%s is damaged (not valid JSON): computing it again", path)
+        return None
+
+
+def relative_paths(value: Any, root: Path) -> Any:
+    """``value`` with every string naming a path inside ``root`` made relative to it (results that name no folder of
+    the machine that ran them)."""
+    prefix = str(root).rstrip(os.sep) + os.sep
+    if isinstance(value, str):
+        return value[len(prefix):] if value.startswith(prefix) else "." if value == str(root) else value
+    if isinstance(value, dict):
+        return {k: relative_paths(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, root) for v in value]
+    return value
+
+
 def _bind_plan(root: Path, plan: StudyPlan, prompts_sha: str) -> None:
     """``plan.json``, or a one-line refusal when the folder was made with another plan (seeds may differ)."""
     wanted = {"plan": asdict(plan), "prompts_sha256": prompts_sha}
     path = root / "plan.json"
     if path.exists():
-        have = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is damaged (not valid JSON), so this study's plan is unknown: remove it if the "
+                              "plan is the one you are running, or use another --output-dir") from err
         if have != wanted:
             keys = [k for k in wanted["plan"] if have.get("plan", {}).get(k) != wanted["plan"][k]]
             keys += ["the prompt set"] if have.get("prompts_sha256") != prompts_sha else []
             raise ConfigError(f"--output-dir {str(root)!r} holds a study with another plan ({', '.join(keys)} "
                               "differ); use another --output-dir")
         return
-    path.write_text(json.dumps(wanted, indent=2) + "\n", encoding="utf-8")
+    _write_json(path, wanted)
 
 
 def select_prompts(records: Sequence[dict[str, Any]], plan: StudyPlan) -> list[dict[str, Any]]:
@@ -161,8 +199,9 @@ def _prune(root: Path, plan: StudyPlan) -> dict[str, Any]:
 def _reference(root: Path, plan: StudyPlan) -> dict[str, Any]:
     """The teacher's CE and argmaxes on its own test answers (``reference.json``), computed once."""
     path = root / "reference.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
+    reference = _read_json(path)
+    if reference is not None:
+        return reference
     from ..data.prompts import load_eval_records
     from ..evaluation.fidelity import chat_examples, teacher_forced_scores
     from ..evaluation.protocol import load_model_for_eval
@@ -170,12 +209,15 @@ def _reference(root: Path, plan: StudyPlan) -> dict[str, Any]:
     model, tokenizer = load_model_for_eval(str(root / "teacher"), dtype="float32")
     records = load_eval_records(str(root / "data" / "test.jsonl"), fmt="messages")
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
-    scores = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size)
+    # Argmaxes over the tokenizer's tokens: rows of the output matrix beyond them are padding, which another model
+    # may not have, so top-1 agreement compares both models over the same ids.
+    vocab = len(tokenizer)
+    scores = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size, vocab_size=vocab)
     rows = [json.loads(line) for line in (root / "data" / "test.jsonl").open(encoding="utf-8") if line.strip()]
     reference = {"ids": [r["id"] for r in rows], "ce": [s["ce"] for s in scores],
-                 "argmax": [s["argmax"] for s in scores], "stopped": [float(r["stopped"]) for r in rows],
-                 "vocab_size": int(model.get_output_embeddings().weight.shape[0])}
-    path.write_text(json.dumps(reference) + "\n", encoding="utf-8")
+                 "tokens": [s["tokens"] for s in scores], "argmax": [s["argmax"] for s in scores],
+                 "stopped": [float(r["stopped"]) for r in rows], "vocab_size": vocab}
+    _write_json(path, reference)
     return reference
 
 
@@ -214,7 +256,18 @@ def _cacheable(config) -> bool:
 
 
 def _cache_key(config) -> tuple:
-    return (config.temperature, config.entropy_temperature, str(config.teacher_dtype or config.model_dtype))
+    """What a cache's entries depend on besides the data: tau, tau' and the teacher's dtype."""
+    dtype = str(config.teacher_dtype or config.model_dtype)
+    return (float(config.temperature), float(config.entropy_temperature), dtype)
+
+
+def cache_groups(configs: dict[str, Any], recipes: Sequence[str]) -> list[list[str]]:
+    """The cached recipes grouped by :func:`_cache_key`, in recipe order: one cache per group, so every recipe reads
+    a cache built with its own tau, tau' and dtype (none silently falls back to the live teacher)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in recipes:
+        groups.setdefault(_cache_key(configs[name]), []).append(name)
+    return list(groups.values())
 
 
 def plan_cache(configs: dict[str, Any], plan: StudyPlan, num_seeds: int, num_train: int) -> dict[str, Any]:
@@ -227,15 +280,34 @@ def plan_cache(configs: dict[str, Any], plan: StudyPlan, num_seeds: int, num_tra
             "recipes": kd if use else []}
 
 
-def _build_cache(root: Path, plan: StudyPlan, config, decision: dict[str, Any]) -> dict[str, Any]:
+def _cache_folder(root: Path, plan: StudyPlan, config, several: bool) -> Path:
+    name = f"teacher-cache-k{plan.cache_top_k}"
+    if several:
+        tau, tau_e, dtype = _cache_key(config)
+        name += f"-t{tau:g}-e{tau_e:g}-{dtype}"
+    return root / name
+
+
+def _build_caches(root: Path, plan: StudyPlan, configs: dict[str, Any], decision: dict[str, Any]) -> dict[str, Any]:
+    """One cache per :func:`cache_groups` group; ``decision`` gains ``caches`` (each with its recipes and folder) and
+    ``by_recipe`` (recipe -> cache folder)."""
     from ..teacher.cache import build_cache
 
-    folder = root / f"teacher-cache-k{plan.cache_top_k}"
-    start = time.perf_counter()
-    manifest = build_cache(config, str(folder), plan.cache_top_k, value_format="float16", shard_size=256,
-                           batch_size=plan.eval_batch_size)
-    return {**decision, "folder": str(folder), "top_k": plan.cache_top_k, "seconds": time.perf_counter() - start,
-            "bytes_per_token": manifest.bytes_per_token(), "tokens": manifest.splits["train"]["tokens"]}
+    groups = cache_groups(configs, decision["recipes"])
+    caches, by_recipe = [], {}
+    for names in groups:
+        config = configs[names[0]]
+        folder = _cache_folder(root, plan, config, len(groups) > 1)
+        start = time.perf_counter()
+        manifest = build_cache(config, str(folder), plan.cache_top_k, value_format="float16", shard_size=256,
+                               batch_size=plan.eval_batch_size)
+        tau, tau_e, dtype = _cache_key(config)
+        caches.append({"folder": str(folder), "recipes": names, "temperature": tau, "entropy_temperature": tau_e,
+                       "teacher_dtype": dtype, "seconds": time.perf_counter() - start,
+                       "bytes_per_token": manifest.bytes_per_token(), "tokens": manifest.splits["train"]["tokens"]})
+        by_recipe.update(dict.fromkeys(names, str(folder)))
+    return {**decision, "top_k": plan.cache_top_k, "caches": caches, "by_recipe": by_recipe,
+            "seconds": sum(c["seconds"] for c in caches)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,18 +327,30 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
     model, tokenizer = load_model_for_eval(folder, dtype="float32")
     records = load_eval_records(str(Path(root) / "data" / "test.jsonl"), fmt="messages")
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
-    vocab = min(reference["vocab_size"], int(model.get_output_embeddings().weight.shape[0]))
+    vocab = reference["vocab_size"]  # the tokenizer's tokens, as the teacher's argmaxes were taken
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    if rows < vocab:
+        raise ConfigError(f"{folder}: the model has {rows} output rows, fewer than the {vocab} tokens of the teacher's "
+                          "tokenizer, so its top-1 cannot be compared with the teacher's")
     forced = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size,
                                    reference["argmax"], vocab)
     generated = generation_scores(model, tokenizer, records, data_settings(plan).generation())
-    with open(Path(folder) / "answers.jsonl", "w", encoding="utf-8") as handle:
-        for id_, f, g in zip(reference["ids"], forced, generated):
-            handle.write(json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"],
-                                     "top1": f["top1"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n")
+    write_text_atomic(Path(folder) / "answers.jsonl", "".join(
+        json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"], "top1": f["top1"],
+                    "tokens": f["tokens"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n"
+        for id_, f, g in zip(reference["ids"], forced, generated)))
     per_prompt = {"ce": [f["ce"] for f in forced], "top1": [f["top1"] for f in forced],
-                  "rougeL": [g["rougeL"] for g in generated], "stopped": [g["stopped"] for g in generated]}
-    return {"per_prompt": per_prompt, "means": {k: sum(v) / len(v) for k, v in per_prompt.items()},
-            "eval_seconds": time.perf_counter() - start}
+                  "tokens": [f["tokens"] for f in forced], "rougeL": [g["rougeL"] for g in generated],
+                  "stopped": [g["stopped"] for g in generated]}
+    return {"per_prompt": per_prompt, "means": _means(per_prompt), "eval_seconds": time.perf_counter() - start}
+
+
+def _means(per_prompt: dict[str, list[float]]) -> dict[str, float]:
+    """Each metric's mean over the test prompts; CE and top-1 token-weighted (ratio of sums)."""
+    from ..evaluation.fidelity import TOKEN_WEIGHTED, token_weighted
+
+    return {k: sum(token_weighted(v, per_prompt["tokens"]) if k in TOKEN_WEIGHTED else v) / len(v)
+            for k, v in per_prompt.items() if k != "tokens"}
 
 
 def _train(config) -> dict[str, Any]:
@@ -307,7 +391,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         folder = Path(config.output_dir)
         row.update(_train(config))
     row.update(evaluate_folder(str(folder), str(root), plan), folder=str(folder))
-    (Path(job["row_path"])).write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    _write_json(Path(job["row_path"]), row)
     return row
 
 
@@ -363,7 +447,7 @@ class _Timings(dict):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
-        self.earlier = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        self.earlier = _read_json(path) or {}
 
     @contextlib.contextmanager
     def step(self, name: str, reused: Callable[[], bool] = lambda: False):
@@ -371,7 +455,7 @@ class _Timings(dict):
         yield
         seconds = time.perf_counter() - start
         self[name] = self.earlier[name] if reused() and name in self.earlier else seconds
-        self.path.write_text(json.dumps({**self.earlier, **self}, indent=2) + "\n", encoding="utf-8")
+        _write_json(self.path, {**self.earlier, **self})
 
 
 def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[str, Any], seeds: Sequence[int],
@@ -385,17 +469,16 @@ def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[s
             jobs.append({"name": name, "seed": seed, "recipe": str(path), "row_path": str(folder / "row.json"),
                          "recipe_sha256": _sha256(path.read_bytes()),
                          "overrides": run_overrides(plan, seed, folder, int(warmup)),
-                         "teacher_cache": cache.get("folder") if name in cache["recipes"] else None})
+                         "teacher_cache": cache.get("by_recipe", {}).get(name)})
     todo, done = [], []
     for job in jobs:
         job.update(plan=asdict(plan), root=str(root))
         path = Path(job["row_path"])
-        if path.exists():
-            row = json.loads(path.read_text(encoding="utf-8"))
-            if row.get("recipe_sha256") == job.get("recipe_sha256") and row.get("teacher_cache") == job.get(
-                    "teacher_cache"):
-                done.append(row)
-                continue
+        row = _read_json(path)
+        if row is not None and row.get("recipe_sha256") == job.get("recipe_sha256") and row.get(
+                "teacher_cache") == job.get("teacher_cache"):
+            done.append(row)
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
         todo.append(job)
     todo.sort(key=lambda j: (j["name"] == PRUNED, j.get("teacher_cache") is not None or configs.get(
@@ -415,7 +498,6 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
 
     from ..models.fetch import default_cache_dir, ensure_smollm2
     from .demo import check_output_dir
-    from .instruction_prompts import write_prompt_set
     from .statistics import machine_description
 
     plan.validate()
@@ -445,7 +527,7 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
         _link(teacher, root / "teacher")
     say(f"  teacher: {teacher} ({timings['fetch']:.0f} s)")
     if not (root / "prompts.jsonl").exists():
-        write_prompt_set(str(root / "prompts.jsonl"), chosen)
+        write_text_atomic(root / "prompts.jsonl", lines)
     with timings.step("generate_data", lambda: data["generated"] == 0):
         data = _generate(root, plan)
     say(f"  teacher answers: {data['generated']} generated, {data['reused']} reused ({timings['generate_data']:.0f} "
@@ -464,22 +546,28 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     cache = plan_cache(configs, plan, len(seeds), data["splits"]["train"]["records"])
     if cache["use"]:
         with timings.step("teacher_cache"):
-            first = configs[cache["recipes"][0]]
-            cache["recipes"] = [n for n in cache["recipes"] if _cache_key(configs[n]) == _cache_key(first)]
-            cache = _build_cache(root, plan, first, cache)
-        say(f"  teacher top-{plan.cache_top_k} cache for {', '.join(cache['recipes'])} ({cache['seconds']:.0f} s)")
+            cache = _build_caches(root, plan, configs, cache)
+        for entry in cache["caches"]:
+            say(f"  teacher top-{plan.cache_top_k} cache (tau {entry['temperature']:g}, tau' "
+                f"{entry['entropy_temperature']:g}, {entry['teacher_dtype']}) for {', '.join(entry['recipes'])} "
+                f"({entry['seconds']:.0f} s)")
     else:
         say(f"  no teacher cache ({plan.teacher_cache}: {cache['live_teacher_examples']} live teacher examples vs "
             f"{cache['cache_examples']} to cache)")
+    for name, config in configs.items():
+        source = ("none (SFT)" if config.kd_ratio == 0 else
+                  f"cache {Path(cache['by_recipe'][name]).name}" if name in cache.get("by_recipe", {}) else "live")
+        say(f"  teacher source of {name}: {source}")
     todo, rows = _jobs(root, plan, recipes, configs, seeds, cache)
     say(f"  {len(todo)} runs to do, {len(rows)} reused; library output of workers -> {root / 'study.log'}")
     with timings.step("runs", lambda: not todo):
         rows += _run_jobs(todo, workers, root / "study.log", say)
     from .real_study_report import assemble, write_markdown
 
-    results = assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache, dict(timings),
-                       machine_description(), time.perf_counter() - started, workers)
-    (root / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    results = relative_paths(assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache,
+                                      dict(timings), machine_description(), time.perf_counter() - started, workers),
+                             root)
+    _write_json(root / "results.json", results)
     say(write_markdown(results, root / "results.md"))
     return results
 
@@ -488,9 +576,10 @@ def _teacher_row(root: Path) -> dict[str, Any]:
     """The teacher against its own answers: its CE measured; top-1 and ROUGE-L 100 by definition."""
     reference = json.loads((root / "reference.json").read_text(encoding="utf-8"))
     n = len(reference["ce"])
-    per_prompt = {"ce": reference["ce"], "top1": [100.0] * n, "rougeL": [100.0] * n, "stopped": reference["stopped"]}
+    per_prompt = {"ce": reference["ce"], "top1": [100.0] * n, "tokens": reference["tokens"], "rougeL": [100.0] * n,
+                  "stopped": reference["stopped"]}
     return {"name": TEACHER, "seed": None, "per_prompt": per_prompt, "by_definition": ["top1", "rougeL"],
-            "means": {k: sum(v) / len(v) for k, v in per_prompt.items()}}
+            "means": _means(per_prompt)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,15 +11,23 @@ from typing import Any
 
 import numpy as np
 
-from ..evaluation.fidelity import METRICS
+from .._atomic import write_text_atomic
+from ..evaluation.fidelity import METRICS, TOKEN_WEIGHTED, token_weighted
 from .real_study_plan import COMPARISONS, METRIC_NAMES, PRUNED, TEACHER, StudyPlan
 from .statistics import paired_difference, verdict_line
 
 FLIPPED = {"better": "worse", "worse": "better"}
 
 
+def per_prompt(row: Mapping[str, Any], metric: str) -> list[float]:
+    """A row's per-prompt scores as compared: token-weighted contributions for CE and top-1 (their mean is the ratio
+    of sums over answer tokens, :func:`eakd_llm.evaluation.fidelity.token_weighted`), plain scores otherwise."""
+    values = row["per_prompt"][metric]
+    return token_weighted(values, row["per_prompt"]["tokens"]) if metric in TOKEN_WEIGHTED else list(values)
+
+
 def _per_seed(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float]:
-    return [float(np.mean(row["per_prompt"][metric])) for row in rows]
+    return [float(np.mean(per_prompt(row, metric))) for row in rows]
 
 
 def summarise(name: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -42,8 +50,8 @@ def compare(name_a: str, rows_a: Sequence[Mapping[str, Any]], name_b: str, rows_
     for a lower-is-better metric the verdict says whether A is better, i.e. lower."""
     by_seed = {r["seed"]: r for r in rows_b}
     pairs = [(r, by_seed[r["seed"]]) for r in rows_a if r["seed"] in by_seed]
-    a = np.array([[a["per_prompt"][metric]] for a, _ in pairs], dtype=np.float64)
-    b = np.array([[b["per_prompt"][metric]] for _, b in pairs], dtype=np.float64)
+    a = np.array([[per_prompt(a, metric)] for a, _ in pairs], dtype=np.float64)
+    b = np.array([[per_prompt(b, metric)] for _, b in pairs], dtype=np.float64)
     result = paired_difference(a, b, f"{name_a} − {name_b}", metric)
     if not METRICS[metric]:
         result["verdict"] = FLIPPED.get(result["verdict"], result["verdict"])
@@ -112,8 +120,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {split} | {entry['records']} | {entry['truncated']} | {entry['dropped']} | "
                      f"{100 * entry['stopped_share']:.0f}% |")
     lines += ["", f"## Fidelity to the teacher on {results['num_test_prompts']} unseen test prompts", "",
-              "CE: the student's cross-entropy per token of the teacher's answer; top-1 agreement: the share of answer "
-              "positions where the student's argmax is the teacher's; ROUGE-L: the student's greedy answer against "
+              "CE: the student's cross-entropy per token of the teacher's answers; top-1 agreement: the share of "
+              "answer positions where the student's argmax is the teacher's (both token-weighted over all test "
+              "answers: a ratio of sums, like training's eval_ce_loss); ROUGE-L: the student's greedy answer against "
               "the teacher's; stopped: answers that ended within the budget. (def.): by definition (the references "
               "are the teacher's own answers).", "", *_table(results), "",
               "## Paired differences (95% intervals)", "", f"Intervals: {results['interval_note']}.", "",
@@ -133,5 +142,5 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     text = markdown(results)
-    Path(path).write_text(text, encoding="utf-8")
+    write_text_atomic(path, text)
     return text
