@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from eakd_llm.data.dataset import prompt_key
-from eakd_llm.studies.instruction_prompts import DEFAULT_PATH, FAMILIES, SPLITS, generate_prompt_set, groups
+from eakd_llm.data.instruction_prompts import DEFAULT_PATH, FAMILIES, SPLITS, generate_prompt_set, groups
 from eakd_llm.teacher.answers import read_prompt_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ ID = re.compile(r"^(?P<family>[a-z]+)-(?P<group>[a-z-]+)-t(?P<template>\d+)-e(?P
 def test_committed_file_is_the_generators_output_and_reads_as_a_prompt_file():
     path = REPO / DEFAULT_PATH
     committed = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    stale = "stale: rewrite it with `python -m eakd_llm.studies.instruction_prompts`"
+    stale = "stale: rewrite it with `python -m eakd_llm.data.instruction_prompts`"
     assert committed == generate_prompt_set(0), stale
     records = read_prompt_file(str(path))  # ids unique, splits valid, prompts non-empty
     assert len(records) == len(committed)

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from eakd_llm.cli import main
+from eakd_llm.data.instruction_prompts import generate_prompt_set
 from eakd_llm.models.loading import load_tokenizer
-from eakd_llm.studies.instruction_prompts import generate_prompt_set
 
 SYSTEM = "Be brief."
 

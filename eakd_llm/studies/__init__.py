@@ -1,5 +1,4 @@
 """Studies: paired statistics with crossed-design intervals (:mod:`.statistics`), the embedded demo's plan, runner and
 report (:mod:`.demo_plan`, :mod:`.demo`, :mod:`.demo_report`), the real-model study's (:mod:`.real_study_plan`,
-:mod:`.real_study`, :mod:`.real_study_report`), the offline tiny stack (:mod:`.synthetic`) and the bundled instruction
-prompt set (:mod:`.instruction_prompts`).
+:mod:`.real_study`, :mod:`.real_study_report`) and the offline tiny stack (:mod:`.synthetic`).
 """

