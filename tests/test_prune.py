@@ -429,7 +429,6 @@ def test_cli_refusals(tiny_stack, tmp_path, capsys):
         ([teacher, "--output", out, "--layers", "0,4"], "out of range"),
         ([teacher, "--output", out, "--layers", "0,x"], "comma-separated layer indices"),
         ([teacher, "--output", out, "--layers", "0", "--method", "uniform"], "--layers already names them"),
-        ([teacher, "--output", out, "--num-layers", "2"], "needs calibration text"),
         ([teacher, "--output", out, "--num-layers", "2", "--method", "uniform", *calib], "block-influence only"),
         ([teacher, "--output", out, "--num-layers", "2", *calib, "--max-length", "1"], "--max-length must be >= 2"),
         ([teacher, "--output", str(tmp_path / "full"), "--layers", "0"], "pass --overwrite"),
@@ -452,3 +451,31 @@ def test_cli_refusals(tiny_stack, tmp_path, capsys):
     assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "model" / "config.json").read_text() == "{}"
+
+
+def test_block_influence_defaults_to_the_bundled_prompt_set(tiny_stack, tmp_path, capsys):
+    """With no --calibration-data or --recipe (the first command a new user tries after fetch-model), block influence
+    calibrates on the bundled instruction prompts' training split, rendered with the model's chat template; the
+    output names the set, block_influence.json records it, and the scores are those of exactly those sequences."""
+    from transformers import AutoTokenizer
+
+    from eakd_llm.data.instruction_prompts import generate_prompt_set
+    from eakd_llm.models.prune import BUNDLED_CALIBRATION, bundled_calibration_sequences
+
+    out = tmp_path / "pruned"
+    code, printed, err = _prune(tiny_stack["teacher"], "--output", str(out), "--num-layers", "3",
+                                "--calibration-samples", "6", "--max-length", "200", capsys=capsys)
+    assert code == 0, err
+    assert "calibration: 6 prompts of the bundled instruction prompt set" in printed
+    record = json.loads((out / SCORES_FILE).read_text())
+    assert record["calibration"]["data"] == BUNDLED_CALIBRATION and record["calibration"]["sequences"] == 6
+    assert record["calibration"]["rendering"] == "chat template"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_stack["teacher"])
+    sequences, _ = bundled_calibration_sequences(tokenizer, 6, 200, seed=0)
+    train_prompts = [r["prompt"] for r in generate_prompt_set(0) if r["split"] == "train"]
+    for sequence in sequences:  # a training prompt as the template's user turn, ending in the generation prompt
+        text = tokenizer.decode(sequence)
+        assert any(f"<|user|>\n{prompt}" in text for prompt in train_prompts)
+        assert text.endswith("<|assistant|>\n")
+    batches = calibration_batches(sequences, 8, tokenizer.pad_token_id)
+    assert record["scores"] == pytest.approx(block_influence(_load_eager(tiny_stack["teacher"]), batches), abs=1e-6)

@@ -339,9 +339,11 @@ def build_prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-layers", type=int, help="how many layers to keep (chosen by --method)")
     parser.add_argument("--method", choices=METHODS, help="how --num-layers chooses: uniform (evenly spaced, first and "
                         "last kept) or block-influence (ShortGPT: drop the layers that change the hidden states "
-                        "least; the default, needs calibration text)")
+                        "least; the default)")
     parser.add_argument("--calibration-data", help="calibration records: a .jsonl/.json/.parquet file or folder in "
-                        "a training format, records with a 'text' column, or a .txt file (one document per line)")
+                        "a training format, records with a 'text' column, or a .txt file (one document per line); "
+                        "default (with no --recipe either): the bundled instruction prompt set's training prompts, "
+                        "rendered with the model's chat template")
     parser.add_argument("--recipe", help="training recipe whose data (and format/column keys) calibrates; with "
                         "--calibration-data, only its format/column keys are used")
     parser.add_argument("--calibration-samples", type=int, default=128, help="records to draw (default 128)")
@@ -376,9 +378,6 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.num_layers is not None and args.method is None:
         args.method = "block-influence"
     scoring = args.method == "block-influence"
-    if scoring and not (args.calibration_data or args.recipe):
-        raise ConfigError("--method block-influence needs calibration text: give --calibration-data FILE or "
-                          "--recipe RECIPE.yaml (or use --method uniform or --layers)")
     if not scoring and (args.calibration_data or args.recipe):
         raise ConfigError("--calibration-data and --recipe are read by --method block-influence only")
     for name in ("calibration_samples", "batch_size"):
@@ -448,12 +447,44 @@ def _load_source_tokenizer(path: str, trust_remote_code: bool):
         return None
 
 
+BUNDLED_CALIBRATION = "the bundled instruction prompt set (eakd_llm.data.instruction_prompts, seed 0, train split)"
+
+
+def bundled_calibration_sequences(tokenizer, num_samples: int, max_length: int,
+                                  seed: int = 0) -> tuple[list[list[int]], str]:
+    """Token ids of ``num_samples`` training prompts of the bundled instruction prompt set (seeded draw), each a user
+    turn rendered with the tokenizer's chat template and its generation prompt, as a chat model sees prompts (plain
+    text when the tokenizer has no template); and how they were rendered."""
+    import random
+
+    from ..data.instruction_prompts import generate_prompt_set
+    from ..data.prompts import chat_prompt
+
+    prompts = [r["prompt"] for r in generate_prompt_set(0) if r["split"] == "train"]
+    random.Random(seed).shuffle(prompts)
+    chosen = prompts[:num_samples]
+    if getattr(tokenizer, "chat_template", None) is not None:
+        texts = [chat_prompt([{"role": "user", "content": p}], tokenizer) for p in chosen]
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        return [seq[:max_length] for seq in ids], "chat template"
+    return [tokenizer(p)["input_ids"][:max_length] for p in chosen], "plain text (the tokenizer has no chat template)"
+
+
 def _calibration(tokenizer, args: argparse.Namespace) -> tuple[list[list[int]], dict[str, Any]]:
     """The calibration token ids and their description, read before any weight is loaded."""
     from ..config.recipe import load_recipe
 
     if tokenizer is None:
         raise ConfigError(f"MODEL {args.model!r} has no tokenizer to encode the calibration text with")
+    if not (args.calibration_data or args.recipe):
+        sequences, rendering = bundled_calibration_sequences(tokenizer, args.calibration_samples, args.max_length,
+                                                             args.seed)
+        print(f"calibration: {len(sequences)} prompts of {BUNDLED_CALIBRATION}, rendered with {rendering} "
+              "(--calibration-data or --recipe to use your own data)", flush=True)
+        return sequences, {"data": BUNDLED_CALIBRATION, "rendering": rendering, "recipe": None,
+                           "samples_requested": args.calibration_samples, "sequences": len(sequences),
+                           "tokens": sum(len(s) for s in sequences), "max_length": args.max_length,
+                           "batch_size": args.batch_size, "seed": args.seed}
     recipe = load_recipe(args.recipe) if args.recipe else None
     sequences = calibration_sequences(tokenizer, args.calibration_data, recipe, args.calibration_samples,
                                       args.max_length, args.seed)
