@@ -104,3 +104,30 @@ def test_cli_reports_bad_recipe_without_traceback(tiny_stack, tmp_path):
     assert result.returncode == 2
     assert "model_name_or_path" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_lora_adapter_trained_from_a_relative_path_loads_from_anywhere(tiny_stack, tmp_path):
+    """A recipe naming the student relatively (as the study's recipes do: model_name_or_path: student-pruned) is
+    resolved when the config is built, so the adapter records an absolute base model and loads from any working
+    directory (it used to record 'student-pruned' and load only from the folder it was trained in)."""
+    import shutil
+
+    from eakd_llm.evaluation.protocol import load_model_for_eval
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_stack["student"], work / "student-pruned")
+    args = [sys.executable, str(REPO / "scripts" / "distill.py"), str(REPO / "recipes" / "tiny" / "eakd_token.yaml"),
+            "--model_name_or_path", "student-pruned", "--teacher_model_name_or_path", tiny_stack["teacher"],
+            "--dataset_name", tiny_stack["data_dir"], "--output_dir", "lora", "--max_steps", "2",
+            "--eval_strategy", "no", "--save_strategy", "no", "--per_device_train_batch_size", "4",
+            "--max_length", "96", "--max_prompt_length", "64", "--disable_tqdm", "true", "--use_peft", "true",
+            "--lora_r", "4", "--lora_alpha", "8"]
+    result = _run(args, cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    adapter = work / "lora"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(work / "student-pruned")
+    assert Path.cwd() != work
+    model, _ = load_model_for_eval(str(adapter), device="cpu")
+    student = AutoModelForCausalLM.from_pretrained(tiny_stack["student"])
+    assert model.config.num_hidden_layers == student.config.num_hidden_layers

@@ -33,6 +33,10 @@ def uses_flash_attention(attn_implementation: str | None) -> bool:
 
 
 
+# the fields naming a model folder or hub id, resolved to absolute paths when they exist here
+MODEL_PATH_FIELDS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_name_or_path", "student_init_from")
+
+
 def looks_like_local_path(path: str) -> bool:
     """Hub ids are "name" or "org/name": anything else path-like is meant as a local path."""
     return path.startswith((".", "/", "~")) or path.count("/") > 1
@@ -277,8 +281,17 @@ class EAKDConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self.resolve_local_paths()
         self.validate()
         super().__post_init__()
+
+    def resolve_local_paths(self) -> None:
+        """Model folders that exist here become absolute paths (hub ids stay ids), so what a run records (a LoRA
+        adapter's ``base_model_name_or_path``, a cache's teacher) still names them from another working directory."""
+        for name in MODEL_PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+                setattr(self, name, os.path.abspath(os.path.expanduser(value)))
 
     def validate(self) -> None:
         """Check every distillation field; raise :class:`ConfigError` naming the field and the allowed values."""
