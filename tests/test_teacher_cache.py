@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hub_helpers import fake_hub_snapshot
 from loss_helpers import distillation_loss_kw as distillation_loss
 from loss_helpers import fused_loss_kw as fused_distillation_loss
 
@@ -420,21 +421,6 @@ def test_one_changed_weight_anywhere_refuses_the_cache(tiny_stack, tmp_path):
                             teacher_cache=cache))
 
 
-def _fake_hub_snapshot(tiny_stack, hub: Path, repo: str) -> Path:
-    """A hub cache entry for ``repo`` as huggingface_hub lays it out, holding every file but the weights (what a
-    first run finds before it downloads them)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    entry = hub / f"models--{repo.replace('/', '--')}"
-    snapshot = entry / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (entry / "refs").mkdir()
-    (entry / "refs" / "main").write_text(commit)
-    for name in os.listdir(tiny_stack["teacher"]):
-        if name != "model.safetensors":
-            shutil.copy(os.path.join(tiny_stack["teacher"], name), snapshot / name)
-    return snapshot
-
-
 def test_a_hub_teachers_first_cache_records_its_weights(tiny_stack, tmp_path, monkeypatch):
     """A hub id whose weights are not downloaded yet: the build fingerprints them after loading (downloading) the
     teacher, so training from that cache is accepted (it used to record no fingerprint, and every later run refused
@@ -446,7 +432,7 @@ def test_a_hub_teachers_first_cache_records_its_weights(tiny_stack, tmp_path, mo
     repo = "local/tiny-teacher"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    snapshot = _fake_hub_snapshot(tiny_stack, tmp_path / "hub", repo)
+    snapshot = fake_hub_snapshot(tiny_stack["teacher"], tmp_path / "hub", repo)
     real = loading.load_causal_lm
 
     def downloading(path, *args, **kwargs):  # the download from_pretrained would do, then the real load
