@@ -37,6 +37,16 @@ def _by_hand(model, example) -> tuple[float, list[int]]:
     return ce, logits[keep].argmax(-1).tolist()
 
 
+def _kl_by_hand(teacher, student, example) -> float:
+    """KL(T || S) per answer token over the whole vocabulary, float64, one unpadded example."""
+    ids = torch.tensor([example["input_ids"]])
+    keep = torch.tensor(example["labels"][1:]) != IGNORE_INDEX
+    with torch.no_grad():
+        log_t = teacher(input_ids=ids).logits[0, :-1][keep].double().log_softmax(-1)
+        log_s = student(input_ids=ids).logits[0, :-1][keep].double().log_softmax(-1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
 def test_top1_agreement_by_hand():
     assert top1_agreement([1, 2, 3, 4], [1, 0, 3, 0]) == 50.0
     assert top1_agreement([7], [7]) == 100.0
@@ -54,10 +64,12 @@ def test_teacher_forced_scores_match_a_hand_computation(tiny_stack):
     examples = chat_examples(records, tokenizer, 128, 96)
     assert len(examples[0]["input_ids"]) != len(examples[1]["input_ids"])  # one batch, padded
     reference = [_by_hand(teacher, e)[1] for e in examples]
-    scores = teacher_forced_scores(student, examples, tokenizer.pad_token_id, batch_size=2, reference=reference)
+    scores = teacher_forced_scores(student, examples, tokenizer.pad_token_id, batch_size=2, reference=reference,
+                                   teacher=teacher)
     for example, score, ref in zip(examples, scores, reference):
         ce, argmax = _by_hand(student, example)
         assert score["ce"] == pytest.approx(ce, abs=1e-4)
+        assert score["kl"] == pytest.approx(_kl_by_hand(teacher, student, example), abs=1e-5)
         assert score["argmax"] == argmax
         assert score["top1"] == pytest.approx(100.0 * np.mean([a == b for a, b in zip(argmax, ref)]))
     assert [s["top1"] for s in teacher_forced_scores(teacher, examples, tokenizer.pad_token_id,
@@ -65,8 +77,8 @@ def test_teacher_forced_scores_match_a_hand_computation(tiny_stack):
 
 
 def _row(name, seed, ce, top1, tokens=None):
-    return {"name": name, "seed": seed, "per_prompt": {"ce": ce, "top1": top1, "rougeL": top1, "stopped": [1.0],
-                                                       "tokens": tokens or [10] * len(ce)}}
+    return {"name": name, "seed": seed, "per_prompt": {"ce": ce, "kl": ce, "top1": top1, "rougeL": top1,
+                                                       "stopped": [1.0], "tokens": tokens or [10] * len(ce)}}
 
 
 def test_ce_and_top1_are_token_weighted_ratios_of_sums():
@@ -181,7 +193,7 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t1", "kd",
                            "sft"]
     assert table[TEACHER]["top1"]["mean"] == pytest.approx(100.0)
-    assert table[TEACHER]["by_definition"] == ["top1", "rougeL"]
+    assert table[TEACHER]["by_definition"] == ["kl", "top1", "rougeL"]
     # every KD row read a cache built with its own tau': two caches, none of the KD rows live
     caches = {c["entropy_temperature"]: c for c in results["teacher_cache"]["caches"]}
     assert sorted(caches) == [1.0, 2.0] and caches[1.0]["recipes"] == ["eakd_token_normalized_t1"]
@@ -196,7 +208,8 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert all(table[n]["seconds_per_step"] > 0 for n in ("kd", "sft"))
     rows = {(r["name"], r["seed"]): r for r in results["rows"]}
     assert all(len(r["per_prompt"]["ce"]) == 4 for r in rows.values())
-    assert len(results["comparisons"]) == 4 * 3 and all(c["verdict"] for c in results["comparisons"])
+    assert len(results["comparisons"]) == 4 * 4 and all(c["verdict"] for c in results["comparisons"])
+    assert table[TEACHER]["kl"]["mean"] == 0.0 and table[PRUNED]["kl"]["mean"] > 0
     assert (root / "students" / "kd" / "seed-1" / "row.json").exists()
     assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
     text = (root / "results.md").read_text()
@@ -216,6 +229,8 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert rows[(PRUNED, None)]["per_prompt"]["top1"] == pytest.approx([t for _, t, _ in by_hand])
     assert rows[(PRUNED, None)]["per_prompt"]["ce"] == pytest.approx([c for c, _, _ in by_hand], abs=1e-4)
     assert rows[(PRUNED, None)]["per_prompt"]["tokens"] == [n for _, _, n in by_hand]
+    kl = [_kl_by_hand(teacher, student, e) for e in chat_examples(records, tokenizer, 128, 96)]
+    assert rows[(PRUNED, None)]["per_prompt"]["kl"] == pytest.approx(kl, abs=1e-5)
     total = sum(n for _, _, n in by_hand)  # the table: token-weighted, a ratio of sums over the answers
     assert table[PRUNED]["ce"]["mean"] == pytest.approx(sum(c * n for c, _, n in by_hand) / total, abs=1e-4)
     assert table[PRUNED]["top1"]["mean"] == pytest.approx(sum(t * n for _, t, n in by_hand) / total)

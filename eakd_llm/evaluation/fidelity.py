@@ -7,9 +7,12 @@ The references are the teacher's own answers (chat records from :mod:`eakd_llm.t
 * ``top1``: top-1 agreement, the share (x100) of those answer positions where the student's most likely next token
   is the teacher's most likely next token (both argmaxes on the same teacher-forced inputs, over the same
   vocabulary: the tokenizer's tokens, never a model's padding rows);
-* ``tokens``: the answer positions the two are taken over. A study reports ``ce`` and ``top1`` token-weighted (a
-  ratio of sums over prompts, :func:`token_weighted`), as training's ``eval_ce_loss`` is, so a 3-token answer weighs
-  less than a 60-token one;
+* ``kl``: KL(T || S) per answer token over the whole shared vocabulary, from both models' logits on the same
+  teacher-forced inputs at temperature 1 (exact: the quantity distillation minimises, which a cached top-k cannot
+  give; CE on the teacher's greedy answers and KL to its distribution can disagree about which student is closer);
+* ``tokens``: the answer positions the three are taken over. A study reports ``ce``, ``top1`` and ``kl``
+  token-weighted (a ratio of sums over prompts, :func:`token_weighted`), as training's ``eval_ce_loss`` is, so a
+  3-token answer weighs less than a 60-token one;
 * ``rougeL``: ROUGE-L (x100) of the student's greedy answer against the teacher's answer;
 * ``stopped``: 1 when the student's answer ended at an end token within the budget, else 0.
 """
@@ -23,7 +26,7 @@ import torch
 
 from ..data.dataset import tokenize_example
 from ..data.prompts import EvalRecord, render_chat
-from ..loss.distillation import IGNORE_INDEX
+from ..loss.distillation import IGNORE_INDEX, token_divergence
 from ..models.generation import GenerationSettings, model_device
 from .protocol import encode_record_prompt, generate_predictions, score_examples
 
@@ -31,9 +34,9 @@ __all__ = ["METRICS", "TOKEN_WEIGHTED", "chat_examples", "generation_scores", "t
            "token_weighted", "top1_agreement"]
 
 # metric -> True when higher is better
-METRICS: dict[str, bool] = {"ce": False, "top1": True, "rougeL": True}
+METRICS: dict[str, bool] = {"ce": False, "kl": False, "top1": True, "rougeL": True}
 # metrics taken over answer tokens: averaged per token (ratio of sums), not per prompt
-TOKEN_WEIGHTED: tuple[str, ...] = ("ce", "top1")
+TOKEN_WEIGHTED: tuple[str, ...] = ("ce", "kl", "top1")
 
 
 def token_weighted(values: Sequence[float], tokens: Sequence[int]) -> list[float]:
@@ -73,14 +76,17 @@ def top1_agreement(student: Sequence[int], teacher: Sequence[int]) -> float:
 
 @torch.no_grad()
 def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int, batch_size: int = 8,
-                          reference: Sequence[Sequence[int]] | None = None,
-                          vocab_size: int | None = None) -> list[dict[str, Any]]:
+                          reference: Sequence[Sequence[int]] | None = None, vocab_size: int | None = None,
+                          teacher=None) -> list[dict[str, Any]]:
     """Per example: ``ce`` (nats per answer token), ``tokens`` (answer positions), ``argmax`` (the model's most likely
-    next token at each answer position, over the first ``vocab_size`` ids) and, given the ``reference`` argmaxes
-    (taken over the same ids), ``top1``."""
+    next token at each answer position, over the first ``vocab_size`` ids), given the ``reference`` argmaxes (taken
+    over the same ids) ``top1``, and given the ``teacher`` model ``kl``: KL(teacher || model) per answer token over
+    the first ``vocab_size`` ids (both models' shared vocabulary when ``None``)."""
     device = model_device(model)
     was_training = model.training
     model.eval()
+    if teacher is not None:
+        teacher.eval()
     out: list[dict[str, Any]] = []
     try:
         for start in range(0, len(examples), batch_size):
@@ -94,14 +100,24 @@ def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]]
                 ids[row, :n], labels[row, :n], mask[row, :n] = (torch.as_tensor(example["input_ids"]),
                                                                 torch.as_tensor(example["labels"]), 1)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
-            if vocab_size is not None:
+            teacher_logits = None
+            if teacher is not None:
+                teacher_logits = teacher(input_ids=ids.to(model_device(teacher)),
+                                         attention_mask=mask.to(model_device(teacher))).logits[:, :-1].float()
+                shared = min(logits.shape[-1], teacher_logits.shape[-1], vocab_size or logits.shape[-1])
+                teacher_logits = teacher_logits[..., :shared].to(device)
+                logits = logits[..., :shared]
+            elif vocab_size is not None:
                 logits = logits[..., :vocab_size]
             targets = labels[:, 1:].to(device)
             for row in range(len(chunk)):
                 keep = targets[row] != IGNORE_INDEX
                 row_logits, row_targets = logits[row][keep], targets[row][keep]
                 ce = torch.nn.functional.cross_entropy(row_logits, row_targets).item()
-                out.append({"ce": ce, "tokens": int(keep.sum()), "argmax": row_logits.argmax(-1).tolist()})
+                scores = {"ce": ce, "tokens": int(keep.sum()), "argmax": row_logits.argmax(-1).tolist()}
+                if teacher_logits is not None:
+                    scores["kl"] = token_divergence(row_logits, teacher_logits[row][keep], "fkl").mean().item()
+                out.append(scores)
     finally:
         model.train(was_training)
     if reference is not None:

@@ -325,6 +325,7 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
     start = time.perf_counter()
     reference = json.loads((Path(root) / "reference.json").read_text(encoding="utf-8"))
     model, tokenizer = load_model_for_eval(folder, dtype="float32")
+    teacher, _ = load_model_for_eval(str(Path(root) / "teacher"), dtype="float32")
     records = load_eval_records(str(Path(root) / "data" / "test.jsonl"), fmt="messages")
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
     vocab = reference["vocab_size"]  # the tokenizer's tokens, as the teacher's argmaxes were taken
@@ -333,14 +334,16 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
         raise ConfigError(f"{folder}: the model has {rows} output rows, fewer than the {vocab} tokens of the teacher's "
                           "tokenizer, so its top-1 cannot be compared with the teacher's")
     forced = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size,
-                                   reference["argmax"], vocab)
+                                   reference["argmax"], vocab, teacher=teacher)
+    del teacher
     generated = generation_scores(model, tokenizer, records, data_settings(plan).generation())
     write_text_atomic(Path(folder) / "answers.jsonl", "".join(
-        json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"], "top1": f["top1"],
-                    "tokens": f["tokens"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n"
+        json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"], "kl": f["kl"],
+                    "top1": f["top1"], "tokens": f["tokens"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n"
         for id_, f, g in zip(reference["ids"], forced, generated)))
-    per_prompt = {"ce": [f["ce"] for f in forced], "top1": [f["top1"] for f in forced],
-                  "tokens": [f["tokens"] for f in forced], "rougeL": [g["rougeL"] for g in generated],
+    per_prompt = {"ce": [f["ce"] for f in forced], "kl": [f["kl"] for f in forced],
+                  "top1": [f["top1"] for f in forced], "tokens": [f["tokens"] for f in forced],
+                  "rougeL": [g["rougeL"] for g in generated],
                   "stopped": [g["stopped"] for g in generated]}
     return {"per_prompt": per_prompt, "means": _means(per_prompt), "eval_seconds": time.perf_counter() - start}
 
@@ -573,12 +576,12 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
 
 
 def _teacher_row(root: Path) -> dict[str, Any]:
-    """The teacher against its own answers: its CE measured; top-1 and ROUGE-L 100 by definition."""
+    """The teacher against its own answers: its CE measured; KL 0, top-1 and ROUGE-L 100 by definition."""
     reference = json.loads((root / "reference.json").read_text(encoding="utf-8"))
     n = len(reference["ce"])
-    per_prompt = {"ce": reference["ce"], "top1": [100.0] * n, "tokens": reference["tokens"], "rougeL": [100.0] * n,
-                  "stopped": reference["stopped"]}
-    return {"name": TEACHER, "seed": None, "per_prompt": per_prompt, "by_definition": ["top1", "rougeL"],
+    per_prompt = {"ce": reference["ce"], "kl": [0.0] * n, "top1": [100.0] * n, "tokens": reference["tokens"],
+                  "rougeL": [100.0] * n, "stopped": reference["stopped"]}
+    return {"name": TEACHER, "seed": None, "per_prompt": per_prompt, "by_definition": ["kl", "top1", "rougeL"],
             "means": _means(per_prompt)}
 
 

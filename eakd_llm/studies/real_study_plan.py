@@ -14,7 +14,8 @@ TEACHER_CACHE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("eakd_token", "kd"), ("eakd_token_normalized", "kd"), ("kd", "sft"), ("eakd_token", "sft"))
 TEACHER, PRUNED = "teacher", "pruned, untrained"
-METRIC_NAMES = {"ce": "CE on the teacher's answers (nats/token, lower is better)", "top1": "top-1 agreement (%)",
+METRIC_NAMES = {"ce": "CE on the teacher's answers (nats/token, lower is better)",
+                "kl": "KL(T‖S) over the vocabulary (nats/token, lower is better)", "top1": "top-1 agreement (%)",
                 "rougeL": "ROUGE-L vs the teacher's answers"}
 
 

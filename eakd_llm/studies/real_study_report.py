@@ -91,11 +91,12 @@ def _cell(entry: Mapping[str, float], digits: int, several: bool, scale: float =
 
 def _table(results: Mapping[str, Any]) -> list[str]:
     several = len(results["seeds"]) > 1
-    lines = ["| model | CE ↓ | top-1 agreement % | ROUGE-L | stopped | s/step | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | CE ↓ | KL(T‖S) ↓ | top-1 agreement % | ROUGE-L | stopped | s/step | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["table"]:
         marks = {m: " (def.)" for m in row["by_definition"]}
         cells = [_cell(row["ce"], 3, several) + marks.get("ce", ""),
+                 _cell(row["kl"], 3, several) + marks.get("kl", ""),
                  _cell(row["top1"], 1, several) + marks.get("top1", ""),
                  _cell(row["rougeL"], 1, several) + marks.get("rougeL", ""),
                  f"{100 * row['stopped']['mean']:.0f}%",
@@ -120,9 +121,11 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines.append(f"| {split} | {entry['records']} | {entry['truncated']} | {entry['dropped']} | "
                      f"{100 * entry['stopped_share']:.0f}% |")
     lines += ["", f"## Fidelity to the teacher on {results['num_test_prompts']} unseen test prompts", "",
-              "CE: the student's cross-entropy per token of the teacher's answers; top-1 agreement: the share of "
-              "answer positions where the student's argmax is the teacher's (both token-weighted over all test "
-              "answers: a ratio of sums, like training's eval_ce_loss); ROUGE-L: the student's greedy answer against "
+              "CE: the student's cross-entropy per token of the teacher's answers; KL(T‖S): the teacher's "
+              "distribution against the student's at every answer position, over the whole vocabulary (what "
+              "distillation minimises); top-1 agreement: the share of answer positions where the student's argmax "
+              "is the teacher's (all three token-weighted over the test answers: ratios of sums, like training's "
+              "eval_ce_loss); ROUGE-L: the student's greedy answer against "
               "the teacher's; stopped: answers that ended within the budget. (def.): by definition (the references "
               "are the teacher's own answers).", "", *_table(results), "",
               "## Paired differences (95% intervals)", "", f"Intervals: {results['interval_note']}.", "",
