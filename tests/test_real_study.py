@@ -171,11 +171,7 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
         fetched.append(cache)
         return teacher_copy if cache == tmp_path / "cache" else cache / "teacher"
 
-    recipes = tmp_path / "recipes"  # the study's recipes plus one at another tau': a cache of its own
-    shutil.copytree(RECIPES, recipes)
-    text = (recipes / "eakd_token_normalized.yaml").read_text()
-    (recipes / "eakd_token_normalized_t1.yaml").write_text(text.replace("entropy_temperature: 2.0",
-                                                                        "entropy_temperature: 1.0"))
+    recipes = RECIPES  # KD, raw EA-KD, normalised EA-KD at tau' 2, 1, 0.5, SFT; and the kd_scaled control
     results = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(tmp_path / "cache"),
                         workers=1, fetch=fetch)
     assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == teacher_copy.resolve()
@@ -190,25 +186,32 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert calibration["data"] == str(root / "data" / "train.jsonl") and calibration["sequences"] == 4
     # every model has a row; the KD recipes trained from the teacher cache, SFT without
     table = {row["name"]: row for row in results["table"]}
-    assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t1", "kd",
-                           "sft"]
+    assert list(table) == [TEACHER, PRUNED, "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t05",
+                           "eakd_token_normalized_t1", "kd", "sft", "kd_scaled"]
     assert table[TEACHER]["top1"]["mean"] == pytest.approx(100.0)
     assert table[TEACHER]["by_definition"] == ["kl", "top1", "rougeL"]
     # every KD row read a cache built with its own tau': two caches, none of the KD rows live
     caches = {c["entropy_temperature"]: c for c in results["teacher_cache"]["caches"]}
-    assert sorted(caches) == [1.0, 2.0] and caches[1.0]["recipes"] == ["eakd_token_normalized_t1"]
-    for name in ("kd", "eakd_token", "eakd_token_normalized", "eakd_token_normalized_t1"):
+    assert sorted(caches) == [0.5, 1.0, 2.0] and caches[1.0]["recipes"] == ["eakd_token_normalized_t1"]
+    tau = {"eakd_token_normalized_t1": 1.0, "eakd_token_normalized_t05": 0.5}
+    for name in ("kd", "kd_scaled", "eakd_token", "eakd_token_normalized", *tau):
         folder = table[name]["teacher_cache"]
         assert folder and json.loads((root / folder / "manifest.json").read_text())["entropy_temperature"] == (
-            1.0 if name.endswith("_t1") else 2.0)
+            tau.get(name, 2.0))
+    # the control: KD scaled by the effective scale the same seed's raw EA-KD run measured
+    rows_by = {(r["name"], r["seed"]): r for r in results["rows"]}
+    scale = rows_by[("eakd_token", 1)]["ea_effective_scale"]
+    assert scale > 1 and rows_by[("kd_scaled", 1)]["kd_scale"] == scale and rows_by[("kd", 1)]["kd_scale"] == 1.0
+    assert table["kd_scaled"]["kd_scale"] == pytest.approx(scale)
     assert not table["sft"]["teacher_cache"]
-    assert "teacher source of eakd_token_normalized_t1: cache teacher-cache-k16-t1-e1-float32" in (
-        capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    assert "teacher source of eakd_token_normalized_t1: cache teacher-cache-k16-t1-e1-float32" in printed
+    assert "teacher source of kd_scaled: cache teacher-cache-k16-t1-e2-float32" in printed
     assert str(root) not in (root / "results.json").read_text()  # paths relative to the study folder
     assert all(table[n]["seconds_per_step"] > 0 for n in ("kd", "sft"))
     rows = {(r["name"], r["seed"]): r for r in results["rows"]}
     assert all(len(r["per_prompt"]["ce"]) == 4 for r in rows.values())
-    assert len(results["comparisons"]) == 4 * 4 and all(c["verdict"] for c in results["comparisons"])
+    assert len(results["comparisons"]) == 7 * 4 and all(c["verdict"] for c in results["comparisons"])
     assert table[TEACHER]["kl"]["mean"] == 0.0 and table[PRUNED]["kl"]["mean"] > 0
     assert (root / "students" / "kd" / "seed-1" / "row.json").exists()
     assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
@@ -240,19 +243,20 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     moved = tmp_path / "moved-cache"
     shutil.move(str(tmp_path / "cache"), str(moved))
     again = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
-    assert "0 runs to do, 6 reused" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 runs to do, 8 reused" in printed, [line for line in printed.splitlines() if "runs to do" in line]
     assert (root / "teacher").resolve() == (moved / "teacher").resolve()
     assert again["table"] == results["table"] and again["timings"]["runs"] == results["timings"]["runs"]
     # resume files damaged anyway (a kill mid-write of an older version, a full disk): recomputed, or named
-    row = root / "students" / "kd" / "seed-1" / "row.json"
+    row = root / "students" / "eakd_token" / "seed-1" / "row.json"
     row.write_text(row.read_text()[:40])
     (root / "reference.json").write_text("{\"ids\": [")
     (root / "timings.json").write_text("{")
     capsys.readouterr()
     damaged = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1,
                         fetch=fetch)
-    assert "1 runs to do, 5 reused" in capsys.readouterr().out
-    assert json.loads(row.read_text())["name"] == "kd" and damaged["table"][0] == results["table"][0]
+    assert "2 runs to do, 6 reused" in capsys.readouterr().out  # the EA-KD run and the control that takes its scale
+    assert json.loads(row.read_text())["name"] == "eakd_token" and damaged["table"][0] == results["table"][0]
     (root / "plan.json").write_text("{")
     with pytest.raises(ConfigError, match="plan.json is damaged"):
         run_study(str(recipes), str(root), TINY_PLAN, fetch=fetch)

@@ -13,7 +13,9 @@ One command, every step resumable (a second run with the same plan reuses what i
 5. the teacher's top-k cache (:func:`eakd_llm.teacher.cache.build_cache`) when it costs fewer teacher forwards than
    the KD runs would make live (``--teacher-cache auto``): one cache per distinct (tau, tau', teacher dtype) of the
    KD recipes, so every KD row reads a cache built for its own settings; each row records its teacher source;
-6. every recipe of ``RECIPE_DIR`` trained once per training seed (paths in the recipes are relative to ``DIR``);
+6. every recipe of ``RECIPE_DIR`` trained once per training seed (paths in the recipes are relative to ``DIR``), then
+   the scale controls (:data:`~eakd_llm.studies.real_study_plan.SCALED_CONTROLS`: ``kd_scaled`` is ``kd.yaml`` with
+   ``kd_scale`` set to the effective scale measured in the same seed's ``eakd_token`` run);
 7. every model scored on the test prompts against the teacher's answers (:mod:`eakd_llm.evaluation.fidelity`: CE, top-1
    agreement, ROUGE-L of greedy answers, stopped share), with rows for the teacher and the untrained pruned student,
    paired differences with 95% intervals and verdicts (:mod:`eakd_llm.studies.statistics`), the time of every step;
@@ -34,7 +36,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -42,7 +44,7 @@ from typing import Any
 
 from .._atomic import write_text_atomic
 from ..config.eakd_config import ConfigError
-from .real_study_plan import PRESETS, PRUNED, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
+from .real_study_plan import PRESETS, PRUNED, SCALED_CONTROLS, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
 
 logger = logging.getLogger(__name__)
 
@@ -373,9 +375,14 @@ def _train(config) -> dict[str, Any]:
         values = [entry[key] for entry in history if key in entry]
         return float(values[-1]) if values else None
 
+    def mean(key: str) -> float | None:  # over the run's log windows (equal numbers of steps)
+        values = [entry[key] for entry in history if key in entry and "loss" in entry]
+        return float(sum(values) / len(values)) if values else None
+
     return {"train_seconds": seconds, "steps": steps, "seconds_per_step": seconds / steps,
-            "final_train_loss": last("loss"), "ea_weight_mean": last("ea_weight_mean"),
-            "ea_effective_scale": last("ea_effective_scale"), "log_history": history}
+            "final_train_loss": last("loss"), "ea_weight_mean": mean("ea_weight_mean"),
+            "ea_effective_scale": mean("ea_effective_scale"), "kd_scale": float(config.kd_scale),
+            "log_history": history}
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -473,13 +480,19 @@ def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[s
                          "recipe_sha256": _sha256(path.read_bytes()),
                          "overrides": run_overrides(plan, seed, folder, int(warmup)),
                          "teacher_cache": cache.get("by_recipe", {}).get(name)})
+        for name, (base, source) in scale_controls(recipes).items():
+            folder = root / "students" / name / f"seed-{seed}"
+            jobs.append({"name": name, "seed": seed, "recipe": str(recipes[base]), "depends_on": source,
+                         "row_path": str(folder / "row.json"), "recipe_sha256": _sha256(recipes[base].read_bytes()),
+                         "overrides": run_overrides(plan, seed, folder, int(configs[base].warmup_steps)),
+                         "teacher_cache": cache.get("by_recipe", {}).get(base)})
     todo, done = [], []
     for job in jobs:
         job.update(plan=asdict(plan), root=str(root))
         path = Path(job["row_path"])
         row = _read_json(path)
         if row is not None and row.get("recipe_sha256") == job.get("recipe_sha256") and row.get(
-                "teacher_cache") == job.get("teacher_cache"):
+                "teacher_cache") == job.get("teacher_cache") and _scale_still_measured(row, job, done):
             done.append(row)
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -487,6 +500,33 @@ def _jobs(root: Path, plan: StudyPlan, recipes: dict[str, Path], configs: dict[s
     todo.sort(key=lambda j: (j["name"] == PRUNED, j.get("teacher_cache") is not None or configs.get(
         j["name"]) is None or configs[j["name"]].kd_ratio == 0))
     return todo, done
+
+
+def scale_controls(recipes: Mapping[str, Path]) -> dict[str, tuple[str, str]]:
+    """The :data:`SCALED_CONTROLS` whose recipes are both in the study."""
+    return {name: pair for name, pair in SCALED_CONTROLS.items() if set(pair) <= set(recipes)}
+
+
+def _scale_still_measured(row: Mapping[str, Any], job: Mapping[str, Any], done: Sequence[Mapping[str, Any]]) -> bool:
+    """A control's finished row stands while its source run stands and measured the scale it trained with (jobs are
+    listed sources first, so a reused source is in ``done``)."""
+    if not job.get("depends_on"):
+        return True
+    source = next((r for r in done if r["name"] == job["depends_on"] and r["seed"] == job["seed"]), None)
+    return source is not None and row.get("kd_scale") == source.get("ea_effective_scale")
+
+
+def with_measured_scales(jobs: Sequence[dict[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The control jobs with ``kd_scale`` set to the effective scale of their source row of the same seed."""
+    out = []
+    for job in jobs:
+        source = next(r for r in rows if r["name"] == job["depends_on"] and r["seed"] == job["seed"])
+        scale = source.get("ea_effective_scale")
+        if not scale or not scale > 0:
+            raise ConfigError(f"{job['name']} (seed {job['seed']}) takes its kd_scale from {job['depends_on']}'s "
+                              f"effective scale, which that run did not log (got {scale!r}): is it an EA recipe?")
+        out.append({**job, "overrides": {**job["overrides"], "kd_scale": float(scale)}})
+    return out
 
 
 def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence[int] = (1,),
@@ -557,14 +597,17 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     else:
         say(f"  no teacher cache ({plan.teacher_cache}: {cache['live_teacher_examples']} live teacher examples vs "
             f"{cache['cache_examples']} to cache)")
-    for name, config in configs.items():
-        source = ("none (SFT)" if config.kd_ratio == 0 else
-                  f"cache {Path(cache['by_recipe'][name]).name}" if name in cache.get("by_recipe", {}) else "live")
+    sources = {**{name: name for name in configs}, **{n: base for n, (base, _) in scale_controls(recipes).items()}}
+    for name, base in sources.items():
+        source = ("none (SFT)" if configs[base].kd_ratio == 0 else
+                  f"cache {Path(cache['by_recipe'][base]).name}" if base in cache.get("by_recipe", {}) else "live")
         say(f"  teacher source of {name}: {source}")
     todo, rows = _jobs(root, plan, recipes, configs, seeds, cache)
     say(f"  {len(todo)} runs to do, {len(rows)} reused; library output of workers -> {root / 'study.log'}")
     with timings.step("runs", lambda: not todo):
-        rows += _run_jobs(todo, workers, root / "study.log", say)
+        rows += _run_jobs([j for j in todo if not j.get("depends_on")], workers, root / "study.log", say)
+        controls = with_measured_scales([j for j in todo if j.get("depends_on")], rows)
+        rows += _run_jobs(controls, workers, root / "study.log", say)
     from .real_study_report import assemble, write_markdown
 
     results = relative_paths(assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache,

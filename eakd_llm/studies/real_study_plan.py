@@ -12,7 +12,11 @@ STUDY_SYSTEM = "You are a helpful assistant. Answer in one to three short senten
 TEACHER_CACHE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 # (A, B): A - B on every metric, paired by training seed and prompt (pairs whose recipes are both present)
 COMPARISONS: tuple[tuple[str, str], ...] = (
-    ("eakd_token", "kd"), ("eakd_token_normalized", "kd"), ("kd", "sft"), ("eakd_token", "sft"))
+    ("eakd_token", "kd"), ("eakd_token", "kd_scaled"), ("eakd_token_normalized", "kd"),
+    ("eakd_token_normalized_t1", "kd"), ("eakd_token_normalized_t05", "kd"), ("kd", "sft"), ("eakd_token", "sft"))
+# Control rows a study derives from its recipes: name -> (the recipe it trains, the EA recipe whose measured effective
+# scale sum(w d) / sum(d) in the same seed's run becomes its kd_scale): KD with EA's scale but not its adaptivity.
+SCALED_CONTROLS: dict[str, tuple[str, str]] = {"kd_scaled": ("kd", "eakd_token")}
 TEACHER, PRUNED = "teacher", "pruned, untrained"
 METRIC_NAMES = {"ce": "CE on the teacher's answers (nats/token, lower is better)",
                 "kl": "KL(T‖S) over the vocabulary (nats/token, lower is better)", "top1": "top-1 agreement (%)",

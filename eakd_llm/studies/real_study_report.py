@@ -41,6 +41,8 @@ def summarise(name: str, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[key] = float(np.mean(values)) if values else None
     out["by_definition"] = list(rows[0].get("by_definition", []))
     out["teacher_cache"] = rows[0].get("teacher_cache")
+    scales = [r["kd_scale"] for r in rows if r.get("kd_scale") not in (None, 1.0)]
+    out["kd_scale"] = float(np.mean(scales)) if scales else None
     return out
 
 
@@ -66,7 +68,8 @@ def assemble(plan: StudyPlan, seeds: Sequence[int], recipes: Mapping[str, Any], 
     """What ``results.json`` holds: plan, data, the table, the comparisons, the timings and every run's rows."""
     groups: dict[str, list[Mapping[str, Any]]] = {TEACHER: [teacher_row]}
     groups[PRUNED] = [r for r in rows if r["name"] == PRUNED]
-    for name in recipes:
+    controls = sorted({r["name"] for r in rows} - set(recipes) - {PRUNED})  # rows derived from recipes (kd_scaled)
+    for name in [*recipes, *controls]:
         groups[name] = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
     table = [summarise(name, group) for name, group in groups.items() if group]
     comparisons = [compare(a, groups[a], b, groups[b], metric) for a, b in COMPARISONS
@@ -102,7 +105,8 @@ def _table(results: Mapping[str, Any]) -> list[str]:
                  f"{100 * row['stopped']['mean']:.0f}%",
                  f"{row['seconds_per_step']:.2f}" if row["seconds_per_step"] else "–",
                  f"{row['train_seconds']:.0f}" if row["train_seconds"] else "–"]
-        name = row["name"] + (" (teacher cache)" if row.get("teacher_cache") else "")
+        name = row["name"] + (f" (kd_scale {row['kd_scale']:.2f})" if row.get("kd_scale") else "") + (
+            " (teacher cache)" if row.get("teacher_cache") else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
