@@ -16,11 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from eakd_llm._atomic import write_text_atomic
-from eakd_llm.data.prompts import load_eval_records
-from eakd_llm.evaluation.fidelity import chat_examples
-from eakd_llm.evaluation.protocol import load_model_for_eval
-from eakd_llm.studies.weight_spread import ENTROPY_TEMPERATURES, markdown_table, spread_table, token_terms
+# The project's root first, and not this folder: scripts/evaluate.py would shadow the evaluate library.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+from eakd_llm._atomic import write_text_atomic  # noqa: E402  (the project's root on the path first)
+from eakd_llm.data.prompts import load_eval_records  # noqa: E402
+from eakd_llm.evaluation.fidelity import chat_examples  # noqa: E402
+from eakd_llm.evaluation.protocol import load_model_for_eval  # noqa: E402
+from eakd_llm.studies.weight_spread import (  # noqa: E402
+    ENTROPY_TEMPERATURES,
+    markdown_table,
+    spread_table,
+    token_terms,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
