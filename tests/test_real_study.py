@@ -309,3 +309,33 @@ def test_top1_compares_both_models_over_the_tokenizers_tokens(tiny_stack, tmp_pa
     shutil.copytree(tiny_stack["teacher"], student)
     scores = evaluate_folder(str(student), str(root), plan)
     assert scores["per_prompt"]["top1"] == [100.0] * 3
+
+
+def test_flattening_step_by_hand():
+    from eakd_llm.studies.real_study import flattening_step
+
+    curve = [(50, 2.0), (100, 1.5), (150, 1.30), (200, 1.29), (250, 1.285), (300, 1.284)]
+    assert flattening_step(curve, 0.01) == 200  # from 1.30 it still falls 1.2% (to 1.284), from 1.29 0.5%
+    assert flattening_step(curve, 0.001) == 250
+    assert flattening_step([(10, 3.0), (20, 2.0), (30, 1.0)], 0.01) is None  # still falling: train longer
+    assert flattening_step([(10, 1.0), (20, 1.2), (30, 1.1)], 0.01) == 10  # it rose: flat (or worse) from the start
+
+
+def test_learning_curve_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
+    """--learning-curve: the study's preparation, then one recipe trained with the validation answers' CE every
+    --eval-every steps (held-out prompts of the prompt set's validation split, answered by the teacher)."""
+    plan = StudyPlan(**{**TINY_PLAN.__dict__, "num_validation": 4, "steps": 4})
+    root = tmp_path / "curve"
+    result = run_study(str(RECIPES), str(root), plan, seeds=(3,), workers=1, curve="kd", eval_every=2,
+                       fetch=lambda cache: Path(tiny_stack["teacher"]))
+    assert [step for step, _ in result["curve"]] == [2, 4] and all(ce > 0 for _, ce in result["curve"])
+    validation = [json.loads(line) for line in (root / "data" / "validation.jsonl").read_text().splitlines()]
+    assert len(validation) == 4
+    assert (root / "learning-curve" / "kd-seed-3.png").stat().st_size > 0
+    saved = json.loads((root / "learning-curve" / "kd-seed-3.json").read_text())
+    assert saved["curve"] == [list(p) for p in result["curve"]] and saved["validation_answers"] == 4
+    assert "| 4 |" in (root / "learning-curve" / "kd-seed-3.md").read_text()
+    with pytest.raises(ConfigError, match="needs --num-validation >= 2"):
+        run_study(str(RECIPES), str(tmp_path / "other"), TINY_PLAN, curve="kd", fetch=lambda c: c)
+    with pytest.raises(ConfigError, match="'nope' is not a recipe"):
+        run_study(str(RECIPES), str(tmp_path / "other"), plan, curve="nope", fetch=lambda c: c)

@@ -120,8 +120,15 @@ def _bind_plan(root: Path, plan: StudyPlan, prompts_sha: str) -> None:
 
 
 def select_prompts(records: Sequence[dict[str, Any]], plan: StudyPlan) -> list[dict[str, Any]]:
-    """The first ``num_train`` training and ``num_test`` test prompts, in file order (validation is not used)."""
+    """The first ``num_train`` training, ``num_validation`` validation (none by default: only the learning curve reads
+    them) and ``num_test`` test prompts, in file order."""
     chosen = []
+    if plan.num_validation:
+        rows = [r for r in records if r.get("split", "train") == "validation"]
+        if len(rows) < plan.num_validation:
+            raise ConfigError(f"--num-validation {plan.num_validation}: the prompt set has {len(rows)} validation "
+                              "prompts")
+        chosen += rows[:plan.num_validation]
     for split, count in (("train", plan.num_train), ("test", plan.num_test)):
         rows = [r for r in records if r.get("split", "train") == split]
         if len(rows) < (2 if split == "test" else 1):
@@ -238,9 +245,11 @@ def recipe_config(path: Path, root: Path, overrides: dict[str, Any]):
     return build_config(values, source=f"recipe {path}")
 
 
-def run_overrides(plan: StudyPlan, seed: int, output_dir: Path, warmup: int | None = None) -> dict[str, Any]:
-    """What the study sets in every recipe: its sizes, the seed, where the run goes, no checkpoints or evaluation;
-    ``warmup`` (the recipe's warmup steps) is capped at a tenth of the plan's steps."""
+def run_overrides(plan: StudyPlan, seed: int, output_dir: Path, warmup: int | None = None,
+                  eval_every: int | None = None) -> dict[str, Any]:
+    """What the study sets in every recipe: its sizes, the seed, where the run goes, no checkpoints, no evaluation
+    (or, with ``eval_every``, the validation answers' CE every that many steps: the learning curve); ``warmup`` (the
+    recipe's warmup steps) is capped at a tenth of the plan's steps."""
     import torch
 
     overrides = {"output_dir": str(output_dir), "max_steps": plan.steps, "per_device_train_batch_size":
@@ -250,6 +259,9 @@ def run_overrides(plan: StudyPlan, seed: int, output_dir: Path, warmup: int | No
                  "use_cpu": not torch.cuda.is_available()}
     if warmup is not None:
         overrides["warmup_steps"] = min(warmup, max(1, plan.steps // 10))
+    if eval_every is not None:
+        overrides.update(eval_strategy="steps", eval_steps=eval_every, dataset_eval_split="validation",
+                         per_device_eval_batch_size=plan.eval_batch_size)
     return overrides
 
 
@@ -532,11 +544,15 @@ def with_measured_scales(jobs: Sequence[dict[str, Any]], rows: Sequence[Mapping[
 def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence[int] = (1,),
               cache_dir: str | None = None, workers: int | None = None, prompts_file: str | None = None,
               fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print,
-              threads: int | None = None) -> dict[str, Any]:
+              threads: int | None = None, curve: str | None = None, eval_every: int = 50) -> dict[str, Any]:
     """Run the whole study (module docstring) into ``output_dir``; returns what ``results.json`` holds. ``fetch``
     maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.models.fetch.ensure_smollm2`).
     ``threads``: torch threads of this process (generation, pruning, caching, runs when there is one worker); on a
-    shared CPU one thread avoids oversubscription (measured: 2 threads on 2 busy cores generated 7x slower)."""
+    shared CPU one thread avoids oversubscription (measured: 2 threads on 2 busy cores generated 7x slower).
+
+    ``curve``: instead of the runs, the learning curve of that recipe (first seed, the plan's steps, the live
+    teacher): the validation answers' CE every ``eval_every`` steps and the step where it flattens
+    (:func:`learning_curve`; the plan needs ``num_validation`` prompts); returns what ``learning-curve.json`` holds."""
     import torch
 
     from ..models.fetch import default_cache_dir, ensure_smollm2
@@ -553,6 +569,12 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
         raise ConfigError(f"--seeds must be distinct training seeds, got {seeds}")
     check_output_dir(output_dir)
     recipes = find_recipes(recipe_dir)
+    if curve is not None and curve not in recipes:
+        raise ConfigError(f"--learning-curve {curve!r} is not a recipe of {recipe_dir}; choose one of: "
+                          f"{', '.join(recipes)}")
+    if curve is not None and (plan.num_validation < 2 or eval_every < 1):
+        raise ConfigError(f"--learning-curve needs --num-validation >= 2 held-out answers and --eval-every >= 1, got "
+                          f"{plan.num_validation} and {eval_every}")
     root = Path(output_dir).resolve()
     chosen = select_prompts(_prompt_rows(prompts_file), plan)
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen)
@@ -584,6 +606,8 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     reference_before = (root / "reference.json").exists()
     with timings.step("teacher_reference", lambda: reference_before):
         _reference(root, plan)
+    if curve is not None:
+        return learning_curve(root, plan, curve, recipes[curve], seeds[0], eval_every, say)
     configs = {name: recipe_config(path, root, run_overrides(plan, seeds[0], root / "tmp"))
                for name, path in recipes.items()}
     cache = plan_cache(configs, plan, len(seeds), data["splits"]["train"]["records"])
@@ -618,6 +642,61 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     return results
 
 
+def flattening_step(curve: Sequence[tuple[int, float]], tolerance: float = 0.01) -> int | None:
+    """The first evaluated step after which the validation CE never falls by more than ``tolerance`` (relative)
+    below its value there; ``None`` when only the last step qualifies (still falling: train longer)."""
+    points = sorted(curve)
+    for index, (step, ce) in enumerate(points[:-1]):
+        if ce - min(c for _, c in points[index:]) <= tolerance * ce:
+            return step
+    return None
+
+
+def learning_curve(root: Path, plan: StudyPlan, name: str, recipe: Path, seed: int, eval_every: int,
+                   say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``recipe`` once with the live teacher for the plan's steps, evaluating the validation answers' CE every
+    ``eval_every`` steps; writes ``learning-curve/<name>-seed-<seed>.json`` and ``.md`` (and a plot) and returns the
+    curve with :func:`flattening_step` at 1% and 2%."""
+    folder = root / "learning-curve" / f"{name}-seed-{seed}"
+    overrides = run_overrides(plan, seed, folder, int(recipe_config(recipe, root, {"output_dir": str(folder)})
+                                                      .warmup_steps), eval_every)
+    say(f"  learning curve of {name} (seed {seed}, live teacher): {plan.steps} steps, validation CE every "
+        f"{eval_every} -> {folder}")
+    row = _train(recipe_config(recipe, root, overrides))
+    points = [(int(e["step"]), float(e["eval_ce_loss"])) for e in row["log_history"] if "eval_ce_loss" in e]
+    result = {"recipe": name, "seed": seed, "steps": plan.steps, "eval_every": eval_every,
+              "validation_answers": plan.num_validation, "curve": points,
+              "flat_at_1pct": flattening_step(points, 0.01), "flat_at_2pct": flattening_step(points, 0.02),
+              "seconds_per_step": row["seconds_per_step"], "plan": asdict(plan)}
+    _write_json(folder.with_suffix(".json"), result)
+    lines = [f"# Learning curve: {name}, seed {seed}", "",
+             f"Validation CE on {plan.num_validation} held-out teacher answers every {eval_every} steps "
+             f"({row['seconds_per_step']:.2f} s/step). Flat (never falls more than 1% / 2% below its value) from step "
+             f"{result['flat_at_1pct'] or 'none: still falling'} / {result['flat_at_2pct'] or 'none: still falling'}.",
+             "", "| step | validation CE |", "|---:|---:|", *[f"| {s} | {c:.4f} |" for s, c in points]]
+    write_text_atomic(folder.with_suffix(".md"), "\n".join(lines) + "\n")
+    _plot_curve(points, folder.with_suffix(".png"), f"{name}, seed {seed}")
+    say("\n".join(lines))
+    return result
+
+
+def _plot_curve(points: Sequence[tuple[int, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([s for s, _ in points], [c for _, c in points], marker="o")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("validation CE (nats/token)")
+    axis.set_title(f"Learning curve: {title}")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def _teacher_row(root: Path) -> dict[str, Any]:
     """The teacher against its own answers: its CE measured; KL 0, top-1 and ROUGE-L 100 by definition."""
     reference = json.loads((root / "reference.json").read_text(encoding="utf-8"))
@@ -649,6 +728,7 @@ def build_study_parser() -> argparse.ArgumentParser:
     presets.add_argument("--smoke", action="store_true", help="toy sizes, a few minutes: every step once")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds (default: 1)")
     for name, help_text in (("num-train", "training prompts"), ("num-test", "test prompts (>= 2)"),
+                            ("num-validation", "validation prompts, held out for the learning curve (default 0)"),
                             ("steps", "optimizer steps per run"), ("batch-size", "training batch size"),
                             ("num-layers", "layers the pruned student keeps"),
                             ("max-length", "tokens per training example"),
@@ -659,6 +739,11 @@ def build_study_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (default: the preset's)")
     parser.add_argument("--teacher-cache", choices=TEACHER_CACHE_CHOICES, default=None,
                         help="cache the teacher once: auto (when it saves teacher forwards), on, off")
+    parser.add_argument("--learning-curve", metavar="RECIPE", default=None,
+                        help="instead of the runs: train this recipe once (first seed, the plan's steps, live "
+                        "teacher) with the validation answers' CE every --eval-every steps, and say where it flattens "
+                        "(needs --num-validation)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between learning-curve points (50)")
     parser.add_argument("--keep-truncated", action="store_true", default=None,
                         help="keep teacher answers that ran out of budget (default: left out)")
     parser.add_argument("--prompts", default=None, help="a prompt file instead of the project's instruction set")
@@ -691,7 +776,7 @@ def study_main(argv: Sequence[str]) -> int:
         return 2
     try:
         run_study(args.recipe_dir, args.output_dir, plan_from_args(args), args.seeds, args.cache_dir, args.workers,
-                  args.prompts, threads=args.threads)
+                  args.prompts, threads=args.threads, curve=args.learning_curve, eval_every=args.eval_every)
     except (ConfigError, FetchError) as err:
         if args.debug:
             raise

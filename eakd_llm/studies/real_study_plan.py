@@ -30,6 +30,7 @@ class StudyPlan:
 
     num_train: int | None = None
     num_test: int | None = None
+    num_validation: int = 0  # held-out answers for the learning curve (``--learning-curve``); 0: none
     steps: int = 500
     batch_size: int = 8
     num_layers: int = 24
@@ -50,6 +51,8 @@ class StudyPlan:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.num_validation < 0:
+            raise ConfigError(f"--num-validation must be >= 0, got {self.num_validation}")
         if self.num_test is not None and self.num_test < 2:
             raise ConfigError(f"--num-test must be >= 2 (paired intervals need two prompts), got {self.num_test}")
         if self.teacher_cache not in TEACHER_CACHE_CHOICES:
