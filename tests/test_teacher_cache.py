@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hub_helpers import fake_hub_snapshot
+from hub_helpers import hub_teacher_arriving_on_load
 from loss_helpers import distillation_loss_kw as distillation_loss
 from loss_helpers import fused_loss_kw as fused_distillation_loss
 
@@ -425,22 +425,7 @@ def test_a_hub_teachers_first_cache_records_its_weights(tiny_stack, tmp_path, mo
     """A hub id whose weights are not downloaded yet: the build fingerprints them after loading (downloading) the
     teacher, so training from that cache is accepted (it used to record no fingerprint, and every later run refused
     the cache as built from other weights)."""
-    import huggingface_hub
-
-    import eakd_llm.models.loading as loading
-
-    repo = "local/tiny-teacher"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    snapshot = fake_hub_snapshot(tiny_stack["teacher"], tmp_path / "hub", repo)
-    real = loading.load_causal_lm
-
-    def downloading(path, *args, **kwargs):  # the download from_pretrained would do, then the real load
-        if path == repo:
-            shutil.copy(os.path.join(tiny_stack["teacher"], "model.safetensors"), snapshot / "model.safetensors")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_causal_lm", downloading)
+    repo = hub_teacher_arriving_on_load(monkeypatch, tiny_stack["teacher"], tmp_path / "hub")
     config = _config(tiny_stack, tmp_path, teacher_model_name_or_path=repo, max_train_samples=16)
     cache = str(tmp_path / "cache")
     manifest = build_cache(config, cache, top_k=8, value_format="float16", shard_size=8, show_progress=False)

@@ -319,26 +319,10 @@ def test_sampled_answers_do_not_depend_on_the_batch_or_an_interruption(tiny_stac
 def test_a_hub_teachers_first_answers_are_bound_to_its_weights(tiny_stack, prompts, tmp_path, monkeypatch, capsys):
     """A hub id whose weights are not downloaded yet: generate-data fingerprints them after loading (downloading)
     the teacher, so a second run resumes instead of refusing the folder as made from other weights."""
-    import shutil
-
-    import huggingface_hub
-    from hub_helpers import fake_hub_snapshot
-
-    import eakd_llm.models.loading as loading
+    from hub_helpers import hub_teacher_arriving_on_load
 
     path, chosen = prompts
-    repo = "local/tiny-teacher"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    snapshot = fake_hub_snapshot(tiny_stack["teacher"], tmp_path / "hub", repo)
-    real = loading.load_causal_lm
-
-    def downloading(name, *args, **kwargs):  # the download from_pretrained would do, then the real load
-        if name == repo and not (snapshot / "model.safetensors").exists():
-            shutil.copy(Path(tiny_stack["teacher"]) / "model.safetensors", snapshot / "model.safetensors")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_causal_lm", downloading)
+    repo = hub_teacher_arriving_on_load(monkeypatch, tiny_stack["teacher"], tmp_path / "hub")
     args = ["generate-data", repo, "--prompts", str(path), "--output", str(tmp_path / "data"), "--max-new-tokens",
             "3", "--no-progress"]
     assert main(args) == 0
