@@ -111,6 +111,7 @@ def test_demo_quick_full_writes_results_curves_comparisons_and_plots(tmp_path):
     assert "Tokenizing" in (out / "demo.log").read_text()
 
     results = json.loads((out / "results.json").read_text())
+    assert str(out) not in (out / "results.json").read_text()  # paths relative to the output folder
     methods = results["methods"]
     assert results["study"] == "full" and list(methods) == ["Teacher (SFT)", *METHODS, *FULL_METHODS]
     steps = list(range(0, QUICK.student_steps + 1, QUICK.eval_steps))

@@ -56,6 +56,7 @@ from .demo_plan import (
     plan_runs,
     study_methods,
 )
+from .outputs import relative_paths
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +486,7 @@ def run_demo(output_dir: str = "runs/demo", quick: bool = False, workers: int | 
         stats = _entropy_statistics(root, plan, stack, teacher_dir, done["rows"])
     results = assemble_results(plan, done["rows"], done["teacher_eval"], teacher_dir, done["teacher_seconds"],
                                done["cache"], machine_description(), time.perf_counter() - started, full)
+    results = relative_paths(results, root)
     (root / "results.json").write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     with _output_to(log_path):
         write_plots(results, done["rows"], stats, root)

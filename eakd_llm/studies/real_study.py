@@ -44,6 +44,7 @@ from typing import Any
 
 from .._atomic import write_text_atomic
 from ..config.eakd_config import ConfigError
+from .outputs import relative_paths
 from .real_study_plan import PRESETS, PRUNED, SCALED_CONTROLS, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
 
 logger = logging.getLogger(__name__)
@@ -85,19 +86,6 @@ def _read_json(path: Path) -> Any | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         logger.warning("%s is damaged (not valid JSON): computing it again", path)
         return None
-
-
-def relative_paths(value: Any, root: Path) -> Any:
-    """``value`` with every string naming a path inside ``root`` made relative to it (results that name no folder of
-    the machine that ran them)."""
-    prefix = str(root).rstrip(os.sep) + os.sep
-    if isinstance(value, str):
-        return value[len(prefix):] if value.startswith(prefix) else "." if value == str(root) else value
-    if isinstance(value, dict):
-        return {k: relative_paths(v, root) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [relative_paths(v, root) for v in value]
-    return value
 
 
 def _bind_plan(root: Path, plan: StudyPlan, prompts_sha: str) -> None:
