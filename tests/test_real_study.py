@@ -172,8 +172,14 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
         return teacher_copy if cache == tmp_path / "cache" else cache / "teacher"
 
     recipes = RECIPES  # KD, raw EA-KD, normalised EA-KD at tau' 2, 1, 0.5, SFT; and the kd_scaled control
-    results = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(tmp_path / "cache"),
-                        workers=1, fetch=fetch)
+    plan = StudyPlan(**{**TINY_PLAN.__dict__, "mt_bench": True})  # MT-Bench: three questions of its format here
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [q, "And then?"]}) + "\n"
+                                 for i, c, q in [(81, "writing", "Write a short poem about rain."),
+                                                 (101, "reasoning", "Which is heavier, a kilo of iron or feathers?"),
+                                                 (121, "coding", "Name a sorting algorithm.")]))
+    results = run_study(str(recipes), str(root), plan, seeds=(1,), cache_dir=str(tmp_path / "cache"),
+                        workers=1, fetch=fetch, mt_bench_file=str(questions))
     assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == teacher_copy.resolve()
     # the data: the teacher's answers to the first prompts of each split, chat records
     train = [json.loads(line) for line in (root / "data" / "train.jsonl").read_text().splitlines()]
@@ -214,6 +220,14 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert len(results["comparisons"]) == 7 * 4 and all(c["verdict"] for c in results["comparisons"])
     assert table[TEACHER]["kl"]["mean"] == 0.0 and table[PRUNED]["kl"]["mean"] > 0
     assert (root / "students" / "kd" / "seed-1" / "row.json").exists()
+    # MT-Bench: the teacher answered its questions, every model is scored on them too, and nothing of it trained
+    mt = results["sets"]["mt_bench"]
+    assert mt["num_prompts"] == 3 and [r["name"] for r in mt["table"]] == [r["name"] for r in results["table"]]
+    assert len(mt["comparisons"]) == len(results["comparisons"])
+    assert len((root / "students" / "kd" / "seed-1" / "answers-mtbench.jsonl").read_text().splitlines()) == 3
+    trained_on = (root / "data" / "train.jsonl").read_text()
+    assert "Write a short poem about rain." not in trained_on and "heavier, a kilo" not in trained_on
+    assert "Fidelity on 3 of MT-Bench's first-turn questions" in (root / "results.md").read_text()
     assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
     text = (root / "results.md").read_text()
     assert "one training seed" in text and "| kd (teacher cache) |" in text
@@ -242,7 +256,7 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     capsys.readouterr()
     moved = tmp_path / "moved-cache"
     shutil.move(str(tmp_path / "cache"), str(moved))
-    again = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
+    again = run_study(str(recipes), str(root), plan, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
     printed = capsys.readouterr().out
     assert "0 runs to do, 8 reused" in printed, [line for line in printed.splitlines() if "runs to do" in line]
     assert (root / "teacher").resolve() == (moved / "teacher").resolve()
@@ -253,17 +267,17 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     (root / "reference.json").write_text("{\"ids\": [")
     (root / "timings.json").write_text("{")
     capsys.readouterr()
-    damaged = run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1,
+    damaged = run_study(str(recipes), str(root), plan, seeds=(1,), cache_dir=str(moved), workers=1,
                         fetch=fetch)
     assert "2 runs to do, 6 reused" in capsys.readouterr().out  # the EA-KD run and the control that takes its scale
     assert json.loads(row.read_text())["name"] == "eakd_token" and damaged["table"][0] == results["table"][0]
     (root / "plan.json").write_text("{")
     with pytest.raises(ConfigError, match="plan.json is damaged"):
-        run_study(str(recipes), str(root), TINY_PLAN, fetch=fetch)
+        run_study(str(recipes), str(root), plan, fetch=fetch)
     (root / "plan.json").unlink()
-    run_study(str(recipes), str(root), TINY_PLAN, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
+    run_study(str(recipes), str(root), plan, seeds=(1,), cache_dir=str(moved), workers=1, fetch=fetch)
     with pytest.raises(ConfigError, match="another plan \\(steps differ\\)"):
-        run_study(str(recipes), str(root), StudyPlan(**{**TINY_PLAN.__dict__, "steps": 3}), fetch=fetch)
+        run_study(str(recipes), str(root), StudyPlan(**{**plan.__dict__, "steps": 3}), fetch=fetch)
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):

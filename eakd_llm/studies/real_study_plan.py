@@ -18,6 +18,12 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
 # scale sum(w d) / sum(d) in the same seed's run becomes its kd_scale): KD with EA's scale but not its adaptivity.
 SCALED_CONTROLS: dict[str, tuple[str, str]] = {"kd_scaled": ("kd", "eakd_token")}
 TEACHER, PRUNED = "teacher", "pruned, untrained"
+# test set -> (folder of the teacher's answers, the teacher's reference scores, each student's answers file)
+TEST_SETS: dict[str, tuple[str, str, str]] = {
+    "test": ("data", "reference.json", "answers.jsonl"),
+    "mt_bench": ("data-mtbench", "reference-mtbench.json", "answers-mtbench.jsonl"),
+}
+TEST_SET_NAMES = {"test": "the prompt set's unseen test prompts", "mt_bench": "MT-Bench's first-turn questions"}
 METRIC_NAMES = {"ce": "CE on the teacher's answers (nats/token, lower is better)",
                 "kl": "KL(T‖S) over the vocabulary (nats/token, lower is better)", "top1": "top-1 agreement (%)",
                 "rougeL": "ROUGE-L vs the teacher's answers"}
@@ -44,6 +50,11 @@ class StudyPlan:
     cache_top_k: int = 64
     system: str | None = STUDY_SYSTEM
     keep_truncated: bool = False
+    mt_bench: bool = False  # also score fidelity on MT-Bench's 80 first-turn questions (prompts written by others)
+
+    def test_sets(self) -> list[str]:
+        """The test sets every model is scored on: the prompt set's test split, and MT-Bench when asked for."""
+        return ["test", *(["mt_bench"] if self.mt_bench else [])]
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "num_layers", "max_new_tokens", "calibration_samples",

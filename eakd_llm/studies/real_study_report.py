@@ -13,7 +13,7 @@ import numpy as np
 
 from .._atomic import write_text_atomic
 from ..evaluation.fidelity import METRICS, TOKEN_WEIGHTED, token_weighted
-from .real_study_plan import COMPARISONS, METRIC_NAMES, PRUNED, TEACHER, StudyPlan
+from .real_study_plan import COMPARISONS, METRIC_NAMES, PRUNED, TEACHER, TEST_SET_NAMES, StudyPlan
 from .statistics import paired_difference, verdict_line
 
 FLIPPED = {"better": "worse", "worse": "better"}
@@ -71,14 +71,18 @@ def assemble(plan: StudyPlan, seeds: Sequence[int], recipes: Mapping[str, Any], 
     controls = sorted({r["name"] for r in rows} - set(recipes) - {PRUNED})  # rows derived from recipes (kd_scaled)
     for name in [*recipes, *controls]:
         groups[name] = sorted((r for r in rows if r["name"] == name), key=lambda r: r["seed"])
-    table = [summarise(name, group) for name, group in groups.items() if group]
-    comparisons = [compare(a, groups[a], b, groups[b], metric) for a, b in COMPARISONS
-                   if groups.get(a) and groups.get(b) for metric in METRICS]
+    table, comparisons = _fidelity(groups)
     num_test = len(teacher_row["per_prompt"]["ce"])
+    sets = {}
+    for test_set in teacher_row.get("sets", {}):  # the other test sets (MT-Bench): each row's scores on it
+        on_set = {name: [{**r, **r["sets"][test_set]} for r in group] for name, group in groups.items()}
+        set_table, set_comparisons = _fidelity(on_set)
+        sets[test_set] = {"num_prompts": len(teacher_row["sets"][test_set]["per_prompt"]["ce"]), "table": set_table,
+                          "comparisons": set_comparisons}
     return {
         "plan": asdict(plan), "seeds": list(seeds), "recipes": {k: str(v) for k, v in recipes.items()},
         "num_test_prompts": num_test, "data": dict(data), "pruned": dict(pruned), "teacher_cache": dict(cache),
-        "table": table, "comparisons": comparisons, "timings": dict(timings), "workers": workers,
+        "table": table, "comparisons": comparisons, "sets": sets, "timings": dict(timings), "workers": workers,
         "machine": machine, "wall_seconds": wall_seconds,
         "interval_note": ("one training seed: each interval covers prompt-to-prompt variation only, not retraining "
                           "noise" if len(seeds) == 1 else f"{len(seeds)} training seeds: crossed seed x prompt "
@@ -87,16 +91,23 @@ def assemble(plan: StudyPlan, seeds: Sequence[int], recipes: Mapping[str, Any], 
     }
 
 
+def _fidelity(groups: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict], list[dict]]:
+    """The table rows and the paired comparisons of one test set's scores."""
+    table = [summarise(name, group) for name, group in groups.items() if group]
+    comparisons = [compare(a, groups[a], b, groups[b], metric) for a, b in COMPARISONS
+                   if groups.get(a) and groups.get(b) for metric in METRICS]
+    return table, comparisons
+
+
 def _cell(entry: Mapping[str, float], digits: int, several: bool, scale: float = 1.0) -> str:
     text = f"{scale * entry['mean']:.{digits}f}"
     return text + (f" ± {scale * entry['std']:.{digits}f}" if several else "")
 
 
-def _table(results: Mapping[str, Any]) -> list[str]:
-    several = len(results["seeds"]) > 1
+def _table(table: Sequence[Mapping[str, Any]], several: bool) -> list[str]:
     lines = ["| model | CE ↓ | KL(T‖S) ↓ | top-1 agreement % | ROUGE-L | stopped | s/step | train s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in results["table"]:
+    for row in table:
         marks = {m: " (def.)" for m in row["by_definition"]}
         cells = [_cell(row["ce"], 3, several) + marks.get("ce", ""),
                  _cell(row["kl"], 3, several) + marks.get("kl", ""),
@@ -131,12 +142,12 @@ def markdown(results: Mapping[str, Any]) -> str:
               "is the teacher's (all three token-weighted over the test answers: ratios of sums, like training's "
               "eval_ce_loss); ROUGE-L: the student's greedy answer against "
               "the teacher's; stopped: answers that ended within the budget. (def.): by definition (the references "
-              "are the teacher's own answers).", "", *_table(results), "",
-              "## Paired differences (95% intervals)", "", f"Intervals: {results['interval_note']}.", "",
-              "| comparison | metric | mean difference | 95% CI | verdict |", "|---|---|---:|---:|---|"]
-    for c in results["comparisons"]:
-        lines.append(f"| {c['name']} | {METRIC_NAMES[c['metric']]} | {c['mean_diff']:+.3f} | [{c['ci_low']:+.3f}, "
-                     f"{c['ci_high']:+.3f}] | {c['verdict']} |")
+              "are the teacher's own answers).", ""]
+    several = len(results["seeds"]) > 1
+    lines += _section(results["table"], results["comparisons"], several, results["interval_note"])
+    for test_set, scored in results.get("sets", {}).items():
+        lines += ["", f"## Fidelity on {scored['num_prompts']} of {TEST_SET_NAMES[test_set]} (never trained on)", "",
+                  *_section(scored["table"], scored["comparisons"], several, results["interval_note"])]
     lines += ["", "## Time", "",
               "| step | seconds |", "|---|---:|"]
     lines += [f"| {name.replace('_', ' ')} | {seconds:.0f} |" for name, seconds in results["timings"].items()]
@@ -145,6 +156,16 @@ def markdown(results: Mapping[str, Any]) -> str:
               f"({cache['mode']}: {cache['live_teacher_examples']} teacher forwards live vs {cache['cache_examples']} "
               "to cache)."]
     return "\n".join(lines) + "\n"
+
+
+def _section(table: Sequence[Mapping[str, Any]], comparisons: Sequence[Mapping[str, Any]], several: bool,
+             note: str) -> list[str]:
+    lines = [*_table(table, several), "", "### Paired differences (95% intervals)", "", f"Intervals: {note}.", "",
+             "| comparison | metric | mean difference | 95% CI | verdict |", "|---|---|---:|---:|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['name']} | {METRIC_NAMES[c['metric']]} | {c['mean_diff']:+.3f} | [{c['ci_low']:+.3f}, "
+                     f"{c['ci_high']:+.3f}] | {c['verdict']} |")
+    return lines
 
 
 def write_markdown(results: Mapping[str, Any], path: Path) -> str:
