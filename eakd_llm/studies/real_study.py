@@ -767,7 +767,7 @@ def build_study_parser() -> argparse.ArgumentParser:
     presets.add_argument("--smoke", action="store_true", help="toy sizes, a few minutes: every step once")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="training seeds (default: 1)")
     for name, help_text in (("num-train", "training prompts"), ("num-test", "test prompts (>= 2)"),
-                            ("num-validation", "validation prompts, held out for the learning curve (default 0)"),
+                            ("num-validation", "validation prompts held out for the learning curve; 0: none"),
                             ("steps", "optimizer steps per run"), ("batch-size", "training batch size"),
                             ("num-layers", "layers the pruned student keeps"),
                             ("max-length", "tokens per training example"),
