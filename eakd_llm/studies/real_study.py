@@ -700,20 +700,31 @@ def learning_curve(root: Path, plan: StudyPlan, name: str, recipe: Path, seed: i
         f"{eval_every} -> {folder}")
     row = _train(recipe_config(recipe, root, overrides))
     points = [(int(e["step"]), float(e["eval_ce_loss"])) for e in row["log_history"] if "eval_ce_loss" in e]
+    answers = sum(1 for line in (root / "data" / "validation.jsonl").open(encoding="utf-8") if line.strip())
     result = {"recipe": name, "seed": seed, "steps": plan.steps, "eval_every": eval_every,
-              "validation_answers": plan.num_validation, "curve": points,
+              "validation_answers": answers, "curve": points,
               "flat_at_1pct": flattening_step(points, 0.01), "flat_at_2pct": flattening_step(points, 0.02),
               "seconds_per_step": row["seconds_per_step"], "plan": asdict(plan)}
     _write_json(folder.with_suffix(".json"), result)
-    lines = [f"# Learning curve: {name}, seed {seed}", "",
-             f"Validation CE on {plan.num_validation} held-out teacher answers every {eval_every} steps "
-             f"({row['seconds_per_step']:.2f} s/step). Flat (never falls more than 1% / 2% below its value) from step "
-             f"{result['flat_at_1pct'] or 'none: still falling'} / {result['flat_at_2pct'] or 'none: still falling'}.",
-             "", "| step | validation CE |", "|---:|---:|", *[f"| {s} | {c:.4f} |" for s, c in points]]
-    write_text_atomic(folder.with_suffix(".md"), "\n".join(lines) + "\n")
+    text = curve_markdown(result)
+    write_text_atomic(folder.with_suffix(".md"), text)
     _plot_curve(points, folder.with_suffix(".png"), f"{name}, seed {seed}")
-    say("\n".join(lines))
+    say(text)
     return result
+
+
+def curve_markdown(result: Mapping[str, Any]) -> str:
+    """The learning curve as a table, with where it flattens."""
+    def flat(step: int | None) -> str:
+        return str(step) if step is not None else "none (still falling)"
+
+    lines = [f"# Learning curve: {result['recipe']}, seed {result['seed']}", "",
+             f"Validation CE on {result['validation_answers']} held-out teacher answers every {result['eval_every']} "
+             f"steps of a {result['steps']}-step run ({result['seconds_per_step']:.2f} s/step). Flat (never falls more "
+             f"than 1% / 2% below its value) from step {flat(result['flat_at_1pct'])} / "
+             f"{flat(result['flat_at_2pct'])}.",
+             "", "| step | validation CE |", "|---:|---:|", *[f"| {s} | {c:.4f} |" for s, c in result["curve"]]]
+    return "\n".join(lines) + "\n"
 
 
 def _plot_curve(points: Sequence[tuple[int, float]], path: Path, title: str) -> None:
