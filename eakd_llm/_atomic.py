@@ -11,7 +11,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     run resumed after a kill, sees the old file or the new one, never part of one."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it owner-only)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

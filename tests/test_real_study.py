@@ -177,7 +177,8 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     questions.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [q, "And then?"]}) + "\n"
                                  for i, c, q in [(81, "writing", "Write a short poem about rain."),
                                                  (101, "reasoning", "Which is heavier, a kilo of iron or feathers?"),
-                                                 (121, "coding", "Name a sorting algorithm.")]))
+                                                 (121, "coding", "Name a sorting algorithm."),
+                                                 (141, "stem", "Explain this: " + "very " * 150 + "long.")]))
     results = run_study(str(recipes), str(root), plan, seeds=(1,), cache_dir=str(tmp_path / "cache"),
                         workers=1, fetch=fetch, mt_bench_file=str(questions))
     assert fetched == [tmp_path / "cache"] and (root / "teacher").resolve() == teacher_copy.resolve()
@@ -223,11 +224,13 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     # MT-Bench: the teacher answered its questions, every model is scored on them too, and nothing of it trained
     mt = results["sets"]["mt_bench"]
     assert mt["num_prompts"] == 3 and [r["name"] for r in mt["table"]] == [r["name"] for r in results["table"]]
+    assert results["data"]["mt_bench"]["left_out"] == ["mtbench-141"]  # over the 96-token prompt budget
     assert len(mt["comparisons"]) == len(results["comparisons"])
     assert len((root / "students" / "kd" / "seed-1" / "answers-mtbench.jsonl").read_text().splitlines()) == 3
     trained_on = (root / "data" / "train.jsonl").read_text()
     assert "Write a short poem about rain." not in trained_on and "heavier, a kilo" not in trained_on
-    assert "Fidelity on 3 of MT-Bench's first-turn questions" in (root / "results.md").read_text()
+    assert ("Fidelity on 3 of MT-Bench's first-turn questions (never trained on; 1 left out, longer than the prompt "
+            "budget)") in (root / "results.md").read_text()
     assert {"fetch", "generate_data", "prune", "teacher_reference", "teacher_cache", "runs"} <= set(results["timings"])
     text = (root / "results.md").read_text()
     assert "one training seed" in text and "| kd (teacher cache) |" in text
@@ -338,17 +341,22 @@ def test_flattening_step_by_hand():
 def test_learning_curve_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     """--learning-curve: the study's preparation, then one recipe trained with the validation answers' CE every
     --eval-every steps (held-out prompts of the prompt set's validation split, answered by the teacher)."""
+    import shutil
+
     plan = StudyPlan(**{**TINY_PLAN.__dict__, "num_validation": 4, "steps": 4})
     root = tmp_path / "curve"
-    result = run_study(str(RECIPES), str(root), plan, seeds=(3,), workers=1, curve="kd", eval_every=2,
+    recipes = tmp_path / "recipes"  # a recipe name with a dot: its outputs keep the whole name
+    recipes.mkdir()
+    shutil.copy(RECIPES / "kd.yaml", recipes / "kd_tau1.5.yaml")
+    result = run_study(str(recipes), str(root), plan, seeds=(3,), workers=1, curve="kd_tau1.5", eval_every=2,
                        fetch=lambda cache: Path(tiny_stack["teacher"]))
     assert [step for step, _ in result["curve"]] == [2, 4] and all(ce > 0 for _, ce in result["curve"])
     validation = [json.loads(line) for line in (root / "data" / "validation.jsonl").read_text().splitlines()]
     assert len(validation) == 4
-    assert (root / "learning-curve" / "kd-seed-3.png").stat().st_size > 0
-    saved = json.loads((root / "learning-curve" / "kd-seed-3.json").read_text())
+    assert (root / "learning-curve" / "kd_tau1.5-seed-3.png").stat().st_size > 0
+    saved = json.loads((root / "learning-curve" / "kd_tau1.5-seed-3.json").read_text())
     assert saved["curve"] == [list(p) for p in result["curve"]] and saved["validation_answers"] == 4
-    assert "| 4 |" in (root / "learning-curve" / "kd-seed-3.md").read_text()
+    assert "| 4 |" in (root / "learning-curve" / "kd_tau1.5-seed-3.md").read_text()
     with pytest.raises(ConfigError, match="needs --num-validation >= 2"):
         run_study(str(RECIPES), str(tmp_path / "other"), TINY_PLAN, curve="kd", fetch=lambda c: c)
     with pytest.raises(ConfigError, match="'nope' is not a recipe"):

@@ -331,3 +331,29 @@ def test_a_hub_teachers_first_answers_are_bound_to_its_weights(tiny_stack, promp
     capsys.readouterr()
     assert main(args) == 0
     assert f"0 answers generated, {len(chosen)} reused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 5, 1.0),
+                                                              (0.5, 7, 0.8)])
+def test_the_per_prompt_sampler_draws_from_the_warped_distribution(temperature, top_k, top_p):
+    """transformers runs a caller's processors before its temperature / top-k / top-p warpers, so the per-prompt
+    sampler applies them itself: its distribution equals transformers' own warpers applied to the same scores."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from eakd_llm.models.generation import GenerationSettings, _RowSampler
+
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3
+    settings = GenerationSettings(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = _RowSampler([torch.Generator().manual_seed(i) for i in range(4)], settings)
+    reference = TemperatureLogitsWarper(temperature)(None, scores.clone())
+    if top_k:
+        reference = TopKLogitsWarper(top_k)(None, reference)
+    if top_p < 1:
+        reference = TopPLogitsWarper(top_p)(None, reference)
+    torch.testing.assert_close(sampler.probs(scores), reference.softmax(-1))
+    chosen = sampler(None, scores).argmax(-1)  # one possible token per row, inside the warped support
+    assert all(reference.softmax(-1)[row, token] > 0 for row, token in enumerate(chosen.tolist()))

@@ -162,18 +162,34 @@ class _RowBudget(transformers.StoppingCriteria):
 
 
 class _RowSampler(transformers.LogitsProcessor):
-    """Draws each row's next token with that row's own generator, after every other processor and warper, and leaves
-    only that token possible: ``generate``'s own draw then has one choice. A row's answer so depends on its seed, not
-    on the other rows of its batch or on how many batches came before it."""
+    """Draws each row's next token with that row's own generator and leaves only that token possible: ``generate``'s
+    own draw then has one choice. A row's answer so depends on its seed, not on the other rows of its batch or on how
+    many batches came before it. ``generate`` runs a caller's processors *before* its temperature, top-k and top-p
+    warpers (transformers 5), so this processor applies ``settings``' temperature, top-k and top-p itself (the
+    warpers that follow leave a single possible token as it is)."""
 
-    def __init__(self, generators: Sequence[torch.Generator]):
+    def __init__(self, generators: Sequence[torch.Generator], settings: GenerationSettings):
         self.generators = list(generators)
+        self.temperature, self.top_k, self.top_p = settings.temperature, settings.top_k, settings.top_p
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = scores.float().softmax(-1).cpu()
+        probs = self.probs(scores).cpu()
         chosen = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
         only = torch.full_like(scores, float("-inf"))
         return only.scatter_(1, chosen.to(scores.device), 0.0)
+
+    def probs(self, scores: torch.FloatTensor) -> torch.Tensor:
+        """The distribution each row is drawn from: softmax of the scores at the temperature, top-k and top-p."""
+        logits = scores.float() / self.temperature
+        if self.top_k > 0:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:  # the smallest set of tokens whose mass reaches top_p, as transformers' TopPLogitsWarper
+            ordered, order = logits.sort(dim=-1, descending=False)
+            outside = ordered.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            outside[..., -1] = False  # the most likely token always stays
+            logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+        return logits.softmax(-1)
 
 
 def generate_token_ids(
@@ -221,7 +237,7 @@ def generate_token_ids(
                 processors = transformers.LogitsProcessorList()
                 if row_seeds is not None and settings.do_sample:
                     seeds = row_seeds[start:start + settings.batch_size]
-                    processors.append(_RowSampler([torch.Generator().manual_seed(int(s)) for s in seeds]))
+                    processors.append(_RowSampler([torch.Generator().manual_seed(int(s)) for s in seeds], settings))
                 output = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),

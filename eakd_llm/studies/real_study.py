@@ -189,16 +189,24 @@ def _generate_mt_bench(root: Path, plan: StudyPlan, questions: Callable[[], Path
     """The teacher's answers to MT-Bench's first-turn questions (all test prompts, never trained on), in
     ``DIR/data-mtbench``; ``questions`` gives the FastChat ``question.jsonl`` when the study has no prompt file of
     them yet. Answers that ran out of budget are kept (MT-Bench asks for essays): fidelity is scored on the teacher's
-    tokens either way, and every model answers with the same budget."""
+    tokens either way, and every model answers with the same budget. Questions longer than the plan's
+    ``max_prompt_length`` once rendered are left out (generation refuses rather than cuts a prompt) and listed in the
+    summary's ``left_out``."""
     from ..evaluation.mt_bench import mt_bench_prompts
-    from ..teacher.answers import generate_teacher_data
+    from ..models.loading import load_tokenizer
+    from ..teacher.answers import PromptRecord, generate_teacher_data, rendered_length
 
-    prompts = root / "prompts-mtbench.jsonl"
+    prompts, left_out = root / "prompts-mtbench.jsonl", root / "prompts-mtbench-left-out.json"
     if not prompts.exists():
-        write_text_atomic(prompts, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in mt_bench_prompts(
-            questions())))
-    return generate_teacher_data(str(root / "teacher"), str(prompts), str(root / TEST_SETS["mt_bench"][0]),
-                                 data_settings(plan), drop_truncated=False)
+        tokenizer = load_tokenizer(str(root / "teacher"))
+        rows = mt_bench_prompts(questions())
+        fits = [rendered_length(PromptRecord(**r), tokenizer, plan.system) <= plan.max_prompt_length for r in rows]
+        _write_json(left_out, [r["id"] for r, ok in zip(rows, fits) if not ok])
+        write_text_atomic(prompts, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r, ok in zip(rows, fits)
+                                           if ok))
+    summary = generate_teacher_data(str(root / "teacher"), str(prompts), str(root / TEST_SETS["mt_bench"][0]),
+                                    data_settings(plan), drop_truncated=False)
+    return {**summary, "left_out": _read_json(left_out) or []}
 
 
 def _prune(root: Path, plan: StudyPlan) -> dict[str, Any]:
@@ -632,7 +640,8 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
             data["mt_bench"] = _generate_mt_bench(root, plan, lambda: Path(mt_bench_file) if mt_bench_file else
                                                   mt_bench_questions(cache_root))
         say(f"  teacher answers to MT-Bench: {data['mt_bench']['generated']} generated, "
-            f"{data['mt_bench']['reused']} reused ({timings['generate_mt_bench']:.0f} s)")
+            f"{data['mt_bench']['reused']} reused, {len(data['mt_bench']['left_out'])} questions left out (longer "
+            f"than {plan.max_prompt_length} tokens once rendered) ({timings['generate_mt_bench']:.0f} s)")
     pruned_before = (root / "student-pruned" / "prune.json").exists()
     with timings.step("prune", lambda: pruned_before):
         pruned = _prune(root, plan)
@@ -705,10 +714,11 @@ def learning_curve(root: Path, plan: StudyPlan, name: str, recipe: Path, seed: i
               "validation_answers": answers, "curve": points,
               "flat_at_1pct": flattening_step(points, 0.01), "flat_at_2pct": flattening_step(points, 0.02),
               "seconds_per_step": row["seconds_per_step"], "plan": asdict(plan)}
-    _write_json(folder.with_suffix(".json"), result)
+    # beside the run's folder; not with_suffix: a recipe name may hold a dot (kd_tau1.5)
+    _write_json(folder.parent / f"{folder.name}.json", result)
     text = curve_markdown(result)
-    write_text_atomic(folder.with_suffix(".md"), text)
-    _plot_curve(points, folder.with_suffix(".png"), f"{name}, seed {seed}")
+    write_text_atomic(folder.parent / f"{folder.name}.md", text)
+    _plot_curve(points, folder.parent / f"{folder.name}.png", f"{name}, seed {seed}")
     say(text)
     return result
 

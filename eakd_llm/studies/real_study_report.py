@@ -146,7 +146,10 @@ def markdown(results: Mapping[str, Any]) -> str:
     several = len(results["seeds"]) > 1
     lines += _section(results["table"], results["comparisons"], several, results["interval_note"])
     for test_set, scored in results.get("sets", {}).items():
-        lines += ["", f"## Fidelity on {scored['num_prompts']} of {TEST_SET_NAMES[test_set]} (never trained on)", "",
+        left_out = len(results["data"].get(test_set, {}).get("left_out", []))
+        note = f"; {left_out} left out, longer than the prompt budget" if left_out else ""
+        lines += ["", f"## Fidelity on {scored['num_prompts']} of {TEST_SET_NAMES[test_set]} (never trained on{note})",
+                  "",
                   *_section(scored["table"], scored["comparisons"], several, results["interval_note"])]
     lines += ["", "## Time", "",
               "| step | seconds |", "|---|---:|"]

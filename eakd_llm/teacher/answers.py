@@ -181,6 +181,11 @@ def conversation(record: PromptRecord, system: str | None) -> list[dict[str, str
     return turns + [{"role": "user", "content": record.prompt}]
 
 
+def rendered_length(record: PromptRecord, tokenizer, system: str | None) -> int:
+    """Tokens of a prompt once rendered as a chat turn (with the system turn and the generation prompt)."""
+    return len(tokenizer(chat_prompt(conversation(record, system), tokenizer), add_special_tokens=False)["input_ids"])
+
+
 def encode_prompts(records: Sequence[PromptRecord], tokenizer, settings: DataSettings) -> list[list[int]]:
     """Chat-rendered prompt ids (the template's special tokens once); a prompt over ``max_prompt_length`` tokens is
     refused with its id rather than cut."""
