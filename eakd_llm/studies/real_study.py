@@ -394,11 +394,10 @@ def _score_set(model, tokenizer, teacher, folder: str, root: Path, plan: StudyPl
 
 
 def _means(per_prompt: dict[str, list[float]]) -> dict[str, float]:
-    """Each metric's mean over the test prompts; CE and top-1 token-weighted (ratio of sums)."""
-    from ..evaluation.fidelity import TOKEN_WEIGHTED, token_weighted
+    """Each metric's mean over the test prompts; CE, KL and top-1 token-weighted (ratio of sums)."""
+    from ..evaluation.fidelity import compared_scores
 
-    return {k: sum(token_weighted(v, per_prompt["tokens"]) if k in TOKEN_WEIGHTED else v) / len(v)
-            for k, v in per_prompt.items() if k != "tokens"}
+    return {k: sum(compared_scores(per_prompt, k)) / len(v) for k, v in per_prompt.items() if k != "tokens"}
 
 
 def _train(config) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._atomic import write_text_atomic
-from ..evaluation.fidelity import METRICS, TOKEN_WEIGHTED, token_weighted
+from ..evaluation.fidelity import METRICS, compared_scores
 from .real_study_plan import COMPARISONS, METRIC_NAMES, PRUNED, TEACHER, TEST_SET_NAMES, StudyPlan
 from .statistics import paired_difference, verdict_line
 
@@ -22,8 +22,7 @@ FLIPPED = {"better": "worse", "worse": "better"}
 def per_prompt(row: Mapping[str, Any], metric: str) -> list[float]:
     """A row's per-prompt scores as compared: token-weighted contributions for CE and top-1 (their mean is the ratio
     of sums over answer tokens, :func:`eakd_llm.evaluation.fidelity.token_weighted`), plain scores otherwise."""
-    values = row["per_prompt"][metric]
-    return token_weighted(values, row["per_prompt"]["tokens"]) if metric in TOKEN_WEIGHTED else list(values)
+    return compared_scores(row["per_prompt"], metric)
 
 
 def _per_seed(rows: Sequence[Mapping[str, Any]], metric: str) -> list[float]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..evaluation.fidelity import padded_batches
 from ..loss.distillation import (
     EA_FORMULAS,
     IGNORE_INDEX,
@@ -58,16 +59,7 @@ def token_terms(teacher, student, examples: Sequence[Mapping[str, Sequence[int]]
     student's entropies ``h_t[tau']``, ``h_s[tau']``; ``vocab``: the shared vocabulary they are taken over."""
     kl, h_t, h_s = [], {t: [] for t in temperatures}, {t: [] for t in temperatures}
     vocab = None
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for row, example in enumerate(chunk):
-            n = len(example["input_ids"])
-            ids[row, :n], mask[row, :n] = torch.as_tensor(example["input_ids"]), 1
-            labels[row, :n] = torch.as_tensor(example["labels"])
+    for ids, labels, mask in padded_batches(examples, pad_id, batch_size):
         keep = labels[:, 1:] != IGNORE_INDEX
         s = student(input_ids=ids.to(model_device(student)), attention_mask=mask.to(model_device(student))).logits
         t = teacher(input_ids=ids.to(model_device(teacher)), attention_mask=mask.to(model_device(teacher))).logits
