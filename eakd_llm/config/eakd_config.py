@@ -201,6 +201,22 @@ class EAKDConfig(TrainingArguments):
                   "log-probabilities and exact entropies instead of loading the teacher. The cache must match this "
                   "run's teacher, tokenizer, data, lengths, temperature and entropy_temperature."},
     )
+    # ----- served teacher -----
+    teacher_server: str | None = field(
+        default=None,
+        metadata={"help": "URL of a teacher served by an inference engine (`eakd-llm serve-teacher`, vLLM's pooling "
+                  "runner): each batch's teacher hidden states are asked for ahead of its step and projected through "
+                  "the teacher's head, loaded alone from teacher_model_name_or_path (which the server must serve: "
+                  "checked at start). Exact: the full-vocabulary distribution, EA's exact entropies."},
+    )
+    teacher_server_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds one teacher-server request may take before it is retried (> 0)."}
+    )
+    teacher_server_retries: int = field(
+        default=5,
+        metadata={"help": "Tries of a failed teacher-server request (dropped connection, server error), with "
+                  "exponential backoff from 1 s; then the run stops with the error (>= 1)."},
+    )
     # ----- data -----
     dataset_name: str | None = field(
         default=None,
@@ -342,6 +358,8 @@ class EAKDConfig(TrainingArguments):
                 "teacher_cache holds the teacher's outputs for the dataset's responses only: it cannot score generated "
                 "ones; set on_policy_fraction: 0 and seq_kd: false, or drop teacher_cache"
             )
+        if self.teacher_server:
+            self._validate_teacher_server()
         if self.loss_chunk_size < 1:
             raise ConfigError(f"loss_chunk_size must be >= 1, got {self.loss_chunk_size}")
         if self.max_length < 2:
@@ -364,6 +382,25 @@ class EAKDConfig(TrainingArguments):
             if self.lora_r < 1:
                 raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
             _in_range("lora_dropout", self.lora_dropout, 0.0, 1.0, closed=False, low_closed=True)
+
+    def _validate_teacher_server(self) -> None:
+        if not self.teacher_server.startswith(("http://", "https://")):
+            raise ConfigError(f"teacher_server must be an http:// or https:// URL, got {self.teacher_server!r}")
+        if self.teacher_cache:
+            raise ConfigError("teacher_server and teacher_cache are two teacher sources: set one of them")
+        if not self.teacher_model_name_or_path:
+            raise ConfigError("teacher_server needs teacher_model_name_or_path: the served teacher's folder, whose "
+                              "tokenizer is checked against the server and whose head projects its hidden states")
+        if self.seq_kd:
+            raise ConfigError("seq_kd generates with the teacher model, which a served teacher does not load: set "
+                              "seq_kd: false (on-policy batches are scored through the server)")
+        if self.packing:
+            raise ConfigError("packing is not supported with teacher_server (the server would attend across the "
+                              "packed documents): set packing: false")
+        if not self.teacher_server_timeout > 0:
+            raise ConfigError(f"teacher_server_timeout must be > 0, got {self.teacher_server_timeout}")
+        if self.teacher_server_retries < 1:
+            raise ConfigError(f"teacher_server_retries must be >= 1, got {self.teacher_server_retries}")
 
     @property
     def every_step_generates(self) -> bool:

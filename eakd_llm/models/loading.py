@@ -143,6 +143,17 @@ def shared_vocab_size(student: nn.Module, teacher: nn.Module, tokenizer=None) ->
     return shared
 
 
+def check_head_vocabulary(head_rows: int, student: nn.Module, tokenizer) -> int:
+    """:func:`shared_vocab_size` for a teacher known by its head's rows alone (a served teacher)."""
+    v_student = _config_vocab(student)
+    shared = min(v_student, head_rows)
+    if shared < len(tokenizer):
+        raise ConfigError(f"the teacher's head ({head_rows} rows) and the student's vocabulary ({v_student}) differ "
+                          f"by more than padding: the smaller one cannot hold all {len(tokenizer)} tokens of the "
+                          "tokenizer")
+    return shared
+
+
 def _config_vocab(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -213,3 +224,51 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     if scale is None and getattr(config, "logits_scaling", None):
         scale = 1.0 / config.logits_scaling  # Granite divides its logits
     return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
+
+
+def load_output_head(path: str, dtype: str | None = None, trust_remote_code: bool = False,
+                     key: str = "teacher_model_name_or_path") -> tuple[torch.Tensor, torch.Tensor | None, float,
+                                                                       float | None]:
+    """``(weight, bias, scale, softcap)`` of a causal LM's output head, read alone from its safetensors files: what a
+    served teacher's final hidden states are projected through (the rest of the model is never loaded).
+
+    The head's tensor names come from the model built on the meta device (no memory); a tied head (no tensor of its
+    own in the files) reads the input embedding's."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = os.path.expanduser(path)
+    _check_exists(folder, key)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names: dict[int, list[str]] = {}  # a tied parameter has several names
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    wanted = {"weight": names[id(head.weight)] + names[id(embedding.weight)]}
+    if getattr(head, "bias", None) is not None:
+        wanted["bias"] = names[id(head.bias)]
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            files = json.load(handle)["weight_map"]
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as handle:
+            files = dict.fromkeys(handle.keys(), "model.safetensors")
+    else:
+        raise ConfigError(f"{key} {path!r} has no safetensors weights to read the head from")
+    found: dict[str, torch.Tensor] = {}
+    for part, candidates in wanted.items():
+        name = next((n for n in candidates if n in files), None)
+        if name is None:
+            raise ConfigError(f"{key} {path!r}: none of {candidates} is in its weight files")
+        with safe_open(os.path.join(folder, files[name]), framework="pt") as handle:
+            found[part] = handle.get_tensor(name)
+    target = resolve_dtype(dtype)
+    if isinstance(target, torch.dtype):
+        found = {part: tensor.to(target) for part, tensor in found.items()}
+    scale, softcap = logit_transform(model)
+    return found["weight"], found.get("bias"), scale, softcap

