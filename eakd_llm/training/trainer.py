@@ -84,7 +84,8 @@ class EAKDTrainer(Trainer):
         source_collator = data_collator
         if teacher_cache is not None:  # each batch carries its cached teacher entries
             data_collator = CachedTeacher(teacher_cache).wrap_collator(data_collator)
-        elif teacher_server is not None:  # each batch is asked of the server as it is made, ahead of its step
+        elif teacher_server is not None and not args.every_step_generates:
+            # each batch is asked of the server as it is made, ahead of its step (not when every step replaces it)
             data_collator = teacher_server.wrap_collator(data_collator)
         super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, data_collator=data_collator, **kwargs)
