@@ -373,3 +373,32 @@ def test_a_server_that_cannot_start_is_an_error_quoting_its_log(tmp_path):
     with pytest.raises(ConfigError, match=r"exited with code \d+ before it was ready.*the end of its log"):
         server.start()
     assert server.process is None and (tmp_path / "server.log").stat().st_size > 0
+
+
+def test_serve_teacher_serves_until_interrupted_then_stops_the_engine(smollm2):
+    """`eakd-llm serve-teacher`: prints the URL once ready, answers there, and Ctrl-C stops the engine with it."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    command = [sys.executable, "-m", "eakd_llm.cli", "serve-teacher", smollm2, "--port", str(port), "--enforce-eager",
+               "--dtype", "float32", "--max-model-len", "128"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if "teacher server ready at" in line:
+                break
+        assert f"ready at http://127.0.0.1:{port}" in "".join(lines), "".join(lines)[-2000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as response:
+            assert json.loads(response.read())["data"][0]["id"] == os.path.realpath(smollm2)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with pytest.raises(OSError):  # nothing listens there any more: the engine went with the command
+        socket.create_connection(("127.0.0.1", port), timeout=5)

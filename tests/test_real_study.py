@@ -361,3 +361,14 @@ def test_learning_curve_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
         run_study(str(RECIPES), str(tmp_path / "other"), TINY_PLAN, curve="kd", fetch=lambda c: c)
     with pytest.raises(ConfigError, match="'nope' is not a recipe"):
         run_study(str(RECIPES), str(tmp_path / "other"), plan, curve="nope", fetch=lambda c: c)
+
+
+def test_recipes_selects_rows_of_the_folder_and_names_a_missing_one(tmp_path):
+    from eakd_llm.studies.real_study import find_recipes
+
+    for name in ("kd", "sft", "eakd_token"):
+        (tmp_path / f"{name}.yaml").write_text("kd_ratio: 0.5\n")
+    assert list(find_recipes(str(tmp_path))) == ["eakd_token", "kd", "sft"]
+    assert list(find_recipes(str(tmp_path), ["sft", "kd"])) == ["kd", "sft"]
+    with pytest.raises(ConfigError, match=r"--recipes kd_scaled, x: not in .*choose from: eakd_token, kd, sft"):
+        find_recipes(str(tmp_path), ["kd_scaled", "kd", "x"])

@@ -66,14 +66,21 @@ PATH_KEYS = ("model_name_or_path", "teacher_model_name_or_path", "tokenizer_name
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def find_recipes(recipe_dir: str) -> dict[str, Path]:
-    """``{name: path}`` of the ``*.yaml`` recipes of a folder, the name being the file's stem."""
+def find_recipes(recipe_dir: str, only: Sequence[str] | None = None) -> dict[str, Path]:
+    """``{name: path}`` of the ``*.yaml`` recipes of a folder, the name being the file's stem; ``only``: those names
+    alone (fewer rows when the budget cannot train every one; each must exist)."""
     folder = Path(recipe_dir)
     if not folder.is_dir():
         raise ConfigError(f"RECIPE_DIR {recipe_dir!r} is not a folder of recipe .yaml files")
     recipes = {path.stem: path for path in sorted(folder.glob("*.yaml"))}
     if not recipes:
         raise ConfigError(f"RECIPE_DIR {recipe_dir!r} holds no .yaml recipe")
+    if only:
+        missing = [name for name in only if name not in recipes]
+        if missing:
+            raise ConfigError(f"--recipes {', '.join(missing)}: not in {recipe_dir}; choose from: "
+                              f"{', '.join(recipes)}")
+        recipes = {name: recipes[name] for name in sorted(set(only))}
     return recipes
 
 
@@ -575,7 +582,7 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
               cache_dir: str | None = None, workers: int | None = None, prompts_file: str | None = None,
               fetch: Callable[[Path], Path] | None = None, say: Callable[[str], None] = print,
               threads: int | None = None, curve: str | None = None, eval_every: int = 50,
-              mt_bench_file: str | None = None) -> dict[str, Any]:
+              mt_bench_file: str | None = None, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the whole study (module docstring) into ``output_dir``; returns what ``results.json`` holds. ``fetch``
     maps the cache folder to the teacher's checkpoint folder (default: :func:`eakd_llm.models.fetch.ensure_smollm2`).
     ``threads``: torch threads of this process (generation, pruning, caching, runs when there is one worker); on a
@@ -602,7 +609,7 @@ def run_study(recipe_dir: str, output_dir: str, plan: StudyPlan, seeds: Sequence
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds must be distinct training seeds, got {seeds}")
     check_output_dir(output_dir)
-    recipes = find_recipes(recipe_dir)
+    recipes = find_recipes(recipe_dir, only)
     if curve is not None and curve not in recipes:
         raise ConfigError(f"--learning-curve {curve!r} is not a recipe of {recipe_dir}; choose one of: "
                           f"{', '.join(recipes)}")
@@ -798,6 +805,9 @@ def build_study_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name}", type=int, default=None, help=f"{help_text} (default: the preset's)")
     parser.add_argument("--teacher-cache", choices=TEACHER_CACHE_CHOICES, default=None,
                         help="cache the teacher once: auto (when it saves teacher forwards), on, off")
+    parser.add_argument("--recipes", nargs="+", metavar="NAME", default=None,
+                        help="train these recipes of RECIPE_DIR only (file stems; default: all): fewer rows, not fewer "
+                        "steps, when the budget cannot train every one")
     parser.add_argument("--learning-curve", metavar="RECIPE", default=None,
                         help="instead of the runs: train this recipe once (first seed, the plan's steps, live "
                         "teacher) with the validation answers' CE every --eval-every steps, and say where it flattens "
@@ -838,7 +848,8 @@ def study_main(argv: Sequence[str]) -> int:
         return 2
     try:
         run_study(args.recipe_dir, args.output_dir, plan_from_args(args), args.seeds, args.cache_dir, args.workers,
-                  args.prompts, threads=args.threads, curve=args.learning_curve, eval_every=args.eval_every)
+                  args.prompts, threads=args.threads, curve=args.learning_curve, eval_every=args.eval_every,
+                  only=args.recipes)
     except (ConfigError, FetchError) as err:
         if args.debug:
             raise
