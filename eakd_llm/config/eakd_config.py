@@ -403,6 +403,9 @@ class EAKDConfig(TrainingArguments):
             raise ConfigError("packing is not supported with teacher_server (the server would attend across the "
                               "packed documents): set packing: false")
         _choice("teacher_server_dtype", self.teacher_server_dtype, ("float32", "bfloat16", "float16"))
+        if self.dataloader_num_workers > 0:
+            raise ConfigError("teacher_server asks for each batch as the main process makes it: set "
+                              "dataloader_num_workers: 0")
         if not self.teacher_server_timeout > 0:
             raise ConfigError(f"teacher_server_timeout must be > 0, got {self.teacher_server_timeout}")
         if self.teacher_server_retries < 1:

@@ -247,8 +247,8 @@ def load_output_head(path: str, dtype: str | None = None, trust_remote_code: boo
     names: dict[int, list[str]] = {}  # a tied parameter has several names
     for name, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(name)
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    wanted = {"weight": names[id(head.weight)] + names[id(embedding.weight)]}
+    head = model.get_output_embeddings()
+    wanted = {"weight": names[id(head.weight)]}  # a tied head's parameter carries the embedding's name too
     if getattr(head, "bias", None) is not None:
         wanted["bias"] = names[id(head.bias)]
     index = os.path.join(folder, "model.safetensors.index.json")

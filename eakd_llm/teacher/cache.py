@@ -527,7 +527,6 @@ def build_cache(
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    from tqdm.auto import tqdm
     from transformers import AutoConfig
 
     from ..data.dataset import DistillationCollator, build_dataset, load_split
@@ -626,8 +625,30 @@ def build_cache(
             todo = span is not None and not _shard_complete(path, dataset, span)
             steps = max(math.ceil((end - start) / batch_size) for start, end in ranges[first:first + world])
             plan.append((split, span, path, todo, steps))
+    try:
+        _build_shards(plan, datasets, teacher, collator, manifest, accelerator, batch_size, lockstep,
+                      show_progress and main)
+    finally:
+        if server:
+            teacher.close()
+    accelerator.wait_for_everyone()
+    if main:
+        for split, dataset in datasets.items():
+            ranges = _shard_ranges(len(dataset), shard_size)
+            paths = [os.path.join(output_dir, shard_name(split, i)) for i in range(len(ranges))]
+            manifest.splits[split]["complete"] = all(_shard_complete(p, dataset, r) for p, r in zip(paths, ranges))
+        manifest.write(output_dir)
+    accelerator.wait_for_everyone()
+    return CacheManifest.read(output_dir)  # what the main process recorded, on every process
+
+
+def _build_shards(plan, datasets, teacher, collator, manifest, accelerator, batch_size: int, lockstep: bool,
+                  show_progress: bool) -> None:
+    """Every shard of this process's plan that is not complete yet, written as its examples' entries."""
+    from tqdm.auto import tqdm
+
     work = sum(span[1] - span[0] for _, span, _, todo, _ in plan if todo)
-    progress = tqdm(total=work, desc="Caching teacher", unit="ex", disable=not (main and show_progress))
+    progress = tqdm(total=work, desc="Caching teacher", unit="ex", disable=not show_progress)
     for split, span, path, todo, steps in plan:
         dataset = datasets[split]
         batches = list(_batches(dataset, *span, batch_size)) if todo else []
@@ -646,15 +667,6 @@ def build_cache(
         if todo:
             write_shard(path, keys, entries, manifest)
     progress.close()
-    accelerator.wait_for_everyone()
-    if main:
-        for split, dataset in datasets.items():
-            ranges = _shard_ranges(len(dataset), shard_size)
-            paths = [os.path.join(output_dir, shard_name(split, i)) for i in range(len(ranges))]
-            manifest.splits[split]["complete"] = all(_shard_complete(p, dataset, r) for p, r in zip(paths, ranges))
-        manifest.write(output_dir)
-    accelerator.wait_for_everyone()
-    return CacheManifest.read(output_dir)  # what the main process recorded, on every process
 
 
 def _load_teacher(config: EAKDConfig):

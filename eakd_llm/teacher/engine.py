@@ -14,6 +14,7 @@ served teacher get the full-vocabulary distribution, and with it EA's exact H_T 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -52,9 +53,11 @@ def ensure_vllm_env(env_dir: str | os.PathLike | None = None, package: str = VLL
     redone, never half-used. Returns the environment's folder."""
     env = Path(env_dir) if env_dir else default_env_dir(package)
     record = env / ENV_RECORD
-    if record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("package") == package \
-            and env_python(env).is_file():
+    if _recorded_package(record) == package and env_python(env).is_file():
         return env
+    if env.is_dir() and any(env.iterdir()) and not (env / "pyvenv.cfg").is_file():
+        raise ConfigError(f"{env} holds files but no virtual environment: give an empty or new folder for vLLM's "
+                          "environment (nothing was changed)")
     out = log or sys.stderr
     print(f"eakd-llm: installing {package} into {env} (once; a few minutes)", file=out, flush=True)
     env.mkdir(parents=True, exist_ok=True)
@@ -75,6 +78,13 @@ def ensure_vllm_env(env_dir: str | os.PathLike | None = None, package: str = VLL
     tmp.write_text(json.dumps({"package": package, "vllm": check.stdout.strip()}), encoding="utf-8")
     os.replace(tmp, record)
     return env
+
+
+def _recorded_package(record: Path) -> str | None:
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("package")
+    except (OSError, ValueError, AttributeError):  # missing or damaged: install again
+        return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -131,6 +141,34 @@ def wait_until_healthy(url: str, deadline: float, process: subprocess.Popen | No
         time.sleep(1.0)
 
 
+def _own_group_dying_with_parent() -> None:
+    """In the server's child process, before exec: a session (process group) of its own, and SIGTERM when its
+    parent dies (Linux ``PR_SET_PDEATHSIG``; elsewhere only the group)."""
+    import signal
+
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def stopped_on_sigterm():
+    """SIGTERM raises ``SystemExit(143)`` inside the block, so ``with EngineServer(...)`` blocks stop their server
+    when the command is terminated (Python's default SIGTERM would skip the cleanup)."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _log_tail(path: Path | None, chars: int = 3000) -> str:
     if path is None or not path.is_file():
         return ""
@@ -172,9 +210,10 @@ class EngineServer:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         self._log = open(self.log_path, "w", encoding="utf-8")  # noqa: SIM115 -- open while the server runs
-        # its own process group: stop() ends the engine's worker processes with it
+        # its own process group, so stop() ends the engine's worker processes with it; and on Linux a SIGTERM when
+        # this process dies, so a killed trainer or test leaves no server behind
         self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+                                        preexec_fn=_own_group_dying_with_parent)
         try:
             wait_until_healthy(self.url, time.monotonic() + self.startup_timeout, self.process, self.log_path)
         except BaseException:
@@ -184,25 +223,27 @@ class EngineServer:
         return self
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds."""
+        """SIGTERM to the server's process group (the API server and the engine's workers), SIGKILL to what is left
+        after ``grace`` seconds. The log is removed only when the server was still running (a server that exited by
+        itself keeps the log that says why)."""
         import signal
 
         if self.process is None:
             return
-        if self.process.poll() is None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-                try:
-                    os.killpg(self.process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.process.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        exited_by_itself = self.process.poll() is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # workers that outlived their parent, or a hung server
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(10.0)
         self._log.close()
         self.process = None
-        if self._own_log:
+        if self._own_log and not exited_by_itself:
             self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> EngineServer:

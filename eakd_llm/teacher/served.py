@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -124,17 +125,25 @@ class TeacherClient:
         return out
 
 
-def check_server(client: TeacherClient, tokenizer, hidden_size: int, teacher: str) -> str:
-    """Before any step: the server answers, serves per-token hidden states of the teacher's width, and tokenizes the
-    probes as the recipe's tokenizer does. Returns the served model's name; :class:`ConfigError` naming the problem
-    otherwise."""
+def check_server(client: TeacherClient, tokenizer, hidden_size: int, teacher: str,
+                 max_length: int | None = None) -> str:
+    """Before any step: the server answers, serves per-token hidden states of the teacher's width, holds sequences
+    of ``max_length`` tokens, tokenizes the probes as the recipe's tokenizer does, and -- when the folder it serves
+    is on this machine -- serves the same weights, byte for byte. Returns the served model's name;
+    :class:`ConfigError` naming the problem otherwise."""
     try:
         served = client.models()
     except TeacherServerError as err:
         raise ConfigError(f"teacher_server {client.url!r} does not answer: start it first (eakd-llm serve-teacher "
                           f"{teacher} --port N) or fix the URL ({err})") from err
+    except (ValueError, KeyError, TypeError) as err:  # answered, but not as an OpenAI-compatible server does
+        raise ConfigError(f"teacher_server {client.url!r} is not an OpenAI-compatible server ({err})") from err
     if not served:
         raise ConfigError(f"teacher_server {client.url!r} serves no model")
+    longest = served[0].get("max_model_len")
+    if max_length and longest and longest < max_length:
+        raise ConfigError(f"teacher_server {client.url!r} serves sequences of at most {longest} tokens, but the "
+                          f"recipe's max_length is {max_length}: restart it with --max-model-len {max_length}")
     try:
         for text in PROBES:
             theirs = client.tokenize(text)
@@ -143,28 +152,58 @@ def check_server(client: TeacherClient, tokenizer, hidden_size: int, teacher: st
                 raise ConfigError(f"teacher_server {client.url!r} serves {client.model!r}, whose tokenizer differs "
                                   f"from {teacher!r}'s on {text!r} ({theirs[:8]}... vs {ours[:8]}...): it is not "
                                   "this recipe's teacher")
-        width = client.hidden_states([tokenizer(PROBES[0], add_special_tokens=False)["input_ids"]])[0].shape[-1]
+        probe = client.hidden_states([tokenizer(PROBES[0], add_special_tokens=False)["input_ids"]])[0]
     except TeacherServerError as err:
         raise ConfigError(f"teacher_server {client.url!r}: {err}") from err
-    if width != hidden_size:
-        raise ConfigError(f"teacher_server {client.url!r} serves {client.model!r} with hidden size {width}, but the "
-                          f"head of {teacher!r} takes {hidden_size}: it is not this recipe's teacher")
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"teacher_server {client.url!r} answered something unusable ({err})") from err
+    if probe.shape[-1] != hidden_size:
+        raise ConfigError(f"teacher_server {client.url!r} serves {client.model!r} with hidden size {probe.shape[-1]}, "
+                          f"but the head of {teacher!r} takes {hidden_size}: it is not this recipe's teacher")
+    norms = probe.norm(dim=-1)
+    if torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        raise ConfigError(f"teacher_server {client.url!r} serves unit-length (normalised) vectors, not the teacher's "
+                          "final hidden states: start it with eakd-llm serve-teacher (per-token pooling, no "
+                          "normalisation)")
+    _check_served_weights(served[0].get("root"), teacher, client.url)
     return client.model
 
 
+def _check_served_weights(root: str | None, teacher: str, url: str) -> None:
+    """A server whose model folder is on this machine must serve the teacher's weights (compared by fingerprint: a
+    copy elsewhere is the same teacher); a remote one cannot be checked, and the log says so."""
+    from ..models.fingerprint import fingerprint_weights
+
+    if not root or not os.path.isdir(root):
+        logger.warning("teacher_server %s serves %r, not a folder on this machine: its weights cannot be compared with "
+                       "%s's (its tokenizer and width were)", url, root, teacher)
+        return
+    if os.path.realpath(root) == os.path.realpath(teacher):
+        return
+    theirs, ours = fingerprint_weights(root), fingerprint_weights(teacher)
+    if theirs is None or ours is None or theirs.digest != ours.digest:
+        raise ConfigError(f"teacher_server {url!r} serves {root!r}, whose weights differ from {teacher!r}'s: it is not "
+                          "this recipe's teacher")
+
+
 def connect_served_teacher(config: EAKDConfig, tokenizer, url: str) -> ServedTeacher:
-    """The served teacher of a recipe, checked before any model weights are loaded: the server at ``url`` answers and
-    serves this recipe's teacher (its tokenizer, the width of its head); the head is read alone from
-    ``teacher_model_name_or_path``."""
-    weight, bias, scale, softcap = load_output_head(config.teacher_model_name_or_path,
-                                                    config.teacher_dtype or config.model_dtype,
-                                                    config.trust_remote_code)
+    """The served teacher of a recipe, checked before any model weights are loaded (:func:`check_server`, with the
+    width from the teacher's config); then its head is read alone from ``teacher_model_name_or_path``."""
+    from transformers import AutoConfig
+
+    teacher = config.teacher_model_name_or_path
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"the teacher server must be an http:// or https:// URL, got {url!r}")
+    text_config = AutoConfig.from_pretrained(teacher, trust_remote_code=config.trust_remote_code).get_text_config()
     client = TeacherClient(url, config.teacher_server_timeout, config.teacher_server_retries,
                            wire_dtype=config.teacher_server_dtype)
-    check_server(client, tokenizer, weight.shape[1], config.teacher_model_name_or_path)
+    check_server(client, tokenizer, text_config.hidden_size, teacher, config.max_length)
+    weight, bias, scale, softcap = load_output_head(teacher, config.teacher_dtype or config.model_dtype,
+                                                    config.trust_remote_code)
     logger.info("teacher: served by %s (%s); head %s read from %s", client.url, client.model, tuple(weight.shape),
-                config.teacher_model_name_or_path)
-    return ServedTeacher(client, weight, bias, scale, softcap)
+                teacher)
+    return ServedTeacher(client, weight, bias, scale, softcap,
+                         ahead=config.gradient_accumulation_steps + 2)
 
 
 def _batch_key(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
@@ -188,7 +227,9 @@ class ServedTeacher:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="teacher-server")
         self._pending: OrderedDict[str, Future] = OrderedDict()
         self._lock = threading.Lock()
-        self.ahead = ahead  # batches asked for ahead at most (older unclaimed ones are dropped)
+        # batches asked for ahead at most, older unclaimed ones dropped: the Trainer collates a step's gradient
+        # accumulation group, and the dataloader one batch more, before the step's first forward
+        self.ahead = ahead
         self.prefetched = self.waited = 0  # batches found already asked for / asked for at the step
 
     def _submit(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> Future:
@@ -199,7 +240,11 @@ class ServedTeacher:
 
     def _fetch(self, rows: list[list[int]], mask: torch.Tensor) -> torch.Tensor:
         states = self.client.hidden_states(rows)
-        width = states[0].shape[-1] if states else self.weight.shape[1]
+        width = self.weight.shape[1]
+        if any(state.shape[-1] != width for state in states):
+            raise TeacherServerError(f"teacher server {self.client.url} answered hidden states of width "
+                                     f"{states[0].shape[-1]}, but the teacher's head takes {width}: was it restarted "
+                                     "with another model?")
         hidden = torch.zeros(*mask.shape, width)
         for i, state in enumerate(states):
             hidden[i][mask[i]] = state
@@ -212,7 +257,7 @@ class ServedTeacher:
             if key not in self._pending:
                 self._pending[key] = self._submit(batch["input_ids"], batch.get("attention_mask"))
             while len(self._pending) > self.ahead:
-                self._pending.popitem(last=False)
+                self._pending.popitem(last=False)[1].cancel()  # never claimed: spare the server if not yet sent
 
     def hidden(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[B, T, hidden]`` teacher hidden states of a batch (zeros at padding), on the batch's device."""

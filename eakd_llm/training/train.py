@@ -130,7 +130,11 @@ def run_training(config: EAKDConfig) -> EAKDTrainer:
         raise ConfigError(f"resume_from_checkpoint: {resume!r} is not a checkpoint folder")
     parts = prepare_run(config)
     trainer = EAKDTrainer(args=config, **parts)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        if "teacher_server" in parts:  # requests asked for ahead are not waited for once the run stops
+            parts["teacher_server"].close()
     save_final_model(trainer, config.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
