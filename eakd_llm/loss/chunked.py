@@ -391,6 +391,17 @@ def _transform_logits(logits: torch.Tensor, scale: float, softcap: float | None)
     return logits
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                softcap: float | None, vocab_size: int) -> torch.Tensor:
+    """fp32 logits of ``hidden`` through a head (``weight`` / ``bias`` cut to the first ``vocab_size`` rows), with the
+    model's logit scale and softcap: what an :class:`LMHead` gives, materialised (the teacher cache's chunks, a served
+    teacher's full-logits path)."""
+    logits = hidden @ weight[:vocab_size].t()
+    if bias is not None:
+        logits = logits + bias[:vocab_size]
+    return _transform_logits(logits.float(), scale, softcap)
+
+
 def _chunk_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | SparseTeacher | None,

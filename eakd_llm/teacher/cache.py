@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..config.eakd_config import ConfigError, EAKDConfig
+from ..loss.chunked import head_logits
 from ..loss.distillation import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, log_probs
 from ..models.fingerprint import WeightsFingerprint, fingerprint_weights
 
@@ -464,12 +465,7 @@ def shard_entries(
         hidden = hidden[:, :-1][loss_positions]
         parts = []
         for start in range(0, hidden.shape[0], chunk_size):
-            logits = hidden[start:start + chunk_size] @ weight[: manifest.vocab_size].t()
-            if bias is not None:
-                logits = logits + bias[: manifest.vocab_size]
-            logits = logits.float() * scale
-            if softcap is not None:
-                logits = softcap * torch.tanh(logits / softcap)
+            logits = head_logits(hidden[start:start + chunk_size], weight, bias, scale, softcap, manifest.vocab_size)
             parts.append({name: value.cpu() for name, value in teacher_entries(
                 logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature).items()})
     merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else None

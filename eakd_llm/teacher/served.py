@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config.eakd_config import ConfigError, EAKDConfig
-from ..loss.chunked import LMHead
+from ..loss.chunked import LMHead, head_logits
 from ..models.loading import load_output_head
 
 logger = logging.getLogger(__name__)
@@ -292,13 +292,7 @@ class ServedTeacher:
                   vocab_size: int) -> torch.Tensor:
         hidden = self.hidden(batch)[:, :-1]
         weight, bias = self._head(hidden.device)
-        logits = hidden @ weight[:vocab_size].t()
-        if bias is not None:
-            logits = logits + bias[:vocab_size]
-        logits = logits.float() * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+        return head_logits(hidden, weight, bias, self.scale, self.softcap, vocab_size)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
