@@ -52,10 +52,11 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 CACHE_USAGE = ("eakd-llm cache-teacher RECIPE.yaml [--key value ...] --output DIR --top-k K "
-               "[--value-format float32|float16|uint8] [--shard-size N] [--batch-size N] "
+               "[--top-k-mass M [--top-k-min K0]] [--value-format float32|float16|uint8] [--shard-size N] "
+               "[--batch-size N] "
                "[--engine transformers|vllm] [--server URL] [--debug]")
 _CACHE_FLAGS = {"--output": str, "--top-k": int, "--value-format": str, "--shard-size": int, "--batch-size": int,
-                "--engine": str, "--server": str}
+                "--engine": str, "--server": str, "--top-k-mass": float, "--top-k-min": int}
 ENGINES = ("transformers", "vllm")
 
 
@@ -114,6 +115,7 @@ def cache_teacher_main(argv: Sequence[str]) -> int:
             manifest = build_cache(
                 config, str(flags["--output"]), int(flags["--top-k"]), str(flags.get("--value-format", "float16")),
                 int(flags.get("--shard-size", 256)), flags.get("--batch-size"), server=server,
+                top_k_mass=flags.get("--top-k-mass"), top_k_min=flags.get("--top-k-min"),
             )
     except ConfigError as err:
         if debug:

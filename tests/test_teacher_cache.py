@@ -28,10 +28,13 @@ from eakd_llm.teacher.cache import (
     TeacherCache,
     build_cache,
     bytes_per_token,
+    decode_id_stream,
     decode_ids,
     decode_values,
+    encode_id_stream,
     encode_ids,
     encode_values,
+    entry_counts,
     teacher_entries,
 )
 from eakd_llm.training.train import prepare_run
@@ -53,8 +56,9 @@ def _config(tiny_stack, tmp_path, **overrides) -> EAKDConfig:
     return EAKDConfig(**values)
 
 
-def _sparse(teacher_logits: torch.Tensor, k: int, tau: float, tau_e: float) -> SparseTeacher:
-    e = teacher_entries(teacher_logits, k, tau, tau_e)
+def _sparse(teacher_logits: torch.Tensor, k: int, tau: float, tau_e: float, mass: float | None = None,
+            k_min: int = 1) -> SparseTeacher:
+    e = teacher_entries(teacher_logits, k, tau, tau_e, mass, k_min)
     return SparseTeacher(e["ids"], e["log_probs"], e["log_tail"], e["entropy"])
 
 
@@ -182,6 +186,72 @@ def test_tail_bucket_divergence_matches_a_float64_reference_and_never_exceeds_th
         assert (got.numpy() <= full + 1e-5).all()  # data processing: merging tokens never adds divergence
 
 
+def test_entry_counts_keep_the_fewest_entries_reaching_the_mass():
+    top = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.97, 0.01, 0.01, 0.01], [0.25, 0.25, 0.25, 0.25]]).log()
+    assert entry_counts(top, 0.75, 1).tolist() == [2, 1, 3]
+    assert entry_counts(top, 0.9, 1).tolist() == [3, 1, 4]
+    assert entry_counts(top, 0.9, 2).tolist() == [3, 2, 4]  # the floor
+    assert entry_counts(top[:, :2], 0.9, 1).tolist() == [2, 1, 2]  # the ceiling (k)
+
+
+@pytest.mark.parametrize("bits_vocab", [2, 37, 512, 151_936])
+def test_an_id_stream_reads_back_any_range(bits_vocab):
+    ids = np.random.default_rng(bits_vocab).integers(0, bits_vocab, 61)
+    stream = encode_id_stream(ids, bits_vocab)
+    assert stream.nbytes == math.ceil(61 * max(1, math.ceil(math.log2(bits_vocab))) / 8)
+    for first in range(0, 61, 5):
+        for count in {0, 1, min(7, 61 - first), 61 - first}:
+            np.testing.assert_array_equal(decode_id_stream(stream, first, count, bits_vocab), ids[first:first + count])
+
+
+def _adaptive_reference(logits: torch.Tensor, tau: float, mass: float, k_min: int, k: int):
+    """Per row, by hand in float64: the ids kept (the fewest most probable reaching ``mass``, in [k_min, k]) and the
+    log of the mass left outside them."""
+    p = torch.softmax(logits.double() / tau, -1).numpy()
+    rows = []
+    for row in p:
+        order = np.argsort(-row, kind="stable")
+        count = int(np.clip(np.searchsorted(np.cumsum(row[order]), mass) + 1, k_min, k))
+        kept = np.sort(order[:count])
+        rows.append((kept, math.log(1.0 - row[kept].sum())))
+    return rows
+
+
+def test_adaptive_entries_keep_each_rows_top_mass_and_put_the_rest_in_the_tail():
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(40, 97, generator=g) * torch.linspace(0.5, 6, 40).unsqueeze(-1)  # flat to peaked rows
+    entries = teacher_entries(t, 32, 1.5, 2.0, mass=0.8, k_min=2)
+    fixed = teacher_entries(t, 32, 1.5, 2.0)
+    counts = (entries["ids"] >= 0).sum(-1)
+    assert counts.min() >= 2 and counts.max() == 32 and len(set(counts.tolist())) > 5  # it adapts
+    for row, (kept, log_tail) in enumerate(_adaptive_reference(t, 1.5, 0.8, 2, 32)):
+        n = len(kept)
+        np.testing.assert_array_equal(entries["ids"][row, :n].numpy(), kept)  # ascending, then the empty slots
+        assert (entries["ids"][row, n:] == -1).all() and (entries["log_probs"][row, n:] == float("-inf")).all()
+        full = torch.log_softmax(t[row].double() / 1.5, -1)
+        torch.testing.assert_close(entries["log_probs"][row, :n].double(), full[kept], rtol=0, atol=1e-5)
+        assert entries["log_tail"][row].item() == pytest.approx(log_tail, abs=1e-4)
+    torch.testing.assert_close(entries["entropy"], fixed["entropy"])  # H_T stays exact
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_empty_slots_give_each_rows_own_top_k_divergence_and_gradient(div):
+    g = torch.Generator().manual_seed(4)
+    s = (torch.randn(12, 53, generator=g) * 3).requires_grad_()
+    t = torch.randn(12, 53, generator=g) * torch.linspace(0.5, 5, 12).unsqueeze(-1)
+    sparse = _sparse(t, 24, 1.5, 2.0, mass=0.7, k_min=1)
+    got = sparse_divergence(torch.log_softmax(s / 1.5, -1), sparse, div)
+    kept = [row[row >= 0] for row in sparse.ids.numpy()]
+    ref = _np_bucket_divergence(s.detach().numpy(), t.numpy(), kept, 1.5, div)
+    np.testing.assert_allclose(got.detach().numpy(), ref, rtol=1e-4, atol=1e-6)
+    # the gradient equals that of each row taken alone with its own k (no empty slots)
+    rows = [sparse_divergence(torch.log_softmax(s[i:i + 1] / 1.5, -1), _sparse(t[i:i + 1], len(kept[i]), 1.5, 2.0),
+                              div) for i in range(12)]
+    grad = torch.autograd.grad(got.sum(), s)[0]
+    torch.testing.assert_close(grad, torch.autograd.grad(torch.cat(rows).sum(), s)[0], rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(grad).all()
+
+
 def _make_batch(seed: int = 0, b: int = 3, t: int = 9, v: int = 41):
     g = torch.Generator().manual_seed(seed)
     s = (torch.randn(b, t, v, generator=g) * 2).requires_grad_()
@@ -220,8 +290,10 @@ def test_ea_weights_from_a_top_k_cache_are_the_online_ones(k):
     assert w.shape == sparse.entropy.shape
 
 
-@pytest.mark.parametrize(("kd_ratio", "gran", "k"), [(0.5, "token", 41), (1.0, "sequence", 41), (0.3, "token", 6)])
-def test_fused_path_with_a_cache_matches_the_full_logits_path(kd_ratio, gran, k):
+@pytest.mark.parametrize(("kd_ratio", "gran", "k", "mass"), [(0.5, "token", 41, None), (1.0, "sequence", 41, None),
+                                                        (0.3, "token", 6, None), (0.6, "token", 20, 0.5),
+                                                        (1.0, "sequence", 20, 0.5)])
+def test_fused_path_with_a_cache_matches_the_full_logits_path(kd_ratio, gran, k, mass):
     g = torch.Generator().manual_seed(5)
     hs = (torch.randn(3, 9, 8, generator=g)).requires_grad_()
     w = (torch.randn(41, 8, generator=g)).requires_grad_()
@@ -229,7 +301,9 @@ def test_fused_path_with_a_cache_matches_the_full_logits_path(kd_ratio, gran, k)
     labels = torch.randint(0, 41, (3, 9), generator=g)
     labels[1, :4] = -100
     mask = labels != -100
-    sparse = _sparse(t_logits[mask], k, 1.0, 2.0)
+    sparse = _sparse(t_logits[mask], k, 1.0, 2.0, mass)
+    if mass is not None:
+        assert (sparse.ids < 0).any()  # rows with empty slots
     kw = dict(kd_ratio=kd_ratio, ea_granularity=gran, entropy_temperature=2.0)
     fused = fused_distillation_loss(hs, w, None, None, labels, teacher_sparse=sparse, chunk_size=4, **kw)
     z = hs @ w.T
@@ -447,6 +521,84 @@ def test_bad_k_and_a_folder_holding_another_cache(tiny_stack, tmp_path, full_cac
     assert [os.path.getmtime(os.path.join(full_cache, name)) for name in before] == stamps
 
 
+def _shard_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("fmt", ["float32", "uint8"])
+def test_an_adaptive_cache_stores_each_tokens_top_mass_and_reads_back_the_exact_entries(tiny_stack, tmp_path, fmt):
+    # tau = 0.1: the tiny random teacher is near uniform at tau = 1, sharp enough here for the counts to vary
+    config = _config(tiny_stack, tmp_path, temperature=0.1, max_train_samples=40)
+    reference, folder, fixed = (str(tmp_path / name) for name in ("exact", "adaptive", "fixed"))
+    build_cache(config, reference, top_k=512, value_format="float32", shard_size=50, show_progress=False)
+    manifest = build_cache(config, folder, top_k=64, value_format=fmt, shard_size=16, show_progress=False,
+                           top_k_mass=0.6, top_k_min=2)
+    build_cache(config, fixed, top_k=64, value_format=fmt, shard_size=16, show_progress=False)
+    assert (manifest.top_k_mass, manifest.top_k_min) == (0.6, 2)
+    exact, adaptive = TeacherCache(reference), TeacherCache(folder)
+    assert adaptive.index.keys() == exact.index.keys()
+    counts = []
+    for example in prepare_run(config)["train_dataset"]:
+        # the k = V float32 cache holds every token's whole log-distribution at tau: the independent reference
+        log_p = exact.entries(example["input_ids"], example["labels"]).log_probs.double()
+        got = adaptive.entries(example["input_ids"], example["labels"])
+        for row in range(log_p.shape[0]):
+            order = torch.argsort(log_p[row], descending=True, stable=True)
+            reach = int((log_p[row][order].exp().cumsum(0) < 0.6).sum()) + 1
+            kept = order[:min(max(reach, 2), 64)].sort().values
+            n = len(kept)
+            counts.append(n)
+            assert got.ids[row, :n].tolist() == kept.tolist() and (got.ids[row, n:] == -1).all()
+            atol = 1e-5 if fmt == "float32" else 0.2  # uint8: a 255-step quantisation of each row's range
+            torch.testing.assert_close(got.log_probs[row, :n].double(), log_p[row, kept], rtol=0, atol=atol)
+            assert (got.log_probs[row, n:] == float("-inf")).all()
+            rest = log_p[row].exp().sum() - log_p[row, kept].exp().sum()
+            assert got.log_tail[row].item() == pytest.approx(math.log(rest), abs=1e-4)
+    assert len(set(counts)) > 5 and min(counts) >= 2  # the teacher is sure of some tokens and not of others
+    entries = manifest.splits["train"]["entries"]
+    assert entries == sum(counts) < 64 * manifest.splits["train"]["tokens"]
+    assert _shard_bytes(folder) < _shard_bytes(fixed)
+    assert manifest.splits["train"]["bytes_per_token"] < bytes_per_token(64, manifest.vocab_size, fmt)
+
+
+def test_training_from_an_adaptive_cache_fused_and_unfused_agree(tiny_stack, tmp_path):
+    folder = str(tmp_path / "adaptive")
+    build_cache(_config(tiny_stack, tmp_path, temperature=0.1), folder, top_k=48, value_format="float16",
+                shard_size=50, show_progress=False, top_k_mass=0.5)
+    losses, grads = [], []
+    for fused in (True, False):
+        config = _config(tiny_stack, tmp_path, temperature=0.1, fused_loss=fused, teacher_cache=folder,
+                         teacher_model_name_or_path=None)
+        trainer = EAKDTrainer(args=config, **prepare_run(config))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+        assert (batch["teacher_ids"] < 0).any()  # rows with empty slots reach the loss
+        losses.append(trainer.compute_loss(trainer.model, batch))
+        grads.append(torch.autograd.grad(losses[-1], list(trainer.model.parameters())))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_adaptive_settings_and_a_resume_with_another_mass_are_refused(tiny_stack, tmp_path):
+    config = _config(tiny_stack, tmp_path, max_train_samples=16)
+    out = str(tmp_path / "c")
+    cases = [(dict(top_k=8, top_k_mass=0.0), "--top-k-mass must be in \\(0, 1\\]"),
+             (dict(top_k=8, top_k_mass=1.5), "--top-k-mass must be in"),
+             (dict(top_k=512, top_k_mass=0.9), "--top-k-mass needs --top-k \\(its ceiling\\) below V = 512"),
+             (dict(top_k=8, top_k_mass=0.9, top_k_min=9), "--top-k-min must be in \\[1, --top-k\\] = \\[1, 8\\]"),
+             (dict(top_k=8, top_k_min=2), "--top-k-min is the floor of an entropy-adaptive k")]
+    for kwargs, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            build_cache(config, out, show_progress=False, **kwargs)
+    assert not os.path.exists(out)
+    build_cache(config, out, top_k=8, top_k_mass=0.9, shard_size=8, show_progress=False)
+    with pytest.raises(ConfigError, match="other settings \\(top_k_mass\\)"):
+        build_cache(config, out, top_k=8, top_k_mass=0.8, shard_size=8, show_progress=False)
+    with pytest.raises(ConfigError, match="other settings \\(top_k_mass, top_k_min\\)"):
+        build_cache(config, out, top_k=8, shard_size=8, show_progress=False)
+
+
 @pytest.mark.slow
 def test_cache_teacher_command_then_training_from_the_cache(tiny_stack, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -475,6 +627,21 @@ def test_cache_teacher_command_then_training_from_the_cache(tiny_stack, tmp_path
         env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.startswith("eakd-llm: error: --top-k must be in [1, V]")
     assert "Traceback" not in bad.stderr
+    adaptive = subprocess.run(
+        [sys.executable, "-m", "eakd_llm.cli", "cache-teacher", recipe, "--teacher_model_name_or_path",
+         tiny_stack["teacher"], *common, "--temperature", "0.1", "--output", str(tmp_path / "adaptive"),
+         "--top-k", "32", "--top-k-mass", "0.5", "--top-k-min", "2"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert adaptive.returncode == 0, adaptive.stderr[-3000:]
+    assert "adaptive k in [2, 32] to mass 0.5" in adaptive.stdout and "entries per token on average" in adaptive.stdout
+    manifest = CacheManifest.read(str(tmp_path / "adaptive"))
+    assert (manifest.top_k, manifest.top_k_mass, manifest.top_k_min) == (32, 0.5, 2)
+    assert 2 <= manifest.splits["train"]["entries"] / manifest.splits["train"]["tokens"] < 32
+    no_mass = subprocess.run(
+        [sys.executable, "-m", "eakd_llm.cli", "cache-teacher", recipe, "--teacher_model_name_or_path",
+         tiny_stack["teacher"], *common, "--output", str(tmp_path / "c2"), "--top-k", "8", "--top-k-min", "2"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert no_mass.returncode == 2 and "--top-k-min is the floor of an entropy-adaptive k" in no_mass.stderr
 
 
 @pytest.mark.parametrize("name", ["../outside.safetensors", "/etc/passwd", "sub/train-00000.safetensors", ".."])

@@ -185,10 +185,12 @@ class SparseTeacher:
     """A teacher distribution known on its top-k tokens plus one tail bucket, per loss token (an offline cache).
 
     Attributes (``N`` loss tokens in row-major order of the batch's loss positions):
-        ids: ``[N, k]`` the teacher's top-k token ids.
+        ids: ``[N, k]`` the teacher's top-k token ids. A row with fewer entries (an entropy-adaptive cache, whose
+            ``k`` is its ceiling) ends in empty slots: id ``-1``, log-probability ``-inf``; its first slot is never
+            empty.
         log_probs: ``[N, k]`` their log-probabilities at the divergence temperature tau (normalised over the full
             vocabulary, not over the top-k).
-        log_tail: ``[N]`` log of the mass outside the top-k at tau (``-inf`` or ignored when ``k == V``).
+        log_tail: ``[N]`` log of the mass outside the row's entries at tau (``-inf`` or ignored when ``k == V``).
         entropy: ``[N]`` the teacher's exact entropy at the entropy temperature tau', over the full vocabulary.
     """
 
@@ -218,12 +220,16 @@ def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) ->
     (everything else), or ``[N, k]`` when ``k == V`` (no tail).
 
     The student's tail is the log-sum-exp of its log-probabilities outside the top-k (exact, differentiable). The
-    teacher's buckets are renormalised to sum to 1 (a quantised cache sums to 1 only approximately).
+    teacher's buckets are renormalised to sum to 1 (a quantised cache sums to 1 only approximately). An empty slot
+    (id ``-1``) is an empty bucket on both sides: log-probability ``-inf``, no gradient, its mass left in the tail.
     """
     vocab = student_log_probs.shape[-1]
     ids = teacher.ids.long()
-    log_s = student_log_probs.gather(-1, ids)
-    log_t = teacher.log_probs.float()
+    empty = ids < 0
+    # An empty slot gathers and scatters at its row's first id (a repeat: the scatter is idempotent), then is emptied.
+    ids = torch.where(empty, ids[:, :1], ids)
+    log_s = student_log_probs.gather(-1, ids).masked_fill(empty, float("-inf"))
+    log_t = teacher.log_probs.float().masked_fill(empty, float("-inf"))
     if teacher.k < vocab:
         outside = student_log_probs.scatter(-1, ids, float("-inf"))
         log_s = torch.cat([log_s, outside.logsumexp(-1, keepdim=True)], dim=-1)

@@ -12,6 +12,14 @@ response token):
 * the teacher's exact entropy at the entropy temperature tau', fp32: one float that keeps EA exact from a cache, since
   the EA weight needs H_T over the *whole* vocabulary, which a top-k cache loses.
 
+With ``--top-k-mass M`` (an entropy-adaptive k) each token keeps only the fewest top entries whose mass at tau
+reaches ``M``, at least ``--top-k-min`` and at most ``K``: many where the teacher is uncertain, few where it is sure.
+Such a shard stores each token's entry count (int16) and one bit-packed stream of the kept ids and their values;
+reading lays a token's entries out as a row of ``K`` slots whose unused ones are empty (id ``-1``, log-probability
+``-inf``), which the loss treats as empty buckets (:func:`eakd_llm.loss.distillation.bucket_log_probs`). Measured on
+SmolLM2 (docs/inference-engine.md) it saves ~14% of the bytes of a fixed k at a slightly lower error at the high end
+and nothing at small budgets, so fixed k stays the default.
+
 Storage: ``safetensors`` shards of a fixed number of examples each (memory-mapped when read), every shard holding its
 own index (example key -> first token, token count) in its metadata, written to a temporary name and renamed when
 complete. Examples are found by content: the key is a hash of the tokenized example (``input_ids`` and ``labels``),
@@ -116,6 +124,14 @@ def bytes_per_token(k: int, vocab_size: int, value_format: str) -> int:
     return ids + values + 8
 
 
+def adaptive_bytes(entries: int, tokens: int, vocab_size: int, value_format: str) -> int:
+    """Bytes an entropy-adaptive cache takes for ``tokens`` tokens holding ``entries`` entries in all: the id stream,
+    the values, and per token its count (2) + tail + entropy (+ uint8's offset and step)."""
+    values = {"float32": 4, "float16": 2, "uint8": 1}[value_format] * entries
+    per_token = 2 + 8 + (8 if value_format == "uint8" else 0)
+    return math.ceil(entries * id_bits(vocab_size) / 8) + values + per_token * tokens
+
+
 def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """``[N, k]`` ascending ids -> ``[N, bytes]`` uint8 (bitmap or fixed-width bit packing, MSB first)."""
     n, k = ids.shape
@@ -126,6 +142,23 @@ def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     bits = id_bits(vocab_size)
     shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
     return np.packbits(((ids.astype(np.int64)[..., None] >> shifts) & 1).astype(np.uint8).reshape(n, k * bits), axis=1)
+
+
+def encode_id_stream(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """``[M]`` ids -> one uint8 stream, ``ceil(log2 V)`` bits each (MSB first): an adaptive cache's kept ids."""
+    bits = id_bits(vocab_size)
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
+    return np.packbits(((ids.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+
+
+def decode_id_stream(stream, first: int, count: int, vocab_size: int) -> np.ndarray:
+    """Ids ``first .. first + count - 1`` of an :func:`encode_id_stream` stream (an array or a safetensors slice:
+    only the bytes holding them are read), ``[count]`` int64."""
+    bits = id_bits(vocab_size)
+    start, end = first * bits, (first + count) * bits
+    chunk = np.asarray(stream[start // 8:math.ceil(end / 8)], dtype=np.uint8)
+    raw = np.unpackbits(chunk)[start % 8:start % 8 + count * bits].reshape(count, bits).astype(np.int64)
+    return (raw << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
 
 
 def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
@@ -163,18 +196,37 @@ def decode_values(stored: Mapping[str, torch.Tensor], value_format: str) -> torc
     return stored["value_offset"].unsqueeze(-1) - stored["values"].float() * stored["value_step"].unsqueeze(-1)
 
 
+def entry_counts(top_log_probs: torch.Tensor, mass: float, k_min: int) -> torch.Tensor:
+    """An entropy-adaptive k: per row of descending top-k log-probabilities ``[N, k]``, the fewest leading entries
+    whose probability mass reaches ``mass``, clamped to ``[k_min, k]`` (``[N]`` int64)."""
+    below = top_log_probs.float().exp().cumsum(-1) < mass
+    return (below.sum(-1) + 1).clamp(k_min, top_log_probs.shape[-1])
+
+
 @torch.no_grad()
 def teacher_entries(
-    logits: torch.Tensor, k: int, temperature: float, entropy_temperature: float
+    logits: torch.Tensor, k: int, temperature: float, entropy_temperature: float, mass: float | None = None,
+    k_min: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Top-k ids (ascending), their log-probabilities at tau, the log tail mass at tau and the entropy at tau' of
-    ``[N, V]`` teacher logits (already cut to the shared vocabulary)."""
+    ``[N, V]`` teacher logits (already cut to the shared vocabulary).
+
+    ``mass``: keep per row only :func:`entry_counts` entries (an entropy-adaptive k); the rest of the row's ``k``
+    slots are empty (id ``-1``, log-probability ``-inf``, after the kept ids) and their mass is in the tail.
+    """
     log_p = log_probs(logits, temperature)
     top, ids = log_p.topk(k, dim=-1)
+    vocab = logits.shape[-1]
+    if mass is not None:  # drop the entries past each row's count; the dropped ids sort last, then become -1
+        empty = torch.arange(k, device=ids.device) >= entry_counts(top, mass, k_min).unsqueeze(-1)
+        ids, top = ids.masked_fill(empty, vocab), top.masked_fill(empty, float("-inf"))
     order = ids.argsort(-1)
     ids, top = ids.gather(-1, order), top.gather(-1, order)
-    if k < logits.shape[-1]:
-        log_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    if mass is not None:
+        ids = ids.masked_fill(ids == vocab, -1)
+    if k < vocab:
+        kept = torch.where(ids < 0, ids[:, :1], ids)  # an empty slot repeats the row's first id (idempotent scatter)
+        log_tail = log_p.scatter(-1, kept, float("-inf")).logsumexp(-1)
     else:
         log_tail = torch.full((logits.shape[0],), float("-inf"))
     same = entropy_temperature == temperature
@@ -210,8 +262,19 @@ class CacheManifest:
     # what ran the teacher: "transformers" (its forward here) or "vllm" (a served teacher's final hidden states, the
     # head applied here); either way every entry, H_T included, comes from the full-vocabulary logits
     engine: str = "transformers"
+    # an entropy-adaptive k (``None``: a fixed k): each token keeps the fewest entries whose mass at tau reaches
+    # top_k_mass, at least top_k_min and at most top_k
+    top_k_mass: float | None = None
+    top_k_min: int | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.top_k_mass is not None
 
     def bytes_per_token(self) -> int:
+        """Bytes per token (with an adaptive k: at most, every token keeping ``top_k`` entries)."""
+        if self.adaptive:
+            return adaptive_bytes(self.top_k, 1, self.vocab_size, self.value_format)
         return bytes_per_token(self.top_k, self.vocab_size, self.value_format)
 
     def write(self, folder: str) -> None:
@@ -341,12 +404,19 @@ def write_shard(path: str, keys: list[tuple[str, int, int]], entries: list[dict[
 
     cat = {name: torch.cat([e[name] for e in entries]) if entries else torch.zeros(0)
            for name in ("ids", "log_probs", "log_tail", "entropy")}
-    tensors = {
-        "ids": torch.from_numpy(encode_ids(cat["ids"].numpy(), manifest.vocab_size)),
-        "log_tail": cat["log_tail"].float().contiguous(),
-        "entropy": cat["entropy"].float().contiguous(),
-        **encode_values(cat["log_probs"], manifest.value_format),
-    }
+    tensors = {"log_tail": cat["log_tail"].float().contiguous(), "entropy": cat["entropy"].float().contiguous()}
+    if manifest.adaptive:
+        ids, log_p = cat["ids"].reshape(-1, manifest.top_k), cat["log_probs"].reshape(-1, manifest.top_k)
+        kept = ids >= 0
+        # empty slots take their row's top value so that they never widen uint8's range; only kept values are stored
+        values = encode_values(torch.where(kept, log_p, log_p.max(-1, keepdim=True).values),
+                               manifest.value_format)
+        values["values"] = values["values"][kept].contiguous()
+        tensors.update(values, counts=kept.sum(-1).to(torch.int16),
+                       ids=torch.from_numpy(encode_id_stream(ids[kept].numpy(), manifest.vocab_size)))
+    else:
+        tensors.update(encode_values(cat["log_probs"], manifest.value_format),
+                       ids=torch.from_numpy(encode_ids(cat["ids"].numpy(), manifest.vocab_size)))
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"keys": json.dumps(keys)})
     os.replace(tmp, path)
@@ -379,9 +449,10 @@ class TeacherCache:
                 for key, offset, count in read_shard_index(path):
                     self.index[key] = (path, offset, count)
         self._handles: dict[str, Any] = {}
+        self._entry_starts: dict[str, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # dataloader workers reopen the shards themselves
-        return {**self.__dict__, "_handles": {}}
+        return {**self.__dict__, "_handles": {}, "_entry_starts": {}}
 
     def _handle(self, path: str):
         if path not in self._handles:
@@ -396,16 +467,41 @@ class TeacherCache:
             raise KeyError(f"example {key} is not in teacher cache {self.folder} (the data changed after the build)")
         path, offset, count = self.index[key]
         handle = self._handle(path)
-        names = ("values", "value_offset", "value_step") if self.manifest.value_format == "uint8" else ("values",)
-        stored = {name: handle.get_slice(name)[offset:offset + count] for name in names}
+        per_token = ("value_offset", "value_step") if self.manifest.value_format == "uint8" else ()
+        if not self.manifest.adaptive:
+            per_token += ("values",)
+        stored = {name: handle.get_slice(name)[offset:offset + count] for name in per_token}
         k, vocab = self.manifest.top_k, self.manifest.vocab_size
-        ids = torch.from_numpy(decode_ids(handle.get_slice("ids")[offset:offset + count].numpy(), k, vocab))
+        if self.manifest.adaptive:
+            ids, log_p = self._adaptive_rows(path, offset, count, stored)
+        else:
+            ids = torch.from_numpy(decode_ids(handle.get_slice("ids")[offset:offset + count].numpy(), k, vocab))
+            log_p = decode_values(stored, self.manifest.value_format)
         return SparseTeacher(
             ids=ids,
-            log_probs=decode_values(stored, self.manifest.value_format),
+            log_probs=log_p,
             log_tail=handle.get_slice("log_tail")[offset:offset + count].float(),
             entropy=handle.get_slice("entropy")[offset:offset + count].float(),
         )
+
+    def _adaptive_rows(self, path: str, offset: int, count: int,
+                       stored: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``offset .. offset + count - 1`` of an adaptive shard as ``[count, k]`` rows with empty slots."""
+        handle = self._handle(path)
+        if path not in self._entry_starts:  # where each token's entries begin in the shard's streams
+            counts = handle.get_slice("counts")[:].numpy().astype(np.int64)
+            self._entry_starts[path] = np.concatenate([[0], np.cumsum(counts)])
+        starts = self._entry_starts[path][offset:offset + count + 1]
+        first, entries = int(starts[0]), int(starts[-1] - starts[0])
+        kept = torch.arange(self.manifest.top_k) < torch.from_numpy(np.diff(starts)).unsqueeze(-1)
+        ids = torch.full(kept.shape, -1, dtype=torch.long)
+        ids[kept] = torch.from_numpy(decode_id_stream(handle.get_slice("ids"), first, entries,
+                                                      self.manifest.vocab_size))
+        codes = handle.get_slice("values")[first:first + entries]
+        dense = torch.zeros(kept.shape, dtype=codes.dtype)
+        dense[kept] = codes
+        log_p = decode_values({**stored, "values": dense}, self.manifest.value_format)
+        return ids, log_p.masked_fill(~kept, float("-inf"))
 
 
 @dataclass
@@ -467,7 +563,8 @@ def shard_entries(
         for start in range(0, hidden.shape[0], chunk_size):
             logits = head_logits(hidden[start:start + chunk_size], weight, bias, scale, softcap, manifest.vocab_size)
             parts.append({name: value.cpu() for name, value in teacher_entries(
-                logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature).items()})
+                logits, manifest.top_k, manifest.temperature, manifest.entropy_temperature, manifest.top_k_mass,
+                manifest.top_k_min or 1).items()})
     merged = {name: torch.cat([p[name] for p in parts]) for name in parts[0]} if parts else None
     if merged is None:  # no example of the batch has a loss token
         merged = {"ids": torch.zeros(0, manifest.top_k, dtype=torch.long), "log_probs": torch.zeros(0, manifest.top_k),
@@ -509,6 +606,8 @@ def build_cache(
     batch_size: int | None = None,
     show_progress: bool = True,
     server: str | None = None,
+    top_k_mass: float | None = None,
+    top_k_min: int | None = None,
 ) -> CacheManifest:
     """Run the recipe's teacher once over its training (and evaluation) split and write the cache to ``output_dir``.
 
@@ -520,6 +619,9 @@ def build_cache(
     ``server``: the URL of a teacher served by an inference engine (``eakd-llm serve-teacher``): its final hidden
     states are asked for and projected through the teacher's head here (no teacher model is loaded), the manifest
     records ``engine: vllm``; the entries are the same as a transformers forward's within float error.
+
+    ``top_k_mass``: an entropy-adaptive k: each token keeps the fewest entries whose mass at tau reaches it, at least
+    ``top_k_min`` (default 1) and at most ``top_k`` (which must then be below V: the rest of the mass needs the tail).
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -549,6 +651,7 @@ def build_cache(
     vocab = min(teacher_vocab, student_vocab)
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k must be in [1, V] = [1, {vocab}] (the shared vocabulary), got {top_k}")
+    _check_adaptive(top_k, top_k_mass, top_k_min, vocab)
 
     splits = {config.dataset_train_split: config.max_train_samples}
     if config.dataset_eval_split:
@@ -568,6 +671,8 @@ def build_cache(
         **expected_manifest_fields(config, tokenizer, weights), top_k=top_k, vocab_size=vocab,
         teacher_vocab_size=teacher_vocab,
         value_format=value_format, shard_size=shard_size, engine="vllm" if server else "transformers",
+        top_k_mass=None if top_k_mass is None else float(top_k_mass),
+        top_k_min=None if top_k_mass is None else int(top_k_min or 1),
         splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
                         "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
                         "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],
@@ -593,9 +698,12 @@ def build_cache(
     if main:
         os.makedirs(output_dir, exist_ok=True)
         size = total_tokens * manifest.bytes_per_token()
+        k_text = (f"k={top_k}" if not manifest.adaptive else
+                  f"adaptive k in [{manifest.top_k_min}, {top_k}] to mass {manifest.top_k_mass}")
         print(f"teacher cache: {sum(len(d) for d in datasets.values())} examples, {total_tokens} response tokens, "
-              f"k={top_k}, {value_format}: {manifest.bytes_per_token()} B/token, about {size / 2**20:.1f} MiB "
-              f"-> {output_dir}", flush=True)
+              f"{k_text}, {value_format}: {'at most ' if manifest.adaptive else ''}{manifest.bytes_per_token()} "
+              f"B/token, {'at most' if manifest.adaptive else 'about'} {size / 2**20:.1f} MiB -> {output_dir}",
+              flush=True)
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
 
@@ -633,6 +741,8 @@ def build_cache(
             ranges = _shard_ranges(len(dataset), shard_size)
             paths = [os.path.join(output_dir, shard_name(split, i)) for i in range(len(ranges))]
             manifest.splits[split]["complete"] = all(_shard_complete(p, dataset, r) for p, r in zip(paths, ranges))
+            if manifest.adaptive and manifest.splits[split]["complete"]:
+                _record_entries(manifest, split, paths)
         manifest.write(output_dir)
     accelerator.wait_for_everyone()
     return CacheManifest.read(output_dir)  # what the main process recorded, on every process
@@ -663,6 +773,39 @@ def _build_shards(plan, datasets, teacher, collator, manifest, accelerator, batc
         if todo:
             write_shard(path, keys, entries, manifest)
     progress.close()
+
+
+def _check_adaptive(top_k: int, mass: float | None, k_min: int | None, vocab: int) -> None:
+    if mass is None:
+        if k_min is not None:
+            raise ConfigError("--top-k-min is the floor of an entropy-adaptive k: use it with --top-k-mass")
+        return
+    if not 0 < mass <= 1:
+        raise ConfigError(f"--top-k-mass must be in (0, 1] (the top-k probability mass to keep per token), got {mass}")
+    if top_k >= vocab:
+        raise ConfigError(f"--top-k-mass needs --top-k (its ceiling) below V = {vocab}: the mass it drops goes to the "
+                          f"tail bucket; got --top-k {top_k}")
+    if top_k > 32767:
+        raise ConfigError(f"--top-k is at most 32767 with --top-k-mass (entry counts are int16), got {top_k}")
+    if not 1 <= (k_min or 1) <= top_k:
+        raise ConfigError(f"--top-k-min must be in [1, --top-k] = [1, {top_k}], got {k_min}")
+
+
+def _record_entries(manifest: CacheManifest, split: str, paths: list[str]) -> None:
+    """An adaptive split's entry count and bytes per token, as built (``entries``, ``bytes_per_token``)."""
+    from safetensors import safe_open
+
+    entries = 0
+    for path in paths:
+        with safe_open(path, framework="pt") as handle:
+            entries += int(handle.get_slice("counts")[:].long().sum())
+    tokens = manifest.splits[split]["tokens"]
+    manifest.splits[split]["entries"] = entries
+    manifest.splits[split]["bytes_per_token"] = round(
+        adaptive_bytes(entries, tokens, manifest.vocab_size, manifest.value_format) / max(tokens, 1), 1)
+    print(f"teacher cache: split {split!r}: {entries / max(tokens, 1):.1f} entries per token on average, "
+          f"{manifest.splits[split]['bytes_per_token']} B/token (a fixed k={manifest.top_k}: "
+          f"{bytes_per_token(manifest.top_k, manifest.vocab_size, manifest.value_format)} B/token)", flush=True)
 
 
 def _load_teacher(config: EAKDConfig):
