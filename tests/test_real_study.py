@@ -218,7 +218,10 @@ def test_study_on_the_tiny_stack(tiny_stack, tmp_path, capsys):
     assert all(table[n]["seconds_per_step"] > 0 for n in ("kd", "sft"))
     rows = {(r["name"], r["seed"]): r for r in results["rows"]}
     assert all(len(r["per_prompt"]["ce"]) == 4 for r in rows.values())
-    assert len(results["comparisons"]) == 7 * 4 and all(c["verdict"] for c in results["comparisons"])
+    assert len(results["comparisons"]) == 9 * 4 and all(c["verdict"] for c in results["comparisons"])
+    pairs = {c["name"] for c in results["comparisons"]}  # the tau' axis: tau' = 1 and 0.5 against 2
+    assert {"eakd_token_normalized_t1 − eakd_token_normalized",
+            "eakd_token_normalized_t05 − eakd_token_normalized"} <= pairs
     assert table[TEACHER]["kl"]["mean"] == 0.0 and table[PRUNED]["kl"]["mean"] > 0
     assert (root / "students" / "kd" / "seed-1" / "row.json").exists()
     # MT-Bench: the teacher answered its questions, every model is scored on them too, and nothing of it trained

@@ -13,7 +13,10 @@ TEACHER_CACHE_CHOICES: tuple[str, ...] = ("auto", "on", "off")
 # (A, B): A - B on every metric, paired by training seed and prompt (pairs whose recipes are both present)
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("eakd_token", "kd"), ("eakd_token", "kd_scaled"), ("eakd_token_normalized", "kd"),
-    ("eakd_token_normalized_t1", "kd"), ("eakd_token_normalized_t05", "kd"), ("kd", "sft"), ("eakd_token", "sft"))
+    ("eakd_token_normalized_t1", "kd"), ("eakd_token_normalized_t05", "kd"),
+    # the tau' axis: normalised EA at tau' = 1 and 0.5 against the paper's tau' = 2
+    ("eakd_token_normalized_t1", "eakd_token_normalized"), ("eakd_token_normalized_t05", "eakd_token_normalized"),
+    ("kd", "sft"), ("eakd_token", "sft"))
 # Control rows a study derives from its recipes: name -> (the recipe it trains, the EA recipe whose measured effective
 # scale sum(w d) / sum(d) in the same seed's run becomes its kd_scale): KD with EA's scale but not its adaptivity.
 SCALED_CONTROLS: dict[str, tuple[str, str]] = {"kd_scaled": ("kd", "eakd_token")}
