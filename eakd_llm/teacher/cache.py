@@ -271,6 +271,16 @@ class CacheManifest:
     def adaptive(self) -> bool:
         return self.top_k_mass is not None
 
+    def describe(self) -> str:
+        """What the cache holds, for logs: ``top-64 cache (float16, 264 B/token)``; an adaptive one with its bytes
+        per token as built."""
+        if not self.adaptive:
+            return f"top-{self.top_k} cache ({self.value_format}, {self.bytes_per_token()} B/token)"
+        built = [entry["bytes_per_token"] for entry in self.splits.values() if "bytes_per_token" in entry]
+        size = f"{max(built)} B/token as built" if built else f"at most {self.bytes_per_token()} B/token"
+        return (f"entropy-adaptive cache, k in [{self.top_k_min}, {self.top_k}] to mass {self.top_k_mass} "
+                f"({self.value_format}, {size})")
+
     def bytes_per_token(self) -> int:
         """Bytes per token (with an adaptive k: at most, every token keeping ``top_k`` entries)."""
         if self.adaptive:
@@ -466,12 +476,15 @@ class TeacherCache:
         if key not in self.index:
             raise KeyError(f"example {key} is not in teacher cache {self.folder} (the data changed after the build)")
         path, offset, count = self.index[key]
+        k = self.manifest.top_k
+        if count == 0:  # no loss token (an empty slice at a shard's end is out of range for safetensors)
+            return SparseTeacher(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0), torch.zeros(0))
         handle = self._handle(path)
         per_token = ("value_offset", "value_step") if self.manifest.value_format == "uint8" else ()
         if not self.manifest.adaptive:
             per_token += ("values",)
         stored = {name: handle.get_slice(name)[offset:offset + count] for name in per_token}
-        k, vocab = self.manifest.top_k, self.manifest.vocab_size
+        vocab = self.manifest.vocab_size
         if self.manifest.adaptive:
             ids, log_p = self._adaptive_rows(path, offset, count, stored)
         else:
@@ -672,7 +685,7 @@ def build_cache(
         teacher_vocab_size=teacher_vocab,
         value_format=value_format, shard_size=shard_size, engine="vllm" if server else "transformers",
         top_k_mass=None if top_k_mass is None else float(top_k_mass),
-        top_k_min=None if top_k_mass is None else int(top_k_min or 1),
+        top_k_min=None if top_k_mass is None else int(1 if top_k_min is None else top_k_min),
         splits={split: {"fingerprint": data_fingerprint(ds), "examples": len(ds),
                         "tokens": sum(num_loss_tokens(labels) for labels in ds["labels"]),
                         "shards": [shard_name(split, i) for i in range(len(_shard_ranges(len(ds), shard_size)))],
@@ -787,7 +800,7 @@ def _check_adaptive(top_k: int, mass: float | None, k_min: int | None, vocab: in
                           f"tail bucket; got --top-k {top_k}")
     if top_k > 32767:
         raise ConfigError(f"--top-k is at most 32767 with --top-k-mass (entry counts are int16), got {top_k}")
-    if not 1 <= (k_min or 1) <= top_k:
+    if k_min is not None and not 1 <= k_min <= top_k:
         raise ConfigError(f"--top-k-min must be in [1, --top-k] = [1, {top_k}], got {k_min}")
 
 

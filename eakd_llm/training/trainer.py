@@ -112,8 +112,7 @@ class EAKDTrainer(Trainer):
             manifest = teacher_cache.manifest
             self.vocab_size = manifest.vocab_size
             self.teacher_source = CachedTeacher(teacher_cache)
-            logger.info("teacher: none loaded; top-%d cache %s (%s, %d B/token)", manifest.top_k, teacher_cache.folder,
-                        manifest.value_format, manifest.bytes_per_token())
+            logger.info("teacher: none loaded; %s in %s", manifest.describe(), teacher_cache.folder)
         elif args.kd_ratio > 0 and teacher_server is not None:
             self.vocab_size = min(teacher_server.weight.shape[0],
                                   self.accelerator.unwrap_model(model).config.get_text_config().vocab_size)
