@@ -127,8 +127,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines = [f"# Real-model study: SmolLM2-135M-Instruct → {pruned['num_hidden_layers']}-layer pruned student", "",
              f"Plan: {plan['steps']} steps x batch {plan['batch_size']}, max length {plan['max_length']}, answers "
              f"of at most {plan['max_new_tokens']} tokens (greedy), training seeds {results['seeds']}; dropped layers "
-             f"{pruned['dropped_layers']} (block influence). Machine: {results['machine']}; {results['workers']} "
-             f"worker(s); wall time {results['wall_seconds'] / 60:.1f} min.", "",
+             f"{pruned['dropped_layers']} (block influence). Machine: {results['machine']}. The last invocation: "
+             f"{results['workers']} worker(s), wall time {results['wall_seconds'] / 60:.1f} min (a resumed study "
+             "reuses earlier steps and runs: each run's own seconds are in the tables).", "",
              "## Data (the teacher's answers)", "",
              "| split | records | truncated | left out | teacher stopped share |", "|---|---:|---:|---:|---:|"]
     for split, entry in data["splits"].items():
