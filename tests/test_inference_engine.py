@@ -375,7 +375,10 @@ def test_serve_teacher_serves_until_interrupted_then_stops_the_engine(smollm2):
     port = free_port()
     command = [sys.executable, "-m", "eakd_llm.cli", "serve-teacher", smollm2, "--port", str(port), "--enforce-eager",
                "--dtype", "float32", "--max-model-len", "128"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Ctrl-C's default action in the child whatever this process inherited: a shell that starts the tests as a
+    # background job (`.ci/run &` without job control) ignores SIGINT, and an ignored SIGINT is inherited through exec
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in process.stdout:
