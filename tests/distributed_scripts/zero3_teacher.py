@@ -42,6 +42,9 @@ def main(teacher_dir: str, out_dir: str) -> None:
               "max_abs_diff": (got - expected).abs().max().item(), "stage": engine.zero_optimization_stage()}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    # an explicit teardown, as the other scripts do: gloo's threads left to interpreter exit can abort the process
+    # ("terminate called without an active exception", exit -6) after the work is done
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
