@@ -215,6 +215,12 @@ class SparseTeacher:
                     not torch.isfinite(self.entropy.float()).all())
 
 
+def fill_empty_slots(ids: torch.Tensor) -> torch.Tensor:
+    """``[N, k]`` ids whose empty slots (``-1``) repeat their row's first id, which is never empty: a gather there is
+    discarded by the caller and a scatter there is idempotent, so the slot touches nothing."""
+    return torch.where(ids < 0, ids[:, :1], ids)
+
+
 def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) -> tuple[torch.Tensor, torch.Tensor]:
     """``(student, teacher)`` log-distributions ``[N, k + 1]`` over the teacher's top-k tokens plus the tail bucket
     (everything else), or ``[N, k]`` when ``k == V`` (no tail).
@@ -226,8 +232,7 @@ def bucket_log_probs(student_log_probs: torch.Tensor, teacher: SparseTeacher) ->
     vocab = student_log_probs.shape[-1]
     ids = teacher.ids.long()
     empty = ids < 0
-    # An empty slot gathers and scatters at its row's first id (a repeat: the scatter is idempotent), then is emptied.
-    ids = torch.where(empty, ids[:, :1], ids)
+    ids = fill_empty_slots(ids)  # then the gathered empty slots are emptied
     log_s = student_log_probs.gather(-1, ids).masked_fill(empty, float("-inf"))
     log_t = teacher.log_probs.float().masked_fill(empty, float("-inf"))
     if teacher.k < vocab:

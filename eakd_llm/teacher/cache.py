@@ -50,7 +50,7 @@ import torch
 
 from ..config.eakd_config import ConfigError, EAKDConfig
 from ..loss.chunked import head_logits
-from ..loss.distillation import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, log_probs
+from ..loss.distillation import IGNORE_INDEX, SparseTeacher, entropy_from_log_probs, fill_empty_slots, log_probs
 from ..models.fingerprint import WeightsFingerprint, fingerprint_weights
 
 logger = logging.getLogger(__name__)
@@ -132,6 +132,17 @@ def adaptive_bytes(entries: int, tokens: int, vocab_size: int, value_format: str
     return math.ceil(entries * id_bits(vocab_size) / 8) + values + per_token * tokens
 
 
+def _id_bits_of(ids: np.ndarray, bits: int) -> np.ndarray:
+    """``[...]`` ids -> ``[..., bits]`` uint8 bits, MSB first."""
+    return ((ids.astype(np.int64)[..., None] >> np.arange(bits - 1, -1, -1, dtype=np.int64)) & 1).astype(np.uint8)
+
+
+def _ids_of_bits(raw: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_id_bits_of`: ``[..., bits]`` bits -> ``[...]`` int64 ids."""
+    bits = raw.shape[-1]
+    return (raw.astype(np.int64) << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
+
+
 def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """``[N, k]`` ascending ids -> ``[N, bytes]`` uint8 (bitmap or fixed-width bit packing, MSB first)."""
     n, k = ids.shape
@@ -140,15 +151,12 @@ def encode_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
         np.put_along_axis(bitmap, ids.astype(np.int64), 1, axis=1)
         return np.packbits(bitmap, axis=1)
     bits = id_bits(vocab_size)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
-    return np.packbits(((ids.astype(np.int64)[..., None] >> shifts) & 1).astype(np.uint8).reshape(n, k * bits), axis=1)
+    return np.packbits(_id_bits_of(ids, bits).reshape(n, k * bits), axis=1)
 
 
 def encode_id_stream(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """``[M]`` ids -> one uint8 stream, ``ceil(log2 V)`` bits each (MSB first): an adaptive cache's kept ids."""
-    bits = id_bits(vocab_size)
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
-    return np.packbits(((ids.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1))
+    return np.packbits(_id_bits_of(ids, id_bits(vocab_size)).reshape(-1))
 
 
 def decode_id_stream(stream, first: int, count: int, vocab_size: int) -> np.ndarray:
@@ -157,8 +165,7 @@ def decode_id_stream(stream, first: int, count: int, vocab_size: int) -> np.ndar
     bits = id_bits(vocab_size)
     start, end = first * bits, (first + count) * bits
     chunk = np.asarray(stream[start // 8:math.ceil(end / 8)], dtype=np.uint8)
-    raw = np.unpackbits(chunk)[start % 8:start % 8 + count * bits].reshape(count, bits).astype(np.int64)
-    return (raw << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
+    return _ids_of_bits(np.unpackbits(chunk)[start % 8:start % 8 + count * bits].reshape(count, bits))
 
 
 def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
@@ -168,8 +175,7 @@ def decode_ids(packed: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
         bitmap = np.unpackbits(packed, axis=1, count=vocab_size)
         return np.nonzero(bitmap)[1].reshape(n, k).astype(np.int64)
     bits = id_bits(vocab_size)
-    raw = np.unpackbits(packed, axis=1, count=k * bits).reshape(n, k, bits).astype(np.int64)
-    return (raw << np.arange(bits - 1, -1, -1, dtype=np.int64)).sum(-1)
+    return _ids_of_bits(np.unpackbits(packed, axis=1, count=k * bits).reshape(n, k, bits))
 
 
 UINT8_LOG_PROB_RANGE = 50.0
@@ -225,8 +231,7 @@ def teacher_entries(
     if mass is not None:
         ids = ids.masked_fill(ids == vocab, -1)
     if k < vocab:
-        kept = torch.where(ids < 0, ids[:, :1], ids)  # an empty slot repeats the row's first id (idempotent scatter)
-        log_tail = log_p.scatter(-1, kept, float("-inf")).logsumexp(-1)
+        log_tail = log_p.scatter(-1, fill_empty_slots(ids), float("-inf")).logsumexp(-1)
     else:
         log_tail = torch.full((logits.shape[0],), float("-inf"))
     same = entropy_temperature == temperature
